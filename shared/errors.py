@@ -1,0 +1,41 @@
+"""Exception hierarchy shared by every pricegate process.
+
+    PricegateError
+    ├── ConfigError        a PRICEGATE_* setting or CLI flag is missing or unparsable (names it)
+    ├── ProtocolError      a client or upstream frame breaks the wire protocol (code + reason)
+    ├── BrokerError        the broker (Redis or in-memory) cannot do what was asked
+    └── UpstreamError      the exchange connection or REST call failed
+"""
+
+from __future__ import annotations
+
+
+class PricegateError(Exception):
+    """Base class of every error pricegate raises on purpose."""
+
+
+class ConfigError(PricegateError):
+    """A setting is invalid; ``setting`` names the variable or flag, ``value`` what was given."""
+
+    def __init__(self, setting: str, value: object, problem: str) -> None:
+        self.setting = setting
+        self.value = value
+        self.problem = problem
+        super().__init__(f"{setting}={value!r}: {problem}")
+
+
+class ProtocolError(PricegateError):
+    """A frame broke the protocol. ``code`` is the Binance error code (or close code), ``reason`` the text."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"[{code}] {reason}")
+
+
+class BrokerError(PricegateError):
+    """The broker failed (connection lost, script error, unreachable at start)."""
+
+
+class UpstreamError(PricegateError):
+    """The exchange failed us (connection, protocol or REST error)."""
