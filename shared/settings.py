@@ -1,0 +1,191 @@
+"""Every PRICEGATE_* setting in one typed, validated object.
+
+``Settings.from_env(environ)`` reads the environment; ``with_overrides`` applies CLI flags on top (flags win).
+Any invalid value raises one ``ConfigError`` naming the variable and the value, which the CLI prints as a
+single line before exiting. The table in README.md ("Configuration") is generated from ``SETTINGS_DOC``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.errors import ConfigError
+
+ENV_PREFIX = "PRICEGATE_"
+SOURCES = ("synthetic", "replay", "binance")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def _parse_bool(raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("expected true/false")
+
+
+def _parse_csv_upper(raw: str) -> tuple[str, ...]:
+    items = tuple(item.strip().upper() for item in raw.split(",") if item.strip())
+    for item in items:
+        if not item.isalnum() or not 2 <= len(item) <= 20:
+            raise ValueError(f"{item!r} is not a symbol (2-20 letters or digits)")
+    return items
+
+
+def _parse_csv(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _parse_optional_str(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": _parse_bool,
+    "symbols": _parse_csv_upper,
+    "csv": _parse_csv,
+    "optional_str": _parse_optional_str,
+}
+
+
+def _setting(default: Any, kind: str, doc: str, **limits: Any) -> Any:
+    return field(default=default, metadata={"kind": kind, "doc": doc, **limits})
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # --- network / serving ---
+    host: str = _setting("127.0.0.1", "str", "Address the gateway (or demo) listens on.")
+    port: int = _setting(8000, "int", "TCP port of the gateway (or demo).", min=0, max=65535)
+    ssl_certfile: str | None = _setting(None, "optional_str", "PEM certificate: serve https/wss directly.")
+    ssl_keyfile: str | None = _setting(None, "optional_str", "PEM private key for ssl_certfile.")
+    log_level: str = _setting("info", "str", "Log level: critical, error, warning, info, debug.")
+    # --- broker ---
+    redis_url: str | None = _setting(
+        None, "optional_str", "Redis URL (redis://, rediss://, unix://). Required by gateway and ingest; "
+        "demo uses the in-memory broker when unset."
+    )
+    channel_prefix: str = _setting("pg:md", "str", "Prefix of every Redis key and channel.")
+    venue: str = _setting("binance", "str", "Venue name in channel names (pg:md:<venue>:{stream}).")
+    history_maxlen: int = _setting(1000, "int", "Messages kept per channel for gap repair.", min=1)
+    history_max_age_s: float = _setting(300.0, "float", "Idle history is dropped after this many seconds.", min=1)
+    # --- ingest / sources ---
+    symbols: tuple[str, ...] = _setting(
+        ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT"), "symbols",
+        "Comma-separated market symbols served by the synthetic source (and allowed on the gateway when no "
+        "exchangeInfo is cached yet).",
+    )
+    source: str = _setting("synthetic", "str", "Market source of ingest/demo: synthetic, replay or binance.")
+    replay_file: str | None = _setting(None, "optional_str", "Recording to replay (default: the bundled sample).")
+    replay_speed: float = _setting(1.0, "float", "Replay speed factor (2 = twice as fast).", min=0.001)
+    replay_loop: bool = _setting(True, "bool", "Restart the replay at the end of the file.")
+    synthetic_seed: int = _setting(7, "int", "Seed of the synthetic market (same seed, same market).")
+    synthetic_trade_rate: float = _setting(
+        5.0, "float", "Average synthetic trades per second per symbol (bursty).", min=0.01
+    )
+    always_on_streams: tuple[str, ...] = _setting(
+        (), "csv", "Streams ingest always keeps flowing, whether or not a client asks (comma-separated)."
+    )
+    binance_ws_url: str = _setting("wss://stream.binance.com:9443", "str", "Binance market-stream base URL.")
+    binance_rest_url: str = _setting("https://api.binance.com", "str", "Binance REST base URL.")
+    upstream_max_streams: int = _setting(
+        1024, "int", "Streams per upstream connection (Binance allows 1024).", min=1, max=1024
+    )
+    demand_linger_s: float = _setting(
+        60.0, "float", "Seconds ingest keeps a stream upstream after the last client left.", min=0
+    )
+    exchange_info_refresh_s: float = _setting(3600.0, "float", "How often ingest refreshes exchangeInfo.", min=1)
+    ingest_metrics_port: int = _setting(
+        9108, "int", "Port of ingest's own /metrics endpoint (0 = disabled).", min=0, max=65535
+    )
+    # --- gateway client limits ---
+    max_streams_per_connection: int = _setting(1024, "int", "Streams one WebSocket may subscribe.", min=1)
+    control_rate_per_s: float = _setting(
+        5.0, "float", "Inbound control messages per second per connection (Binance: 5).", min=0.1
+    )
+    control_burst: int = _setting(10, "int", "Control messages a connection may send in a burst.", min=1)
+    max_frame_bytes: int = _setting(65536, "int", "Largest inbound WebSocket message (close 1009 above).", min=128)
+    client_buffer_bytes: int = _setting(
+        262144, "int", "Per-client outbound buffer; beyond it state streams conflate, event streams close 4000.",
+        min=1024,
+    )
+    ping_interval_s: float = _setting(20.0, "float", "Server ping interval (Binance: 20 s).", min=0.05)
+    ping_timeout_s: float = _setting(60.0, "float", "Close a client whose pong is this late (Binance: 60 s).", min=0.05)
+    max_connections: int = _setting(50000, "int", "Open WebSockets per gateway process (beyond: HTTP 503).", min=1)
+    demand_ttl_s: float = _setting(5.0, "float", "Lifetime of a gateway's demand announcement in Redis.", min=1)
+    shutdown_drain_s: float = _setting(
+        5.0, "float", "On SIGTERM, spread client closes (1001) over this many seconds.", min=0
+    )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str]) -> Settings:
+        return cls().with_overrides({f.name: environ[env_name(f.name)] for f in dataclasses.fields(cls)
+                                     if env_name(f.name) in environ}, source="env")
+
+    def with_overrides(self, values: Mapping[str, Any], *, source: str = "flag") -> Settings:
+        """Return a copy with ``values`` applied; strings are parsed and every value is validated."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        parsed: dict[str, Any] = {}
+        for name, value in values.items():
+            if value is None:
+                continue
+            spec = fields[name]
+            label = env_name(name) if source == "env" else "--" + name.replace("_", "-")
+            if isinstance(value, str):
+                try:
+                    value = _PARSERS[spec.metadata["kind"]](value)
+                except ValueError as error:
+                    raise ConfigError(label, value, f"not a valid {spec.metadata['kind']}: {error}") from None
+            _check_limits(label, value, spec.metadata)
+            parsed[name] = value
+        settings = dataclasses.replace(self, **parsed)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.source not in SOURCES:
+            raise ConfigError(env_name("source"), self.source, f"must be one of {', '.join(SOURCES)}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(env_name("log_level"), self.log_level, f"must be one of {', '.join(LOG_LEVELS)}")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ConfigError(env_name("ssl_keyfile"), self.ssl_keyfile, "ssl_certfile and ssl_keyfile go together")
+        if not self.symbols:
+            raise ConfigError(env_name("symbols"), "", "at least one symbol is required")
+        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(env_name("redis_url"), self.redis_url, "must start with redis://, rediss:// or unix://")
+        for url_field in ("binance_ws_url",):
+            value = getattr(self, url_field)
+            if not value.startswith(("ws://", "wss://")):
+                raise ConfigError(env_name(url_field), value, "must start with ws:// or wss://")
+        if not self.binance_rest_url.startswith(("http://", "https://")):
+            raise ConfigError(env_name("binance_rest_url"), self.binance_rest_url, "must start with http(s)://")
+
+
+def _check_limits(label: str, value: Any, metadata: Mapping[str, Any]) -> None:
+    if "min" in metadata and value < metadata["min"]:
+        raise ConfigError(label, value, f"must be >= {metadata['min']}")
+    if "max" in metadata and value > metadata["max"]:
+        raise ConfigError(label, value, f"must be <= {metadata['max']}")
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def settings_table() -> str:
+    """Markdown table of every setting (variable, default, meaning) for README.md."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for spec in dataclasses.fields(Settings):
+        default = spec.default
+        shown = ",".join(default) if isinstance(default, tuple) else ("" if default is None else str(default))
+        if isinstance(default, bool):
+            shown = str(default).lower()
+        rows.append(f"| `{env_name(spec.name)}` | `{shown}` | {spec.metadata['doc']} |")
+    return "\n".join(rows)
