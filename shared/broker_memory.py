@@ -8,6 +8,7 @@ process needs no network at all.
 from __future__ import annotations
 
 import random
+import time
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +47,7 @@ class MemoryBroker:
 
     # ---- ingest side ----
     async def publish(self, messages: Sequence[OutgoingMessage]) -> list[Publication]:
-        return self.publish_now(messages)
+        return self.publish_now(messages, int(time.time() * 1000))
 
     def publish_now(self, messages: Sequence[OutgoingMessage], published_at_ms: int = 0) -> list[Publication]:
         """Synchronous publish (the in-memory broker needs no I/O)."""

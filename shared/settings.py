@@ -69,8 +69,10 @@ class Settings:
     log_level: str = _setting("info", "str", "Log level: critical, error, warning, info, debug.")
     # --- broker ---
     redis_url: str | None = _setting(
-        None, "optional_str", "Redis URL (redis://, rediss://, unix://). Required by gateway and ingest; "
-        "demo uses the in-memory broker when unset."
+        None,
+        "optional_str",
+        "Redis URL (redis://, rediss://, unix://). Required by gateway and ingest; "
+        "demo uses the in-memory broker when unset.",
     )
     channel_prefix: str = _setting("pg:md", "str", "Prefix of every Redis key and channel.")
     venue: str = _setting("binance", "str", "Venue name in channel names (pg:md:<venue>:{stream}).")
@@ -78,7 +80,8 @@ class Settings:
     history_max_age_s: float = _setting(300.0, "float", "Idle history is dropped after this many seconds.", min=1)
     # --- ingest / sources ---
     symbols: tuple[str, ...] = _setting(
-        ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT"), "symbols",
+        ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT"),
+        "symbols",
         "Comma-separated market symbols served by the synthetic source (and allowed on the gateway when no "
         "exchangeInfo is cached yet).",
     )
@@ -113,7 +116,9 @@ class Settings:
     control_burst: int = _setting(10, "int", "Control messages a connection may send in a burst.", min=1)
     max_frame_bytes: int = _setting(65536, "int", "Largest inbound WebSocket message (close 1009 above).", min=128)
     client_buffer_bytes: int = _setting(
-        262144, "int", "Per-client outbound buffer; beyond it state streams conflate, event streams close 4000.",
+        262144,
+        "int",
+        "Per-client outbound buffer; beyond it state streams conflate, event streams close 4000.",
         min=1024,
     )
     ping_interval_s: float = _setting(20.0, "float", "Server ping interval (Binance: 20 s).", min=0.05)
@@ -126,8 +131,10 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str]) -> Settings:
-        return cls().with_overrides({f.name: environ[env_name(f.name)] for f in dataclasses.fields(cls)
-                                     if env_name(f.name) in environ}, source="env")
+        return cls().with_overrides(
+            {f.name: environ[env_name(f.name)] for f in dataclasses.fields(cls) if env_name(f.name) in environ},
+            source="env",
+        )
 
     def with_overrides(self, values: Mapping[str, Any], *, source: str = "flag") -> Settings:
         """Return a copy with ``values`` applied; strings are parsed and every value is validated."""

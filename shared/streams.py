@@ -16,7 +16,22 @@ from enum import Enum
 from shared.errors import ProtocolError
 
 KLINE_INTERVALS: tuple[str, ...] = (
-    "1s", "1m", "3m", "5m", "15m", "30m", "1h", "2h", "4h", "6h", "8h", "12h", "1d", "3d", "1w", "1M",
+    "1s",
+    "1m",
+    "3m",
+    "5m",
+    "15m",
+    "30m",
+    "1h",
+    "2h",
+    "4h",
+    "6h",
+    "8h",
+    "12h",
+    "1d",
+    "3d",
+    "1w",
+    "1M",
 )
 DEPTH_LEVELS: tuple[int, ...] = (5, 10, 20)
 MAX_STREAM_NAME_LENGTH = 64

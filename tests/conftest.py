@@ -25,7 +25,7 @@ async def redis_url() -> AsyncIterator[str]:
     client = aioredis.from_url(REDIS_URL)
     try:
         await client.ping()
-    except Exception as error:  # noqa: BLE001 - any failure to reach the service means the same thing
+    except Exception as error:  # any failure to reach the service means the same thing
         _service_missing(f"Redis at {REDIS_URL}", error)
     finally:
         await client.aclose()

@@ -1,0 +1,137 @@
+"""The gateway ASGI app: ``create_app(settings, broker)`` composes routes once; the lifespan owns the tasks.
+
+The broker is started and closed by the caller (the CLI or a test fixture), so that "Redis unreachable at
+start" is reported as one clear configuration error before the server binds. Background coroutines given in
+``background`` (the demo's in-process ingest) run beside the relay; if any long-lived task dies, the failure is
+logged with its traceback and readiness turns false — never a silent stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import orjson
+from prometheus_client import make_asgi_app
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
+
+from gateway.metrics import GatewayMetrics
+from gateway.node import GatewayNode
+from gateway.session import websocket_endpoint
+from gateway.wsprotocol import DRAIN_STATE_KEY
+from shared.broker import Broker
+from shared.settings import Settings
+
+logger = logging.getLogger("pricegate.gateway")
+
+BackgroundJob = Callable[[], Awaitable[None]]
+
+
+class _MetricsEndpoint:
+    """prometheus_client's ASGI app as a Starlette endpoint (a class instance, so Starlette passes the raw
+    ASGI triple instead of treating it as a request handler; Mount would redirect /metrics to /metrics/)."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self.app = make_asgi_app(metrics.registry)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self.app(scope, receive, send)
+
+
+def _json(content: bytes, status_code: int = 200) -> Response:
+    return Response(content, status_code=status_code, media_type="application/json")
+
+
+def create_app(
+    settings: Settings,
+    broker: Broker,
+    *,
+    background: Sequence[BackgroundJob] = (),
+    metrics: GatewayMetrics | None = None,
+) -> Starlette:
+    node = GatewayNode(settings, broker, metrics)
+    failed: list[str] = []
+
+    async def ping(request: Request) -> Response:
+        return _json(b"{}")
+
+    async def server_time(request: Request) -> Response:
+        return _json(orjson.dumps({"serverTime": int(time.time() * 1000)}))
+
+    async def exchange_info(request: Request) -> Response:
+        if node.exchange_info is None:
+            return _json(b'{"code":-1001,"msg":"exchangeInfo not available yet; retry shortly."}', 503)
+        return _json(node.exchange_info)
+
+    async def livez(request: Request) -> Response:
+        return _json(b'{"status":"alive"}')
+
+    async def readyz(request: Request) -> Response:
+        ready = node.ready and not failed
+        node.metrics.ready.set(1 if ready else 0)
+        body: dict[str, Any] = {
+            "ready": ready,
+            "draining": node.draining,
+            "broker_connected": node.broker.connected,
+            "relay_healthy": node.relay.healthy,
+            "failed_tasks": failed,
+            "connections": len(node.sessions),
+            "broker_subscriptions": len(node.relay.active),
+            "ingest_heartbeat_age_s": (
+                round(time.time() - node.relay.last_heartbeat_ms / 1000, 3) if node.relay.last_heartbeat_ms else None
+            ),
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    def watch(name: str, task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            failed.append(name)
+            logger.critical("background task %s crashed; readiness is now false", name, exc_info=error)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        jobs: list[tuple[str, BackgroundJob]] = [
+            ("relay", node.relay.run),
+            ("exchange_info", node.poll_exchange_info),
+        ]
+        jobs += [(getattr(job, "__qualname__", "background"), job) for job in background]
+        tasks = []
+        for name, job in jobs:
+            task = asyncio.create_task(job(), name=name)
+            task.add_done_callback(lambda t, n=name: watch(n, t))
+            tasks.append(task)
+        try:
+            yield {DRAIN_STATE_KEY: node.begin_drain}
+        finally:
+            node.draining = True
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await node.relay.aclose()
+
+    routes = [
+        WebSocketRoute("/ws", websocket_endpoint),
+        WebSocketRoute("/ws/{rest:path}", websocket_endpoint),
+        WebSocketRoute("/stream", websocket_endpoint),
+        WebSocketRoute("/stream/{rest:path}", websocket_endpoint),
+        Route("/api/v3/ping", ping),
+        Route("/api/v3/time", server_time),
+        Route("/api/v3/exchangeInfo", exchange_info),
+        Route("/livez", livez),
+        Route("/readyz", readyz),
+        Route("/metrics", _MetricsEndpoint(node.metrics)),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.node = node
+    return app

@@ -1,0 +1,126 @@
+"""Gateway metrics (Prometheus), one registry per app so tests can run several gateways in one process.
+
+Hot-path counts (deliveries per stream kind, subscriptions, buffer drops) are kept as plain integers by the
+hub and outboxes and read by :class:`HubCollector` at scrape time, so fan-out never calls into
+prometheus_client per message or per client. Labels are bounded by construction: stream kind, close code,
+drop reason, result — never client, IP or symbol.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gateway.hub import Hub
+
+LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+FANOUT_BUCKETS = (0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1)
+VERSION = "0.1.0"
+
+
+class HubCollector(Collector):
+    """Reads the hub's counters at scrape time."""
+
+    def __init__(self, hub: Hub, buffer_drops: Callable[[], tuple[int, int]]) -> None:
+        self.hub = hub
+        self.buffer_drops = buffer_drops
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        subscriptions = GaugeMetricFamily(
+            "pricegate_gateway_subscriptions", "Client stream subscriptions on this replica", labels=["kind"]
+        )
+        for kind, count in self.hub.subscriptions_by_kind().items():
+            subscriptions.add_metric([kind.value], count)
+        yield subscriptions
+        channels = GaugeMetricFamily(
+            "pricegate_gateway_broker_subscriptions", "Streams this replica receives from the broker"
+        )
+        channels.add_metric([], len(self.hub.streams()))
+        yield channels
+        sent = CounterMetricFamily(
+            "pricegate_gateway_messages_sent", "Messages queued to clients, by stream kind", labels=["kind"]
+        )
+        for kind, count in self.hub.deliveries.items():
+            sent.add_metric([kind.value], count)
+        yield sent
+        fanned = CounterMetricFamily(
+            "pricegate_gateway_broadcasts", "Broker messages fanned out to local clients", labels=["kind"]
+        )
+        for kind, count in self.hub.messages.items():
+            fanned.add_metric([kind.value], count)
+        yield fanned
+        conflated, dropped = self.buffer_drops()
+        drops = CounterMetricFamily(
+            "pricegate_gateway_messages_dropped",
+            "Messages not delivered to a slow client: conflated to a newer value, or dropped on overflow",
+            labels=["reason"],
+        )
+        drops.add_metric(["conflated"], conflated)
+        drops.add_metric(["overflow"], dropped)
+        yield drops
+
+
+class GatewayMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.connections = Gauge("pricegate_gateway_connections", "Open client WebSockets", registry=r)
+        self.connections_accepted = Counter(
+            "pricegate_gateway_connections_accepted", "Client WebSockets accepted", registry=r
+        )
+        self.connections_rejected = Counter(
+            "pricegate_gateway_connections_rejected", "Client WebSockets refused", ["reason"], registry=r
+        )
+        self.disconnects = Counter(
+            "pricegate_gateway_disconnects", "Client WebSockets closed, by close code", ["code"], registry=r
+        )
+        self.slow_consumer_disconnects = Counter(
+            "pricegate_gateway_slow_consumer_disconnects",
+            "Clients closed because their buffer overflowed on an event stream",
+            registry=r,
+        )
+        self.control_messages = Counter(
+            "pricegate_gateway_control_messages", "Client control messages, by result", ["result"], registry=r
+        )
+        self.sent_bytes = Counter("pricegate_gateway_sent_bytes", "Bytes written to client sockets", registry=r)
+        self.broker_messages = Counter(
+            "pricegate_gateway_broker_messages_received", "Publications received from the broker", registry=r
+        )
+        self.broker_reconnects = Counter(
+            "pricegate_gateway_broker_reconnects", "Broker subscription reconnects", registry=r
+        )
+        self.broker_gaps = Counter(
+            "pricegate_gateway_broker_gaps",
+            "Sequence gaps seen on broker channels, by outcome (repaired from history or lost)",
+            ["result"],
+            registry=r,
+        )
+        self.broker_lost_messages = Counter(
+            "pricegate_gateway_broker_lost_messages", "Messages a gap repair could not recover", registry=r
+        )
+        self.pubsub_lag = Histogram(
+            "pricegate_gateway_pubsub_lag_seconds",
+            "Time from ingest publishing a message to this replica receiving it",
+            buckets=LAG_BUCKETS,
+            registry=r,
+        )
+        self.broadcast_duration = Histogram(
+            "pricegate_gateway_broadcast_duration_seconds",
+            "Time to fan one broker message out to every local subscriber",
+            buckets=FANOUT_BUCKETS,
+            registry=r,
+        )
+        self.heartbeat_age = Gauge(
+            "pricegate_gateway_ingest_heartbeat_age_seconds",
+            "Seconds since the last ingest heartbeat seen on the broker",
+            registry=r,
+        )
+        self.ready = Gauge("pricegate_gateway_ready", "1 when /readyz answers 200", registry=r)
+        self.build_info = Gauge("pricegate_gateway_build_info", "Build information", ["version"], registry=r)
+        self.build_info.labels(version=VERSION).set(1)
+
+    def attach_hub(self, hub: Hub, buffer_drops: Callable[[], tuple[int, int]]) -> None:
+        self.registry.register(HubCollector(hub, buffer_drops))

@@ -1,0 +1,135 @@
+"""One gateway process's shared state: hub, relay, metrics, known symbols, open sessions and draining.
+
+Sessions come and go; the node outlives them. It schedules at most one hub flush per event-loop turn (every
+frame queued during that turn goes out in one write per client), keeps the set of symbols clients may ask for
+(from the exchangeInfo ingest caches in the broker), and closes every session with 1001, spread over a few
+seconds, when the process is asked to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Protocol
+
+import orjson
+
+from gateway.hub import Hub
+from gateway.metrics import GatewayMetrics
+from gateway.relay import Relay
+from shared.broker import Broker
+from shared.settings import Settings
+
+if TYPE_CHECKING:
+    from gateway.session import Session
+
+logger = logging.getLogger("pricegate.gateway")
+
+CLOSE_GOING_AWAY = 1001
+EXCHANGE_INFO_POLL_S = 30.0
+
+
+class DrainableSession(Protocol):
+    def close_going_away(self) -> None: ...
+
+
+class GatewayNode:
+    def __init__(self, settings: Settings, broker: Broker, metrics: GatewayMetrics | None = None) -> None:
+        self.settings = settings
+        self.broker = broker
+        self.metrics = metrics or GatewayMetrics()
+        self.hub = Hub()
+        self.relay = Relay(
+            broker, self.hub, self.metrics, schedule_flush=self.schedule_flush, demand_ttl_s=settings.demand_ttl_s
+        )
+        self.sessions: set[Session] = set()
+        self.known_symbols: frozenset[str] = frozenset(settings.symbols)
+        self.exchange_info: bytes | None = None
+        self.draining = False
+        self.started_at = time.time()
+        self._flush_scheduled = False
+        self._closed_conflated = 0
+        self._closed_dropped = 0
+        self._drain_task: asyncio.Task[None] | None = None
+        self.metrics.attach_hub(self.hub, self.buffer_drops)
+
+    # ---- flushing ----
+    def schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        self.hub.flush_dirty()
+
+    # ---- symbols ----
+    def is_known_symbol(self, symbol: str) -> bool:
+        return symbol in self.known_symbols
+
+    def set_exchange_info(self, document: bytes) -> None:
+        try:
+            parsed = orjson.loads(document)
+            symbols = frozenset(
+                entry["symbol"] for entry in parsed["symbols"] if entry.get("status", "TRADING") == "TRADING"
+            )
+        except (orjson.JSONDecodeError, KeyError, TypeError) as error:
+            logger.warning("ignoring malformed exchangeInfo from the broker: %r", error)
+            return
+        if symbols:
+            self.exchange_info = document
+            self.known_symbols = symbols
+
+    async def poll_exchange_info(self) -> None:
+        """Keep the exchangeInfo (and so the known symbols) current; fast until ingest has written one."""
+        while True:
+            try:
+                document = await self.broker.get_exchange_info()
+            except Exception as error:  # keep the last good copy
+                logger.warning("reading exchangeInfo from the broker failed: %r", error)
+                document = None
+            if document is not None and document != self.exchange_info:
+                self.set_exchange_info(document)
+            await asyncio.sleep(EXCHANGE_INFO_POLL_S if self.exchange_info is not None else 0.5)
+
+    # ---- health ----
+    @property
+    def ready(self) -> bool:
+        return not self.draining and self.broker.connected and self.relay.healthy
+
+    def buffer_drops(self) -> tuple[int, int]:
+        conflated, dropped = self._closed_conflated, self._closed_dropped
+        for session in self.sessions:
+            conflated += session.outbox.conflated
+            dropped += session.outbox.dropped
+        return conflated, dropped
+
+    def session_closed(self, session: Session) -> None:
+        self.sessions.discard(session)
+        self._closed_conflated += session.outbox.conflated
+        self._closed_dropped += session.outbox.dropped
+
+    # ---- draining ----
+    def begin_drain(self) -> None:
+        """Stop being ready and close every session with 1001, spread over ``shutdown_drain_s``."""
+        if self.draining:
+            return
+        self.draining = True
+        self.metrics.ready.set(0)
+        self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        sessions = list(self.sessions)
+        logger.info("draining %d client connection(s) over %.1fs", len(sessions), self.settings.shutdown_drain_s)
+        if not sessions:
+            return
+        # Spread the closes so clients do not all reconnect to the other replicas in the same instant.
+        batches = max(1, min(len(sessions), int(self.settings.shutdown_drain_s * 10)))
+        per_batch = -(-len(sessions) // batches)
+        pause = self.settings.shutdown_drain_s / batches
+        for start in range(0, len(sessions), per_batch):
+            for session in sessions[start : start + per_batch]:
+                session.close_going_away()
+            if pause:
+                await asyncio.sleep(pause)

@@ -1,0 +1,287 @@
+"""``pricegate demo | gateway | ingest | record``: parse flags over PRICEGATE_* settings and run one role.
+
+Every setting is a flag (``--redis-url``) and an environment variable (``PRICEGATE_REDIS_URL``); flags win.
+Configuration problems (an unparsable value, Redis unreachable at start) end the process with exit code 2
+and one line naming the setting, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from shared.errors import BrokerError, ConfigError, PricegateError
+from shared.settings import Settings, env_name
+
+EXIT_CONFIG = 2
+BUNDLED_REPLAY = Path(__file__).resolve().parent.parent / "ingest" / "data" / "synthetic-sample.jsonl"
+# Flags whose names differ from their settings field (short forms the issue tracker and docs use).
+FLAG_ALIASES = {"replay_speed": ["--speed"]}
+
+
+def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("settings (each also read from its PRICEGATE_* variable)")
+    for spec in dataclasses.fields(Settings):
+        if spec.name == "source":
+            continue  # --source takes an optional FILE, handled per command
+        flags = ["--" + spec.name.replace("_", "-"), *FLAG_ALIASES.get(spec.name, [])]
+        group.add_argument(
+            *flags,
+            dest=spec.name,
+            default=None,
+            metavar="VALUE",
+            help=f"{spec.metadata['doc']} [{env_name(spec.name)}]",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pricegate", description="Real-time market-data gateway (Binance protocol)")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="ingest + gateway in one process on the in-memory broker")
+    demo.add_argument(
+        "--source",
+        nargs="+",
+        metavar=("KIND", "FILE"),
+        help="synthetic (default) or replay [FILE] (default FILE: the bundled sample)",
+    )
+    _add_settings_flags(demo)
+    gateway = commands.add_parser("gateway", help="a gateway replica (needs PRICEGATE_REDIS_URL)")
+    _add_settings_flags(gateway)
+    ingest = commands.add_parser("ingest", help="the ingest process (needs PRICEGATE_REDIS_URL)")
+    ingest.add_argument(
+        "--source", nargs="+", metavar=("KIND", "FILE"), help="synthetic (default), replay FILE, or binance"
+    )
+    _add_settings_flags(ingest)
+    record = commands.add_parser("record", help="record a live Binance session to a JSON-lines file")
+    record.add_argument("--streams", required=True, help="comma-separated stream names, e.g. btcusdt@trade")
+    record.add_argument("--out", required=True, type=Path, help="output file (JSON lines)")
+    record.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
+    record.add_argument("--max-messages", type=int, default=None, help="stop after this many frames")
+    _add_settings_flags(record)
+    return parser
+
+
+def load_settings(args: argparse.Namespace, environ: dict[str, str]) -> Settings:
+    settings = Settings.from_env(environ)
+    overrides: dict[str, Any] = {
+        spec.name: getattr(args, spec.name) for spec in dataclasses.fields(Settings) if hasattr(args, spec.name)
+    }
+    overrides.pop("source", None)
+    source = getattr(args, "source", None)
+    if source:
+        if len(source) > 2:
+            raise ConfigError("--source", " ".join(source), "expected KIND [FILE]")
+        overrides["source"] = source[0]
+        if len(source) == 2:
+            overrides["replay_file"] = source[1]
+    return settings.with_overrides(overrides)
+
+
+def _configure_logging(settings: Settings) -> None:
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _make_source(settings: Settings) -> Any:
+    if settings.source == "synthetic":
+        from ingest.sources import SyntheticSource
+
+        return SyntheticSource(
+            list(settings.symbols), seed=settings.synthetic_seed, trade_rate_per_s=settings.synthetic_trade_rate
+        )
+    if settings.source == "replay":
+        from ingest.sources import ReplaySource
+
+        path = Path(settings.replay_file) if settings.replay_file else BUNDLED_REPLAY
+        if not path.is_file():
+            raise ConfigError(env_name("replay_file"), str(path), "no such file")
+        return ReplaySource(path, speed=settings.replay_speed, loop=settings.replay_loop)
+    from ingest.upstream import BinanceSource
+
+    return BinanceSource(
+        settings.binance_ws_url,
+        settings.binance_rest_url,
+        always_on=settings.always_on_streams,
+        max_streams_per_connection=settings.upstream_max_streams,
+    )
+
+
+def _make_redis_broker(settings: Settings) -> Any:
+    if not settings.redis_url:
+        raise ConfigError(env_name("redis_url"), "", "required for this command (e.g. redis://127.0.0.1:6379/0)")
+    from shared.broker_redis import RedisBroker
+
+    return RedisBroker(
+        settings.redis_url,
+        prefix=settings.channel_prefix,
+        venue=settings.venue,
+        history_maxlen=settings.history_maxlen,
+        history_max_age_s=settings.history_max_age_s,
+    )
+
+
+async def _start_broker(broker: Any, settings: Settings) -> None:
+    try:
+        await broker.start()
+    except BrokerError as error:
+        raise ConfigError(env_name("redis_url"), settings.redis_url, f"cannot reach Redis: {error}") from None
+
+
+def _ignore_stop_signals() -> None:
+    # uvicorn re-raises the signal that stopped it once it has shut down; with the default SIGTERM action that
+    # would kill us after a clean drain (exit 143). A no-op handler lets us close the broker and exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+
+
+async def serve(settings: Settings, broker: Any, *, background: Sequence[Any] = (), banner: str = "") -> None:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.wsprotocol import PricegateWebSocketProtocol
+
+    await _start_broker(broker, settings)
+    try:
+        app = create_app(settings, broker, background=background)
+        config = uvicorn.Config(
+            app,
+            host=settings.host,
+            port=settings.port,
+            ws=PricegateWebSocketProtocol,
+            ws_max_size=settings.max_frame_bytes,
+            ws_ping_interval=settings.ping_interval_s,
+            ws_ping_timeout=settings.ping_timeout_s,
+            ws_per_message_deflate=False,
+            lifespan="on",
+            ssl_certfile=settings.ssl_certfile,
+            ssl_keyfile=settings.ssl_keyfile,
+            log_level=settings.log_level.lower(),
+            timeout_graceful_shutdown=int(settings.shutdown_drain_s) + 5,
+            access_log=False,
+        )
+        server = uvicorn.Server(config)
+        _ignore_stop_signals()
+
+        async def announce() -> None:
+            while not server.started:  # noqa: ASYNC110 - uvicorn exposes only a flag, no event
+                await asyncio.sleep(0.05)
+            port = server.servers[0].sockets[0].getsockname()[1] if server.servers else settings.port
+            scheme = "wss" if settings.ssl_certfile else "ws"
+            http = "https" if settings.ssl_certfile else "http"
+            base = f"{settings.host}:{port}"
+            print(
+                f"{banner}pricegate is serving on {http}://{base}\n"
+                f"  raw streams:      {scheme}://{base}/ws/btcusdt@trade   (or {scheme}://{base}/ws + SUBSCRIBE)\n"
+                f"  combined streams: {scheme}://{base}/stream?streams=btcusdt@trade/ethusdt@bookTicker\n"
+                f"  REST:             {http}://{base}/api/v3/exchangeInfo\n"
+                f"  ops:              {http}://{base}/metrics  /livez  /readyz",
+                flush=True,
+            )
+
+        announcer = asyncio.create_task(announce())
+        await server.serve()
+        announcer.cancel()
+    finally:
+        await broker.close()
+
+
+async def run_demo(settings: Settings) -> None:
+    from ingest.service import IngestService
+    from shared.broker_memory import MemoryBroker
+
+    broker = MemoryBroker(history_maxlen=settings.history_maxlen)
+    service = IngestService(settings, broker, _make_source(settings))
+    source = settings.source if settings.source != "replay" else f"replay of {settings.replay_file or BUNDLED_REPLAY}"
+    await serve(
+        settings,
+        broker,
+        background=[service.run],
+        banner=f"pricegate demo: {source} market for {', '.join(settings.symbols)}, in-memory broker\n",
+    )
+
+
+async def run_gateway(settings: Settings) -> None:
+    await serve(settings, _make_redis_broker(settings))
+
+
+async def run_ingest(settings: Settings) -> None:
+    from prometheus_client import start_http_server
+
+    from ingest.service import IngestService
+
+    broker = _make_redis_broker(settings)
+    source = _make_source(settings)
+    await _start_broker(broker, settings)
+    service = IngestService(settings, broker, source)
+    metrics_server = None
+    if settings.ingest_metrics_port:
+        metrics_server, _ = start_http_server(
+            settings.ingest_metrics_port, addr=settings.host, registry=service.metrics.registry
+        )
+    main = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, main.cancel if main else (lambda: None))
+    print(f"pricegate ingest: {settings.source} source publishing to {settings.redis_url}", flush=True)
+    try:
+        await service.run()
+    except asyncio.CancelledError:
+        logging.getLogger("pricegate.ingest").info("stopping on signal")
+    finally:
+        await broker.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+
+
+async def run_record(settings: Settings, args: argparse.Namespace) -> None:
+    from ingest.recorder import record
+
+    streams = [name.strip() for name in args.streams.split(",") if name.strip()]
+    count = await record(
+        settings.binance_ws_url, streams, args.out, duration_s=args.duration, max_messages=args.max_messages
+    )
+    print(f"recorded {count} frames to {args.out}", flush=True)
+
+
+def _runner() -> asyncio.Runner:
+    try:
+        import uvloop
+    except ImportError:  # uvloop is optional (e.g. Windows): asyncio's loop works, slower
+        return asyncio.Runner()
+    return asyncio.Runner(loop_factory=uvloop.new_event_loop)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings(args, dict(os.environ))
+        _configure_logging(settings)
+        with _runner() as runner:
+            if args.command == "demo":
+                runner.run(run_demo(settings))
+            elif args.command == "gateway":
+                runner.run(run_gateway(settings))
+            elif args.command == "ingest":
+                runner.run(run_ingest(settings))
+            elif args.command == "record":
+                runner.run(run_record(settings, args))
+    except ConfigError as error:
+        print(f"pricegate: configuration error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    except PricegateError as error:
+        print(f"pricegate: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
