@@ -145,34 +145,19 @@ async def serve(settings: Settings, broker: Any, *, background: Sequence[Any] = 
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.wsprotocol import PricegateWebSocketProtocol
+    from gateway.server import bound_port, uvicorn_config
 
     await _start_broker(broker, settings)
     try:
         app = create_app(settings, broker, background=background)
-        config = uvicorn.Config(
-            app,
-            host=settings.host,
-            port=settings.port,
-            ws=PricegateWebSocketProtocol,
-            ws_max_size=settings.max_frame_bytes,
-            ws_ping_interval=settings.ping_interval_s,
-            ws_ping_timeout=settings.ping_timeout_s,
-            ws_per_message_deflate=False,
-            lifespan="on",
-            ssl_certfile=settings.ssl_certfile,
-            ssl_keyfile=settings.ssl_keyfile,
-            log_level=settings.log_level.lower(),
-            timeout_graceful_shutdown=int(settings.shutdown_drain_s) + 5,
-            access_log=False,
-        )
+        config = uvicorn_config(app, settings)
         server = uvicorn.Server(config)
         _ignore_stop_signals()
 
         async def announce() -> None:
             while not server.started:  # noqa: ASYNC110 - uvicorn exposes only a flag, no event
                 await asyncio.sleep(0.05)
-            port = server.servers[0].sockets[0].getsockname()[1] if server.servers else settings.port
+            port = bound_port(server)
             scheme = "wss" if settings.ssl_certfile else "ws"
             http = "https" if settings.ssl_certfile else "http"
             base = f"{settings.host}:{port}"

@@ -114,7 +114,7 @@ class Settings:
         5.0, "float", "Inbound control messages per second per connection (Binance: 5).", min=0.1
     )
     control_burst: int = _setting(10, "int", "Control messages a connection may send in a burst.", min=1)
-    max_frame_bytes: int = _setting(65536, "int", "Largest inbound WebSocket message (close 1009 above).", min=128)
+    max_frame_bytes: int = _setting(1048576, "int", "Largest inbound WebSocket message (close 1009 above).", min=128)
     client_buffer_bytes: int = _setting(
         262144,
         "int",

@@ -1,0 +1,80 @@
+"""Test harness: a real gateway (uvicorn + our WebSocket protocol) on an ephemeral port, in the test's loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+
+from gateway.app import BackgroundJob, create_app
+from gateway.node import GatewayNode
+from gateway.server import bound_port, uvicorn_config
+from shared.broker import Broker, OutgoingMessage
+from shared.settings import Settings
+from shared.streams import parse_stream
+
+
+@dataclass
+class RunningGateway:
+    app: Starlette
+    server: uvicorn.Server
+    port: int
+
+    @property
+    def node(self) -> GatewayNode:
+        node: GatewayNode = self.app.state.node
+        return node
+
+    @property
+    def ws_base(self) -> str:
+        return f"ws://127.0.0.1:{self.port}"
+
+    @property
+    def http_base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@contextlib.asynccontextmanager
+async def running_gateway(
+    broker: Broker,
+    settings: Settings | None = None,
+    *,
+    background: Sequence[BackgroundJob] = (),
+    start_broker: bool = True,
+    **overrides: Any,
+) -> AsyncIterator[RunningGateway]:
+    settings = (settings or Settings()).with_overrides({"port": 0, "log_level": "warning", **overrides})
+    if start_broker:
+        await broker.start()
+    app = create_app(settings, broker, background=background)
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            while not server.started:
+                if task.done():
+                    task.result()
+                await asyncio.sleep(0.01)
+        yield RunningGateway(app, server, bound_port(server))
+    finally:
+        server.should_exit = True
+        await task
+        if start_broker:
+            await broker.close()
+
+
+async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> None:
+    """Poll ``predicate()`` until true (used for conditions with no event to await, e.g. a subscription)."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(interval)
+
+
+def message(stream: str, payload: dict[str, Any] | list[Any]) -> OutgoingMessage:
+    return OutgoingMessage(stream, orjson.dumps(payload), parse_stream(stream).is_state)

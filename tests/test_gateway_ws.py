@@ -1,0 +1,171 @@
+"""The gateway over real sockets: uvicorn on an ephemeral port, real WebSocket clients, in-memory broker."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import orjson
+import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+
+from shared.broker_memory import MemoryBroker
+from tests.harness import message, running_gateway, wait_for
+
+EXCHANGE_INFO = orjson.dumps(
+    {"symbols": [{"symbol": "BTCUSDT", "status": "TRADING"}, {"symbol": "ETHUSDT", "status": "TRADING"}]}
+)
+
+
+async def recv_json(ws: object, timeout: float = 3.0) -> object:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+async def gateway():  # type: ignore[no-untyped-def]
+    broker = MemoryBroker()
+    async with running_gateway(broker) as running:
+        await broker.put_exchange_info(EXCHANGE_INFO)
+        running.node.set_exchange_info(EXCHANGE_INFO)
+        yield running, broker
+
+
+async def publish_when_subscribed(gw, broker, stream: str, payload: dict) -> None:  # type: ignore[no-untyped-def]
+    await wait_for(lambda: stream in gw.node.relay.active)
+    await broker.publish([message(stream, payload)])
+
+
+async def test_raw_path_stream_delivers_payload_bytes_verbatim(gateway) -> None:  # type: ignore[no-untyped-def]
+    gw, broker = gateway
+    async with connect(f"{gw.ws_base}/ws/btcusdt@trade") as ws:
+        await wait_for(lambda: "btcusdt@trade" in gw.node.relay.active)
+        payload = b'{"e":"trade","E":1,"s":"BTCUSDT","t":7,"p":"1.00000000","q":"2.00000000","T":1,"m":true,"M":true}'
+        from shared.broker import OutgoingMessage
+
+        await broker.publish([OutgoingMessage("btcusdt@trade", payload, False)])
+        assert await asyncio.wait_for(ws.recv(decode=False), 3) == payload
+
+
+async def test_combined_path_wraps_in_envelope(gateway) -> None:  # type: ignore[no-untyped-def]
+    gw, broker = gateway
+    async with connect(f"{gw.ws_base}/stream?streams=btcusdt@trade/ETHUSDT@bookTicker") as ws:
+        await publish_when_subscribed(gw, broker, "ethusdt@bookTicker", {"u": 1, "s": "ETHUSDT"})
+        assert await recv_json(ws) == {"stream": "ethusdt@bookTicker", "data": {"u": 1, "s": "ETHUSDT"}}
+
+
+async def test_subscribe_list_unsubscribe_and_properties(gateway) -> None:  # type: ignore[no-untyped-def]
+    gw, broker = gateway
+    async with connect(f"{gw.ws_base}/ws") as ws:
+        await ws.send('{"method":"SUBSCRIBE","params":["btcusdt@trade","btcusdt@depth5@1000ms"],"id":1}')
+        assert await recv_json(ws) == {"result": None, "id": 1}
+        await ws.send('{"method":"SUBSCRIBE","params":["btcusdt@trade"],"id":"again"}')
+        assert await recv_json(ws) == {"result": None, "id": "again"}
+        await ws.send('{"method":"LIST_SUBSCRIPTIONS","id":3}')
+        assert await recv_json(ws) == {"result": ["btcusdt@trade", "btcusdt@depth5"], "id": 3}
+        await ws.send('{"method":"GET_PROPERTY","params":["combined"],"id":4}')
+        assert await recv_json(ws) == {"result": False, "id": 4}
+        await ws.send('{"method":"SET_PROPERTY","params":["combined",true],"id":5}')
+        assert await recv_json(ws) == {"result": None, "id": 5}
+        await publish_when_subscribed(gw, broker, "btcusdt@trade", {"e": "trade", "t": 1})
+        assert await recv_json(ws) == {"stream": "btcusdt@trade", "data": {"e": "trade", "t": 1}}
+        await ws.send('{"method":"UNSUBSCRIBE","params":["btcusdt@trade"],"id":null}')
+        assert await recv_json(ws) == {"result": None, "id": None}
+        await wait_for(lambda: "btcusdt@trade" not in gw.node.relay.active)
+
+
+async def test_bad_input_gets_binance_errors_and_connection_lives(gateway) -> None:  # type: ignore[no-untyped-def]
+    gw, broker = gateway
+    async with connect(f"{gw.ws_base}/ws", max_size=None) as ws:
+        bad_frames = [
+            "{not json",
+            "[1,2,3]",
+            '{"method":"FLY","id":1}',
+            '{"method":"SUBSCRIBE","params":["btcusdt@nonsense"],"id":2}',
+            '{"method":"SUBSCRIBE","params":["dogecoinusdt@trade"],"id":3}',
+            '{"method":"SUBSCRIBE","params":' + json.dumps([f"s{i}usdt@trade" for i in range(10_000)]) + ',"id":4}',
+            '{"method":"SET_PROPERTY","params":["combined","yes"],"id":5}',
+        ]
+        # Slow enough to stay under the 5 msg/s control limit (burst 10).
+        for frame in bad_frames:
+            await ws.send(frame)
+            reply = await recv_json(ws)
+            assert "error" in reply, (frame[:60], reply)
+            assert isinstance(reply["error"]["code"], int) and reply["error"]["msg"]
+        await ws.send(b"\x00\x01binary")
+        assert "error" in await recv_json(ws)
+        # Still alive and serving.
+        await asyncio.sleep(0.5)
+        await ws.send('{"method":"SUBSCRIBE","params":["btcusdt@trade"],"id":9}')
+        assert await recv_json(ws) == {"result": None, "id": 9}
+        await publish_when_subscribed(gw, broker, "btcusdt@trade", {"e": "trade", "t": 2})
+        assert await recv_json(ws) == {"e": "trade", "t": 2}
+
+
+async def test_oversized_frame_closes_1009_and_others_unaffected(gateway) -> None:  # type: ignore[no-untyped-def]
+    gw, broker = gateway
+    async with connect(f"{gw.ws_base}/ws/btcusdt@trade") as bystander:
+        async with connect(f"{gw.ws_base}/ws", max_size=None) as attacker:
+            await attacker.send("x" * (gw.node.settings.max_frame_bytes + 1))
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(attacker.recv(), 3)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
+        await publish_when_subscribed(gw, broker, "btcusdt@trade", {"e": "trade", "t": 3})
+        assert await recv_json(bystander) == {"e": "trade", "t": 3}
+
+
+async def test_non_utf8_text_closes_1007(gateway) -> None:  # type: ignore[no-untyped-def]
+    gw, _ = gateway
+    async with connect(f"{gw.ws_base}/ws") as ws:
+        # websockets refuses to send invalid UTF-8 as text; write a raw masked text frame instead.
+        from websockets.frames import Frame, Opcode
+
+        ws.protocol.send_frame(Frame(Opcode.TEXT, b"\xff\xfe"))
+        ws.send_data()  # type: ignore[attr-defined]
+        with pytest.raises(ConnectionClosed) as closed:
+            await asyncio.wait_for(ws.recv(), 3)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
+
+
+async def test_control_rate_limit_closes_1008(gateway) -> None:  # type: ignore[no-untyped-def]
+    gw, _ = gateway
+    async with connect(f"{gw.ws_base}/ws") as ws:
+        for index in range(30):
+            await ws.send(json.dumps({"method": "LIST_SUBSCRIPTIONS", "id": index}))
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await asyncio.wait_for(ws.recv(), 3)
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
+
+
+async def test_rest_start_up_endpoints(gateway) -> None:  # type: ignore[no-untyped-def]
+    gw, _ = gateway
+    async with httpx.AsyncClient(base_url=gw.http_base) as client:
+        assert (await client.get("/api/v3/ping")).json() == {}
+        assert abs((await client.get("/api/v3/time")).json()["serverTime"]) > 0
+        info = await client.get("/api/v3/exchangeInfo")
+        assert info.status_code == 200 and info.content == EXCHANGE_INFO
+        assert (await client.get("/livez")).status_code == 200
+        ready = await client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["ready"] is True
+        metrics = (await client.get("/metrics")).text
+        assert "pricegate_gateway_connections" in metrics
+        assert "pricegate_gateway_pubsub_lag_seconds_bucket" in metrics
+
+
+async def test_one_broker_subscription_for_many_clients(gateway) -> None:  # type: ignore[no-untyped-def]
+    gw, broker = gateway
+    clients = [await connect(f"{gw.ws_base}/ws/btcusdt@bookTicker") for _ in range(50)]
+    try:
+        await wait_for(lambda: gw.node.hub.subscriber_count("btcusdt@bookTicker") == 50)
+        assert gw.node.relay.active == {"btcusdt@bookTicker"}
+        assert broker._subscribed == {"btcusdt@bookTicker"}
+        await broker.publish([message("btcusdt@bookTicker", {"u": 5, "s": "BTCUSDT"})])
+        for client in clients:
+            assert await recv_json(client) == {"u": 5, "s": "BTCUSDT"}
+    finally:
+        for client in clients:
+            await client.close()
+    await wait_for(lambda: not gw.node.relay.active)
+    assert broker._subscribed == set()
