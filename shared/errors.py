@@ -1,10 +1,10 @@
 """Exception hierarchy shared by every pricegate process.
 
-    PricegateError
-    ├── ConfigError        a PRICEGATE_* setting or CLI flag is missing or unparsable (names it)
-    ├── ProtocolError      a client or upstream frame breaks the wire protocol (code + reason)
-    ├── BrokerError        the broker (Redis or in-memory) cannot do what was asked
-    └── UpstreamError      the exchange connection or REST call failed
+PricegateError
+├── ConfigError        a PRICEGATE_* setting or CLI flag is missing or unparsable (names it)
+├── ProtocolError      a client or upstream frame breaks the wire protocol (code + reason)
+├── BrokerError        the broker (Redis or in-memory) cannot do what was asked
+└── UpstreamError      the exchange connection or REST call failed
 """
 
 from __future__ import annotations
