@@ -9,9 +9,10 @@ logged with its traceback and readiness turns false — never a silent stop.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -32,7 +33,7 @@ from shared.settings import Settings
 
 logger = logging.getLogger("pricegate.gateway")
 
-BackgroundJob = Callable[[], Awaitable[None]]
+BackgroundJob = Callable[[], Coroutine[Any, Any, None]]
 
 
 class _MetricsEndpoint:
@@ -106,10 +107,10 @@ def create_app(
             ("exchange_info", node.poll_exchange_info),
         ]
         jobs += [(getattr(job, "__qualname__", "background"), job) for job in background]
-        tasks = []
+        tasks: list[asyncio.Task[None]] = []
         for name, job in jobs:
             task = asyncio.create_task(job(), name=name)
-            task.add_done_callback(lambda t, n=name: watch(n, t))
+            task.add_done_callback(functools.partial(watch, name))
             tasks.append(task)
         try:
             yield {DRAIN_STATE_KEY: node.begin_drain}
