@@ -144,6 +144,7 @@ class Session:
                 websocket.scope["path"],
                 websocket.scope.get("query_string", b"").decode("latin-1"),
                 max_streams=self.node.settings.max_streams_per_connection,
+                is_known_symbol=self.node.is_known_symbol,
             )
         except ProtocolError as error:
             await websocket.send_denial_response(PlainTextResponse(error.reason, status_code=404))

@@ -118,8 +118,10 @@ def parse_stream(raw: str) -> Stream:
     for retired, why in _RETIRED.items():
         if lowered == retired or lowered.startswith(retired + "@"):
             raise invalid_stream(raw, why)
+    if not raw.isascii():
+        raise invalid_stream(raw, "stream names are ASCII")
     parts = raw.split("@")
-    if lowered.startswith("!miniticker@arr"):
+    if lowered == "!miniticker@arr" or lowered.startswith("!miniticker@arr@"):
         rest = parts[2:]
         if rest and rest != ["1000ms"]:
             raise invalid_stream(raw, "the only speed of !miniTicker@arr is 1000ms")
@@ -152,7 +154,7 @@ def parse_stream(raw: str) -> Stream:
         suffix = "@100ms" if fast else ""
         if levels_token == "":
             return Stream(f"{symbol}@depth{suffix}", StreamKind.DEPTH, symbol.upper(), fast=fast)
-        if levels_token.isdigit() and int(levels_token) in DEPTH_LEVELS:
+        if levels_token.isascii() and levels_token.isdigit() and int(levels_token) in DEPTH_LEVELS:
             levels = int(levels_token)
             return Stream(
                 f"{symbol}@depth{levels}{suffix}",
