@@ -520,9 +520,9 @@ def test_invalid_stream_uses_the_grammar_reason(state: ControlState) -> None:
 
 
 def test_grammar_value_errors_are_rejections_not_crashes(state: ControlState) -> None:
-    # shared.streams.parse_stream raises ValueError for "depth" + a non-ASCII digit int() refuses.
+    # "depth" + a non-ASCII digit once crashed the grammar (int() refuses what isdigit() accepts).
     outcome = state.handle_text(request("SUBSCRIBE", ["btcusdt@depth\u00b2"]))
-    assert error_of(outcome) == (2, "Invalid request: invalid stream 'btcusdt@depth\u00b2': malformed stream name")
+    assert error_of(outcome) == (2, "Invalid request: invalid stream 'btcusdt@depth\u00b2': stream names are ASCII")
 
 
 def test_unknown_symbol_rejects_the_whole_request() -> None:
