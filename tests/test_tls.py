@@ -1,0 +1,62 @@
+"""The gateway can terminate TLS itself (for clients that refuse ws://): wss:// and https:// on one port."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import ssl
+import subprocess
+from pathlib import Path
+
+import httpx
+import pytest
+from websockets.asyncio.client import connect
+
+from shared.broker_memory import MemoryBroker
+from tests.harness import message, running_gateway, wait_for
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[str, str]:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.fail("openssl is needed to make a test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return str(cert), str(key)
+
+
+async def test_wss_and_https(certificate: tuple[str, str]) -> None:
+    cert, key = certificate
+    context = ssl.create_default_context(cafile=cert)
+    broker = MemoryBroker()
+    async with running_gateway(broker, ssl_certfile=cert, ssl_keyfile=key) as gw:
+        async with httpx.AsyncClient(verify=context) as client:
+            response = await client.get(f"https://127.0.0.1:{gw.port}/api/v3/ping")
+            assert response.json() == {}
+        async with connect(f"wss://127.0.0.1:{gw.port}/ws/btcusdt@trade", ssl=context) as ws:
+            await wait_for(lambda: "btcusdt@trade" in gw.node.relay.active)
+            await broker.publish([message("btcusdt@trade", {"e": "trade", "t": 1})])
+            assert json.loads(await asyncio.wait_for(ws.recv(), 3)) == {"e": "trade", "t": 1}
