@@ -1,0 +1,622 @@
+"""A local fake of Binance's market-stream server and the REST calls ingest makes, for tests.
+
+It listens on 127.0.0.1 (port 0) with real sockets and speaks the real protocol: ``/stream?streams=a/b``,
+``/stream``, ``/ws`` and ``/ws/<stream>`` paths; SUBSCRIBE / UNSUBSCRIBE / LIST_SUBSCRIPTIONS /
+SET_PROPERTY / GET_PROPERTY with Binance's replies and error envelope; combined ``{"stream","data"}`` frames
+(raw frames on ``/ws``); server pings; and Binance's limits: a connection that sends more than 5 messages
+in a second (text, binary, ping and pong frames all count) or holds more than 1024 streams is disconnected.
+It generates Binance-shaped payloads for every subscribed stream (contiguous trade ids per symbol, rising
+bookTicker update ids, …) and keeps the exact payload bytes it sent so tests can check they arrived
+verbatim. ``GET /api/v3/ping``, ``/api/v3/time`` and ``/api/v3/exchangeInfo`` are answered over plain HTTP
+from websockets' ``process_request`` hook on the same port.
+
+Fault controls: :meth:`FakeBinance.drop_all`, :meth:`~FakeBinance.send_server_shutdown`,
+:meth:`~FakeBinance.send_garbage`, :meth:`~FakeBinance.stall`, :meth:`~FakeBinance.fail_next_connections`.
+Records: :attr:`~FakeBinance.connections` (per connection: path, control messages received, subscriptions
+now and at most, pings/pongs, why it closed), :attr:`~FakeBinance.connection_attempts`,
+:attr:`~FakeBinance.sent` and :attr:`~FakeBinance.rest_requests`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http
+import json
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Self
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request, Response
+from websockets.protocol import Event
+
+from shared.errors import ProtocolError
+from shared.frames import combined_frame
+from shared.streams import Stream, StreamKind, parse_stream
+
+DEFAULT_SYMBOLS: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT")
+_COUNTED_OPCODES = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.PING, Opcode.PONG})
+_METHODS = ("SUBSCRIBE", "UNSUBSCRIBE", "LIST_SUBSCRIPTIONS", "SET_PROPERTY", "GET_PROPERTY")
+
+# What send_garbage() sends by default: not JSON, a broken payload in a valid envelope, a bare array, an
+# unknown object, and a binary frame that is not even UTF-8.
+GARBAGE_FRAMES: tuple[str | bytes, ...] = (
+    "this is not json",
+    '{"stream":"btcusdt@trade","data":{"e":"trade",',
+    '{"stream":"btcusdt@trade","data":}',
+    "[1,2,3]",
+    '{"unexpected":true}',
+    b"\xff\xfe\x00garbage",
+)
+
+
+@dataclass
+class FakeConnection:
+    """What the fake saw on one WebSocket connection."""
+
+    number: int
+    path: str
+    combined: bool
+    subscriptions: set[str] = field(default_factory=set)
+    received: list[str | bytes] = field(default_factory=list)  # text/binary frames, in order
+    max_subscriptions: int = 0
+    pings_sent: int = 0
+    pings_received: int = 0
+    pongs_received: int = 0
+    close_reason: str | None = None  # "rate_limit", "too_many_streams", "pong_timeout", "dropped", ...
+    closed: bool = False
+    last_pong_at: float = field(default_factory=time.monotonic)
+    inbound_times: deque[float] = field(default_factory=deque)
+    ws: ServerConnection | None = field(default=None, repr=False)
+
+    @property
+    def control_messages(self) -> list[dict[str, Any]]:
+        """Received JSON control messages, decoded (anything undecodable is skipped)."""
+        decoded: list[dict[str, Any]] = []
+        for message in self.received:
+            try:
+                value = json.loads(message)
+            except ValueError:
+                continue
+            if isinstance(value, dict):
+                decoded.append(value)
+        return decoded
+
+
+class _CountingConnection(ServerConnection):
+    """Server connection that counts inbound frames against the message-rate limit, like Binance.
+
+    Pings and pongs never reach the handler (websockets answers and consumes them), so the count has to
+    happen here, where every frame passes."""
+
+    record: FakeConnection | None = None
+    fake: FakeBinance | None = None
+
+    def process_event(self, event: Event) -> None:
+        super().process_event(event)
+        if isinstance(event, Frame) and self.record is not None and self.fake is not None:
+            self.fake._count_inbound(self, self.record, event)
+
+
+class FakeBinance:
+    """``async with FakeBinance() as fake:`` then point clients at ``fake.ws_url`` / ``fake.rest_url``."""
+
+    def __init__(
+        self,
+        *,
+        ping_interval_s: float = 1.0,
+        pong_timeout_s: float = 60.0,
+        data_interval_s: float = 0.05,
+        max_messages_per_s: int = 5,
+        max_streams_per_connection: int = 1024,
+        symbols: Sequence[str] = DEFAULT_SYMBOLS,
+        spaced_payloads: bool = False,
+        reject_unknown_symbols: bool = False,
+    ) -> None:
+        """``spaced_payloads`` writes payloads with spaces after separators (still valid JSON) so a test can
+        tell a verbatim payload from a re-encoded one; ``reject_unknown_symbols`` answers a SUBSCRIBE that
+        names a symbol outside ``symbols`` with Binance's "invalid stream" error (for the whole request)."""
+        self.ping_interval_s = ping_interval_s
+        self.pong_timeout_s = pong_timeout_s
+        self.data_interval_s = data_interval_s
+        self.max_messages_per_s = max_messages_per_s
+        self.max_streams_per_connection = max_streams_per_connection
+        self.symbols = tuple(symbol.upper() for symbol in symbols)
+        self.spaced_payloads = spaced_payloads
+        self.reject_unknown_symbols = reject_unknown_symbols
+        self.connections: list[FakeConnection] = []
+        self.connection_attempts = 0
+        self.rest_requests: list[str] = []
+        self.sent: dict[str, list[bytes]] = {}  # stream -> payloads generated, in order
+        self._generator = _PayloadGenerator()
+        self._stalled_until = 0.0
+        self._fail_next = 0
+        self._fail_status = http.HTTPStatus.SERVICE_UNAVAILABLE
+        self._server: Server | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._port = 0
+
+    # ---- lifecycle ----
+
+    async def __aenter__(self) -> Self:
+        self._server = await serve(
+            self._handle,
+            "127.0.0.1",
+            0,
+            process_request=self._process_request,
+            create_connection=_CountingConnection,
+            ping_interval=None,  # the fake sends its own pings so that stall() can stop them
+            close_timeout=1,
+            compression=None,
+        )
+        self._port = self._server.sockets[0].getsockname()[1]
+        self._spawn(self._tick_forever())
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks)
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self._port}"
+
+    @property
+    def rest_url(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
+    # ---- what tests look at ----
+
+    @property
+    def open_connections(self) -> list[FakeConnection]:
+        return [connection for connection in self.connections if not connection.closed]
+
+    def subscription_counts(self) -> list[int]:
+        """Streams held by each open connection."""
+        return [len(connection.subscriptions) for connection in self.open_connections]
+
+    def subscribed(self) -> set[str]:
+        """Union of the open connections' subscriptions."""
+        return {stream for connection in self.open_connections for stream in connection.subscriptions}
+
+    # ---- fault controls ----
+
+    def drop_all(self) -> int:
+        """Abort every open connection without a close frame (a network failure); returns how many."""
+        dropped = 0
+        for connection in self.open_connections:
+            if connection.ws is not None:
+                connection.close_reason = connection.close_reason or "dropped"
+                connection.ws.transport.abort()
+                dropped += 1
+        return dropped
+
+    def stall(self, seconds: float) -> None:
+        """Send no data and no pings (on any connection) for ``seconds``; connections stay open."""
+        self._stalled_until = time.monotonic() + seconds
+
+    @property
+    def stalled(self) -> bool:
+        return time.monotonic() < self._stalled_until
+
+    def fail_next_connections(self, count: int, status: int = 503) -> None:
+        """Answer the next ``count`` WebSocket handshakes with HTTP ``status`` instead of upgrading."""
+        self._fail_next = count
+        self._fail_status = http.HTTPStatus(status)
+
+    async def send_server_shutdown(self) -> int:
+        """Send the ``serverShutdown`` event (combined or raw form, per connection); returns how many."""
+        payload = orjson.dumps({"e": "serverShutdown", "E": int(time.time() * 1000)})
+        sent = 0
+        for connection in self.open_connections:
+            frame = combined_frame("!serverShutdown", payload) if connection.combined else payload
+            if await self._send(connection, frame):
+                sent += 1
+        return sent
+
+    async def send_garbage(self, frames: Iterable[str | bytes] = GARBAGE_FRAMES) -> int:
+        """Send each of ``frames`` (str: text frame, bytes: binary frame) on every open connection;
+        returns the number of frames sent in total."""
+        frames = list(frames)
+        sent = 0
+        for connection in self.open_connections:
+            for frame in frames:
+                if connection.ws is None:
+                    break
+                try:
+                    await connection.ws.send(frame)
+                except ConnectionClosed:
+                    break
+                sent += 1
+        return sent
+
+    # ---- HTTP ----
+
+    async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        parts = urlsplit(request.path)
+        path, query = parts.path, parse_qs(parts.query)
+        if path.startswith("/api/"):
+            self.rest_requests.append(request.path)
+            return self._rest(path, query)
+        if path not in ("/ws", "/stream") and not path.startswith("/ws/"):
+            return _json_response(http.HTTPStatus.NOT_FOUND, {"code": -1, "msg": f"no route {path}"})
+        self.connection_attempts += 1
+        if self._fail_next > 0:
+            self._fail_next -= 1
+            return ws.respond(self._fail_status, "fake failure\n")
+        combined = path == "/stream"
+        names: list[str] = []
+        if combined and "streams" in query:
+            names = [name for name in query["streams"][0].split("/") if name]
+        elif path.startswith("/ws/"):
+            # /ws/<stream>; /ws/0 and other non-stream names are accepted with no subscription, like ccxt's.
+            names = [path[len("/ws/") :]]
+        initial: set[str] = set()
+        for name in names:
+            try:
+                initial.add(parse_stream(name).name)
+            except ProtocolError:
+                if combined:
+                    return ws.respond(http.HTTPStatus.BAD_REQUEST, f"invalid stream {name}\n")
+        if len(initial) > self.max_streams_per_connection:
+            return ws.respond(http.HTTPStatus.BAD_REQUEST, "too many streams\n")
+        record = FakeConnection(number=len(self.connections), path=request.path, combined=combined)
+        record.subscriptions = initial
+        record.max_subscriptions = len(initial)
+        assert isinstance(ws, _CountingConnection)
+        ws.record, ws.fake = record, self
+        return None
+
+    def _rest(self, path: str, query: dict[str, list[str]]) -> Response:
+        if path == "/api/v3/ping":
+            return _json_response(http.HTTPStatus.OK, {})
+        if path == "/api/v3/time":
+            return _json_response(http.HTTPStatus.OK, {"serverTime": int(time.time() * 1000)})
+        if path == "/api/v3/exchangeInfo":
+            symbols = list(self.symbols)
+            if "symbol" in query:
+                symbols = [query["symbol"][0].upper()]
+            elif "symbols" in query:
+                try:
+                    asked = json.loads(query["symbols"][0])
+                except ValueError:
+                    return _json_response(http.HTTPStatus.BAD_REQUEST, {"code": -1100, "msg": "bad symbols"})
+                symbols = [str(symbol).upper() for symbol in asked]
+            unknown = [symbol for symbol in symbols if symbol not in self.symbols]
+            if unknown:
+                return _json_response(http.HTTPStatus.BAD_REQUEST, {"code": -1121, "msg": "Invalid symbol."})
+            return _json_response(http.HTTPStatus.OK, _exchange_info(symbols))
+        return _json_response(http.HTTPStatus.NOT_FOUND, {"code": -1, "msg": f"no route {path}"})
+
+    # ---- WebSocket ----
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, _CountingConnection) and ws.record is not None
+        record = ws.record
+        record.ws = ws
+        self.connections.append(record)
+        pinger = self._spawn(self._ping_forever(record, ws))
+        try:
+            async for message in ws:
+                record.received.append(message)
+                if record.close_reason is not None:
+                    continue  # being disconnected for breaking a limit: answer nothing more
+                await self._control(record, ws, message)
+        except ConnectionClosed:
+            pass
+        finally:
+            record.closed = True
+            record.close_reason = record.close_reason or "client"
+            pinger.cancel()
+
+    async def _control(self, record: FakeConnection, ws: ServerConnection, message: str | bytes) -> None:
+        try:
+            request = json.loads(message)
+        except ValueError as error:
+            await self._reply(ws, {"error": {"code": 3, "msg": f"Invalid JSON: {error}"}, "id": None})
+            return
+        if not isinstance(request, dict):
+            await self._reply(ws, {"error": {"code": 2, "msg": "Invalid request"}, "id": None})
+            return
+        request_id = request.get("id")
+        if isinstance(request_id, bool) or (request_id is not None and not isinstance(request_id, int | str)):
+            await self._reply(
+                ws, {"error": {"code": 2, "msg": "Invalid request: request ID must be an unsigned integer"}}
+            )
+            return
+        method = request.get("method")
+        params = request.get("params", [])
+        if method not in _METHODS or not isinstance(params, list):
+            await self._reply(
+                ws, {"error": {"code": 2, "msg": f"Invalid request: unknown variant {method}"}, "id": request_id}
+            )
+            return
+        if method in ("SUBSCRIBE", "UNSUBSCRIBE"):
+            try:
+                parsed = [parse_stream(name) for name in params]
+            except ProtocolError:
+                parsed = []
+            unknown = self.reject_unknown_symbols and any(
+                stream.symbol is not None and stream.symbol not in self.symbols for stream in parsed
+            )
+            if len(parsed) != len(params) or (method == "SUBSCRIBE" and unknown):
+                await self._reply(
+                    ws, {"error": {"code": 2, "msg": "Invalid request: invalid stream"}, "id": request_id}
+                )
+                return
+            names = {stream.name for stream in parsed}
+            if method == "SUBSCRIBE":
+                record.subscriptions |= names
+                record.max_subscriptions = max(record.max_subscriptions, len(record.subscriptions))
+                if len(record.subscriptions) > self.max_streams_per_connection:
+                    record.close_reason = "too_many_streams"
+                    await ws.close(1008, "Too many streams")
+                    return
+            else:
+                record.subscriptions -= names
+            await self._reply(ws, {"result": None, "id": request_id})
+        elif method == "LIST_SUBSCRIPTIONS":
+            await self._reply(ws, {"result": sorted(record.subscriptions), "id": request_id})
+        elif method == "SET_PROPERTY":
+            if params[:1] != ["combined"]:
+                await self._reply(ws, {"error": {"code": 0, "msg": "Unknown property"}, "id": request_id})
+            elif len(params) != 2 or not isinstance(params[1], bool):
+                await self._reply(
+                    ws, {"error": {"code": 1, "msg": "Invalid value type: expected Boolean"}, "id": request_id}
+                )
+            else:
+                record.combined = params[1]
+                await self._reply(ws, {"result": None, "id": request_id})
+        elif params[:1] != ["combined"]:
+            await self._reply(ws, {"error": {"code": 0, "msg": "Unknown property"}, "id": request_id})
+        else:
+            await self._reply(ws, {"result": record.combined, "id": request_id})
+
+    async def _reply(self, ws: ServerConnection, reply: dict[str, Any]) -> None:
+        try:
+            await ws.send(orjson.dumps(reply), text=True)
+        except ConnectionClosed:
+            pass
+
+    def _count_inbound(self, ws: ServerConnection, record: FakeConnection, frame: Frame) -> None:
+        if frame.opcode is Opcode.PING:
+            record.pings_received += 1
+        elif frame.opcode is Opcode.PONG:
+            record.pongs_received += 1
+            record.last_pong_at = time.monotonic()
+        if frame.opcode not in _COUNTED_OPCODES or record.close_reason is not None:
+            return
+        now = time.monotonic()
+        window = record.inbound_times
+        window.append(now)
+        while window and window[0] <= now - 1.0:
+            window.popleft()
+        if len(window) > self.max_messages_per_s:
+            record.close_reason = "rate_limit"
+            self._spawn(ws.close(1008, "Too many messages"))
+
+    async def _ping_forever(self, record: FakeConnection, ws: ServerConnection) -> None:
+        try:
+            while True:
+                await asyncio.sleep(self.ping_interval_s)
+                if self.stalled:
+                    continue
+                if time.monotonic() - record.last_pong_at > self.pong_timeout_s:
+                    record.close_reason = "pong_timeout"
+                    await ws.close(1008, "Pong timeout")
+                    return
+                await ws.ping()
+                record.pings_sent += 1
+        except ConnectionClosed:
+            pass
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.data_interval_s)
+            if self.stalled:
+                continue
+            await self.tick()
+
+    async def tick(self) -> None:
+        """Generate one payload per subscribed stream and send it to every subscriber."""
+        connections = [c for c in self.open_connections if c.ws is not None and c.close_reason is None]
+        streams = sorted({stream for connection in connections for stream in connection.subscriptions})
+        payloads: dict[str, bytes] = {}
+        for stream in streams:
+            document = self._generator.payload(parse_stream(stream))
+            if self.spaced_payloads:
+                payload = json.dumps(document, separators=(", ", ": ")).encode()
+            else:
+                payload = orjson.dumps(document)
+            payloads[stream] = payload
+            self.sent.setdefault(stream, []).append(payload)
+        for connection in connections:
+            for stream in sorted(connection.subscriptions):
+                if stream not in payloads:
+                    continue
+                payload = payloads[stream]
+                frame = combined_frame(stream, payload) if connection.combined else payload
+                if not await self._send(connection, frame):
+                    break
+
+    async def _send(self, connection: FakeConnection, frame: bytes) -> bool:
+        if connection.ws is None or connection.closed:
+            return False
+        try:
+            await connection.ws.send(frame, text=True)  # Binance sends text frames
+        except ConnectionClosed:
+            return False
+        return True
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, Any]) -> asyncio.Task[Any]:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+
+def _json_response(status: http.HTTPStatus, document: object) -> Response:
+    body = orjson.dumps(document)
+    headers = Headers(
+        [
+            ("Content-Type", "application/json;charset=UTF-8"),
+            ("Content-Length", str(len(body))),
+            ("X-MBX-USED-WEIGHT-1M", "20"),
+            ("Connection", "close"),
+        ]
+    )
+    return Response(status.value, status.phrase, headers, body)
+
+
+def _exchange_info(symbols: Sequence[str]) -> dict[str, Any]:
+    def describe(symbol: str) -> dict[str, Any]:
+        quote = next((q for q in ("USDT", "BTC", "ETH", "BNB") if symbol.endswith(q) and symbol != q), "USDT")
+        return {
+            "symbol": symbol,
+            "status": "TRADING",
+            "baseAsset": symbol[: -len(quote)],
+            "baseAssetPrecision": 8,
+            "quoteAsset": quote,
+            "quotePrecision": 8,
+            "quoteAssetPrecision": 8,
+            "filters": [
+                {
+                    "filterType": "PRICE_FILTER",
+                    "minPrice": "0.01000000",
+                    "maxPrice": "1000000.00000000",
+                    "tickSize": "0.01000000",
+                },
+                {
+                    "filterType": "LOT_SIZE",
+                    "minQty": "0.00001000",
+                    "maxQty": "9000.00000000",
+                    "stepSize": "0.00001000",
+                },
+            ],
+            "permissions": [],
+            "permissionSets": [["SPOT"]],
+        }
+
+    return {
+        "timezone": "UTC",
+        "serverTime": int(time.time() * 1000),
+        "rateLimits": [
+            {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 6000},
+            {"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE", "intervalNum": 5, "limit": 61000},
+        ],
+        "exchangeFilters": [],
+        "symbols": [describe(symbol) for symbol in symbols],
+    }
+
+
+class _PayloadGenerator:
+    """Binance-shaped payloads with per-stream counters: trade ids, aggregate ids and book update ids are
+    contiguous, so tests can detect loss, duplication and reordering."""
+
+    def __init__(self) -> None:
+        self._counters: dict[str, int] = {}
+        self._prices: dict[str, float] = {}
+
+    def _next(self, key: str) -> int:
+        value = self._counters.get(key, 1_000_000) + 1
+        self._counters[key] = value
+        return value
+
+    def _price(self, symbol: str) -> float:
+        # Deterministic per symbol, drifting by one tick per call.
+        price = self._prices.get(symbol, 100.0 + zlib.crc32(symbol.encode()) % 90_000)
+        price += 0.01 if self._next(symbol + ":walk") % 3 else -0.02
+        self._prices[symbol] = price
+        return price
+
+    def payload(self, stream: Stream) -> object:
+        now = int(time.time() * 1000)
+        if stream.kind is StreamKind.MINI_TICKER_ARR:
+            return [self._mini_ticker(symbol, now) for symbol in DEFAULT_SYMBOLS]
+        symbol = stream.symbol or "BTCUSDT"
+        price = self._price(symbol)
+        p, q = f"{price:.8f}", "0.00210000"
+        builders: dict[StreamKind, Callable[[], object]] = {
+            StreamKind.TRADE: lambda: {
+                "e": "trade", "E": now, "s": symbol, "t": self._next(stream.name), "p": p, "q": q,
+                "T": now - 1, "m": True, "M": True,
+            },
+            StreamKind.AGG_TRADE: lambda: self._agg_trade(stream.name, symbol, now, p, q),
+            StreamKind.BOOK_TICKER: lambda: {
+                "u": self._next(stream.name), "s": symbol, "b": f"{price - 0.01:.8f}", "B": "2.10456000",
+                "a": p, "A": "0.50321000",
+            },
+            StreamKind.KLINE: lambda: self._kline(stream, symbol, now, p),
+            StreamKind.MINI_TICKER: lambda: self._mini_ticker(symbol, now),
+            StreamKind.TICKER: lambda: {
+                "e": "24hrTicker", "E": now, "s": symbol, "p": "1.00000000", "P": "0.100", "w": p, "x": p,
+                "c": p, "Q": q, "b": p, "B": "1.00000000", "a": p, "A": "1.00000000", "o": p, "h": p, "l": p,
+                "v": "10.00000000", "q": "1000.00000000", "O": now - 86_400_000, "C": now, "F": 1, "L": 2,
+                "n": 2,
+            },
+            StreamKind.DEPTH_PARTIAL: lambda: {
+                "lastUpdateId": self._next(stream.name),
+                "bids": [[f"{price - 0.01 * (i + 1):.8f}", q] for i in range(stream.levels or 5)],
+                "asks": [[f"{price + 0.01 * i:.8f}", q] for i in range(stream.levels or 5)],
+            },
+            StreamKind.DEPTH: lambda: self._depth_update(stream.name, symbol, now, p, q),
+            StreamKind.AVG_PRICE: lambda: {"e": "avgPrice", "E": now, "s": symbol, "i": "5m", "w": p, "T": now},
+        }
+        return builders[stream.kind]()
+
+    def _agg_trade(self, name: str, symbol: str, now: int, p: str, q: str) -> object:
+        first = self._next(name + ":trade")
+        return {
+            "e": "aggTrade", "E": now, "s": symbol, "a": self._next(name), "p": p, "q": q, "f": first,
+            "l": first, "T": now - 1, "m": False, "M": True,
+        }
+
+    def _depth_update(self, name: str, symbol: str, now: int, p: str, q: str) -> object:
+        last = self._next(name)
+        return {"e": "depthUpdate", "E": now, "s": symbol, "U": last, "u": last, "b": [[p, q]], "a": []}
+
+    def _kline(self, stream: Stream, symbol: str, now: int, p: str) -> object:
+        start = now - now % 60_000
+        return {
+            "e": "kline", "E": now, "s": symbol,
+            "k": {
+                "t": start, "T": start + 59_999, "s": symbol, "i": stream.interval, "f": 1, "L": 2, "o": p,
+                "c": p, "h": p, "l": p, "v": "1.00000000", "n": 2, "x": False, "q": "100.00000000",
+                "V": "0.50000000", "Q": "50.00000000", "B": "0",
+            },
+        }
+
+    def _mini_ticker(self, symbol: str, now: int) -> object:
+        p = f"{self._prices.get(symbol, 100.0):.8f}"
+        return {
+            "e": "24hrMiniTicker", "E": now, "s": symbol, "c": p, "o": p, "h": p, "l": p,
+            "v": "10.00000000", "q": "1000.00000000",
+        }
+
+
+async def eventually(
+    predicate: Callable[[], bool], *, within_s: float = 5.0, interval: float = 0.01, what: str = "condition"
+) -> None:
+    """Poll ``predicate`` until true; fail the test with ``what`` after ``within_s`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
+        await asyncio.sleep(interval)
