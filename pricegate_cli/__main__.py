@@ -131,7 +131,10 @@ async def _start_broker(broker: Any, settings: Settings) -> None:
     try:
         await broker.start()
     except BrokerError as error:
-        raise ConfigError(env_name("redis_url"), settings.redis_url, f"cannot reach Redis: {error}") from None
+        # safe_url: never print a password from the URL.
+        shown = getattr(broker, "safe_url", "")
+        cause = str(error).removeprefix(f"Redis at {shown}: ")
+        raise ConfigError(env_name("redis_url"), shown, f"cannot reach Redis: {cause}") from None
 
 
 def _ignore_stop_signals() -> None:
