@@ -68,9 +68,10 @@ def create_app(
         return _json(orjson.dumps({"serverTime": int(time.time() * 1000)}))
 
     async def exchange_info(request: Request) -> Response:
-        if node.exchange_info is None:
+        document = node.exchange_info or await node.load_exchange_info()
+        if document is None:
             return _json(b'{"code":-1001,"msg":"exchangeInfo not available yet; retry shortly."}', 503)
-        return _json(node.exchange_info)
+        return _json(document)
 
     async def livez(request: Request) -> Response:
         return _json(b'{"status":"alive"}')

@@ -81,17 +81,22 @@ class GatewayNode:
             self.exchange_info = document
             self.known_symbols = symbols
 
+    async def load_exchange_info(self) -> bytes | None:
+        """Read the cached exchangeInfo from the broker (keeping the last good copy on failure)."""
+        try:
+            document = await self.broker.get_exchange_info()
+        except Exception as error:  # keep the last good copy
+            logger.warning("reading exchangeInfo from the broker failed: %r", error)
+            document = None
+        if document is not None and document != self.exchange_info:
+            self.set_exchange_info(document)
+        return self.exchange_info
+
     async def poll_exchange_info(self) -> None:
         """Keep the exchangeInfo (and so the known symbols) current; fast until ingest has written one."""
         while True:
-            try:
-                document = await self.broker.get_exchange_info()
-            except Exception as error:  # keep the last good copy
-                logger.warning("reading exchangeInfo from the broker failed: %r", error)
-                document = None
-            if document is not None and document != self.exchange_info:
-                self.set_exchange_info(document)
-            await asyncio.sleep(EXCHANGE_INFO_POLL_S if self.exchange_info is not None else 0.5)
+            await self.load_exchange_info()
+            await asyncio.sleep(EXCHANGE_INFO_POLL_S if self.exchange_info is not None else 0.1)
 
     # ---- health ----
     @property

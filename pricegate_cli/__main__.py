@@ -22,7 +22,6 @@ from shared.errors import BrokerError, ConfigError, PricegateError
 from shared.settings import Settings, env_name
 
 EXIT_CONFIG = 2
-BUNDLED_REPLAY = Path(__file__).resolve().parent.parent / "ingest" / "data" / "synthetic-sample.jsonl"
 # Flags whose names differ from their settings field (short forms the issue tracker and docs use).
 FLAG_ALIASES = {"replay_speed": ["--speed"]}
 
@@ -97,9 +96,10 @@ def _make_source(settings: Settings) -> Any:
             list(settings.symbols), seed=settings.synthetic_seed, trade_rate_per_s=settings.synthetic_trade_rate
         )
     if settings.source == "replay":
+        from ingest.recording import SAMPLE_PATH
         from ingest.sources import ReplaySource
 
-        path = Path(settings.replay_file) if settings.replay_file else BUNDLED_REPLAY
+        path = Path(settings.replay_file) if settings.replay_file else SAMPLE_PATH
         if not path.is_file():
             raise ConfigError(env_name("replay_file"), str(path), "no such file")
         return ReplaySource(path, speed=settings.replay_speed, loop=settings.replay_loop)
@@ -186,7 +186,9 @@ async def run_demo(settings: Settings) -> None:
 
     broker = MemoryBroker(history_maxlen=settings.history_maxlen)
     service = IngestService(settings, broker, _make_source(settings))
-    source = settings.source if settings.source != "replay" else f"replay of {settings.replay_file or BUNDLED_REPLAY}"
+    source = settings.source
+    if source == "replay":
+        source = f"replay of {settings.replay_file or 'the bundled sample'}"
     await serve(
         settings,
         broker,
