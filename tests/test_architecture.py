@@ -1,0 +1,71 @@
+"""Module boundaries from ARCHITECTURE.md §5, enforced by walking every import statement.
+
+- ``shared`` imports nothing from ``gateway`` or ``ingest``; ``gateway`` and ``ingest`` never import each other;
+  only ``pricegate_cli`` (the composition root) imports both.
+- *Pure* modules import no I/O library, so they are testable without sockets or an event loop.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("shared", "gateway", "ingest", "pricegate_cli")
+FORBIDDEN = {
+    "shared": {"gateway", "ingest", "pricegate_cli"},
+    "gateway": {"ingest", "pricegate_cli"},
+    "ingest": {"gateway", "pricegate_cli"},
+    "pricegate_cli": set(),
+}
+PURE_MODULES = (
+    "shared/errors.py",
+    "shared/streams.py",
+    "shared/frames.py",
+    "shared/settings.py",
+    "shared/backoff.py",
+    "shared/ratelimit.py",
+    "shared/broker.py",
+    "gateway/protocol.py",
+    "gateway/hub.py",
+    "ingest/binance.py",
+    "ingest/market.py",
+    "ingest/exchange_info.py",
+)
+IO_LIBRARIES = {
+    "asyncio", "socket", "ssl", "selectors", "threading", "subprocess", "redis", "websockets", "starlette",
+    "uvicorn", "httpx", "asyncpg", "prometheus_client", "uvloop", "requests", "aiohttp",
+}  # fmt: skip
+
+
+def imported_top_levels(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def modules_of(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_package_dependencies_point_the_right_way(package: str) -> None:
+    offenders = {
+        str(path.relative_to(ROOT)): sorted(imported_top_levels(path) & FORBIDDEN[package])
+        for path in modules_of(package)
+    }
+    assert {module: bad for module, bad in offenders.items() if bad} == {}
+
+
+@pytest.mark.parametrize("module", PURE_MODULES)
+def test_pure_modules_import_no_io_library(module: str) -> None:
+    path = ROOT / module
+    assert path.is_file(), f"{module} is listed as pure but does not exist"
+    assert sorted(imported_top_levels(path) & IO_LIBRARIES) == []
