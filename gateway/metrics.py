@@ -63,6 +63,25 @@ class HubCollector(Collector):
         yield drops
 
 
+class BrokerCollector(Collector):
+    """Reads the broker's own counters (malformed envelopes, listener errors) at scrape time."""
+
+    def __init__(self, broker: object) -> None:
+        self.broker = broker
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        malformed = CounterMetricFamily(
+            "pricegate_gateway_broker_malformed_messages", "Broker messages skipped because they did not decode"
+        )
+        malformed.add_metric([], int(getattr(self.broker, "malformed_messages", 0)))
+        yield malformed
+        errors = CounterMetricFamily(
+            "pricegate_gateway_broker_listener_errors", "Exceptions raised while handling a broker message"
+        )
+        errors.add_metric([], int(getattr(self.broker, "listener_errors", 0)))
+        yield errors
+
+
 class GatewayMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
@@ -122,5 +141,6 @@ class GatewayMetrics:
         self.build_info = Gauge("pricegate_gateway_build_info", "Build information", ["version"], registry=r)
         self.build_info.labels(version=VERSION).set(1)
 
-    def attach_hub(self, hub: Hub, buffer_drops: Callable[[], tuple[int, int]]) -> None:
+    def attach(self, hub: Hub, buffer_drops: Callable[[], tuple[int, int]], broker: object) -> None:
         self.registry.register(HubCollector(hub, buffer_drops))
+        self.registry.register(BrokerCollector(broker))

@@ -52,7 +52,7 @@ class GatewayNode:
         self._closed_conflated = 0
         self._closed_dropped = 0
         self._drain_task: asyncio.Task[None] | None = None
-        self.metrics.attach_hub(self.hub, self.buffer_drops)
+        self.metrics.attach(self.hub, self.buffer_drops, broker)
 
     # ---- flushing ----
     def schedule_flush(self) -> None:
