@@ -14,13 +14,14 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import orjson
 from prometheus_client import make_asgi_app
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
@@ -32,6 +33,9 @@ from shared.broker import Broker
 from shared.settings import Settings
 
 logger = logging.getLogger("pricegate.gateway")
+
+# The live ticker page for browsers: static, read once at import (it is served on every visit).
+TICKER_PAGE = (Path(__file__).parent / "static" / "ticker.html").read_text(encoding="utf-8")
 
 BackgroundJob = Callable[[], Coroutine[Any, Any, None]]
 
@@ -72,6 +76,9 @@ def create_app(
         if document is None:
             return _json(b'{"code":-1001,"msg":"exchangeInfo not available yet; retry shortly."}', 503)
         return _json(document)
+
+    async def ticker_page(request: Request) -> Response:
+        return HTMLResponse(TICKER_PAGE)
 
     async def livez(request: Request) -> Response:
         return _json(b'{"status":"alive"}')
@@ -130,6 +137,7 @@ def create_app(
         Route("/api/v3/ping", ping),
         Route("/api/v3/time", server_time),
         Route("/api/v3/exchangeInfo", exchange_info),
+        Route("/", ticker_page),
         Route("/livez", livez),
         Route("/readyz", readyz),
         Route("/metrics", _MetricsEndpoint(node.metrics)),

@@ -169,3 +169,13 @@ async def test_one_broker_subscription_for_many_clients(gateway) -> None:  # typ
             await client.close()
     await wait_for(lambda: not gw.node.relay.active)
     assert broker._subscribed == set()
+
+
+async def test_live_ticker_page_is_served(gateway) -> None:  # type: ignore[no-untyped-def]
+    gw, _ = gateway
+    async with httpx.AsyncClient(base_url=gw.http_base) as client:
+        page = await client.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    # The page reads the market from exchangeInfo and streams tickers over the combined endpoint.
+    assert "/api/v3/exchangeInfo" in page.text and "/stream?streams=" in page.text
