@@ -20,12 +20,12 @@ import random
 from collections import deque
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import orjson
 
 from ingest.exchange_info import SymbolInfo, split_symbol
+from shared.intervals import candle_window
 from shared.streams import DEPTH_LEVELS, KLINE_INTERVALS, MINI_TICKER_ARR
 
 ATOMS_PER_UNIT = 100_000_000  # every price and quantity string has 8 decimals
@@ -51,41 +51,6 @@ LEVEL_NOTIONAL = 5000  # typical resting size of a level, in quote units
 TAKER_NOTIONAL = 800  # typical taker order, in quote units
 PRIOR_MINUTE_VOLATILITY = 0.0008  # per-minute price move of the synthesized prior day (about 3 % a day)
 BOOK_EVENT_VOLATILITY = 0.00002  # per-book-event move of the anchor price
-
-_FIXED_INTERVAL_MS: dict[str, int] = {
-    "1s": 1000,
-    "1m": MINUTE_MS,
-    "3m": 3 * MINUTE_MS,
-    "5m": 5 * MINUTE_MS,
-    "15m": 15 * MINUTE_MS,
-    "30m": 30 * MINUTE_MS,
-    "1h": 60 * MINUTE_MS,
-    "2h": 120 * MINUTE_MS,
-    "4h": 240 * MINUTE_MS,
-    "6h": 360 * MINUTE_MS,
-    "8h": 480 * MINUTE_MS,
-    "12h": 720 * MINUTE_MS,
-    "1d": DAY_MS,
-    "3d": 3 * DAY_MS,
-    "1w": 7 * DAY_MS,
-}
-# 1970-01-01 was a Thursday and Binance weeks open on Monday 00:00 UTC, four days later.
-_WEEK_OFFSET_MS = 4 * DAY_MS
-
-
-def candle_window(interval: str, time_ms: int) -> tuple[int, int]:
-    """Open time and exclusive end of the ``interval`` candle that contains ``time_ms`` (UTC). Fixed intervals
-    are aligned to the Unix epoch, weeks to Monday, ``1M`` to calendar months."""
-    if interval == "1M":
-        moment = datetime.fromtimestamp(time_ms // 1000, tz=UTC)
-        month_start = datetime(moment.year, moment.month, 1, tzinfo=UTC)
-        month_end = datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=UTC)
-        return int(month_start.timestamp()) * 1000, int(month_end.timestamp()) * 1000
-    length = _FIXED_INTERVAL_MS[interval]
-    offset = _WEEK_OFFSET_MS if interval == "1w" else 0
-    start = (time_ms - offset) // length * length + offset
-    return start, start + length
-
 
 def fixed8(atoms: int) -> str:
     """An integer count of 1e-8 units as Binance's 8-decimal string (``123400000`` -> ``"1.23400000"``)."""

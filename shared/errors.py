@@ -4,6 +4,7 @@ PricegateError
 ├── ConfigError        a PRICEGATE_* setting or CLI flag is missing or unparsable (names it)
 ├── ProtocolError      a client or upstream frame breaks the wire protocol (code + reason)
 ├── BrokerError        the broker (Redis or in-memory) cannot do what was asked
+├── DatabaseError      PostgreSQL is unreachable, or its schema is missing or newer than this code
 └── UpstreamError      the exchange connection or REST call failed
 """
 
@@ -35,6 +36,10 @@ class ProtocolError(PricegateError):
 
 class BrokerError(PricegateError):
     """The broker failed (connection lost, script error, unreachable at start)."""
+
+
+class DatabaseError(PricegateError):
+    """PostgreSQL failed at start (unreachable, schema not migrated) or a migration could not be applied."""
 
 
 class UpstreamError(PricegateError):

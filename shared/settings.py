@@ -8,15 +8,18 @@ single line before exiting. The table in README.md ("Configuration") is generate
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from shared.errors import ConfigError
+from shared.streams import KLINE_INTERVALS
 
 ENV_PREFIX = "PRICEGATE_"
 SOURCES = ("synthetic", "replay", "binance")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
 
 def _parse_bool(raw: str) -> bool:
@@ -108,6 +111,56 @@ class Settings:
     ingest_metrics_port: int = _setting(
         9108, "int", "Port of ingest's own /metrics endpoint (0 = disabled).", min=0, max=65535
     )
+    # --- candles (PostgreSQL) ---
+    database_url: str | None = _setting(
+        None,
+        "optional_str",
+        "PostgreSQL DSN (postgresql://user@host:5432/db). Ingest stores closed candles there and the gateway "
+        "serves klines from it; demo keeps candles in memory when unset.",
+    )
+    database_schema: str = _setting("public", "str", "PostgreSQL schema (search_path) holding pricegate's tables.")
+    db_pool_min: int = _setting(1, "int", "Connections a process keeps open to PostgreSQL.", min=0)
+    db_pool_max: int = _setting(10, "int", "Most connections a process opens to PostgreSQL.", min=1)
+    db_statement_timeout_ms: int = _setting(
+        5000, "int", "PostgreSQL cancels a statement running longer than this (0 = no limit).", min=0
+    )
+    db_migrate_on_start: bool = _setting(
+        False, "bool", "Apply pending schema migrations at start (otherwise run `pricegate db migrate`)."
+    )
+    candle_intervals: tuple[str, ...] = _setting(
+        ("1m", "5m", "15m", "1h", "4h", "1d"),
+        "csv",
+        "Kline intervals whose closed candles ingest stores for every symbol in PRICEGATE_SYMBOLS (kept flowing).",
+    )
+    candle_batch_size: int = _setting(500, "int", "Most candles ingest writes in one statement.", min=1)
+    candle_flush_interval_s: float = _setting(
+        1.0, "float", "Longest time a closed candle waits in ingest before it is written.", min=0.01
+    )
+    demo_history_candles: int = _setting(
+        1000, "int", "Synthetic past candles per symbol and interval the demo starts with (0 = none).", min=0
+    )
+    # --- REST (klines, technicals, cache) ---
+    cache_ttl_klines_s: float = _setting(60.0, "float", "How long a klines response is served from the cache.", min=0)
+    cache_ttl_technicals_s: float = _setting(
+        180.0, "float", "How long a technicals response is served from the cache.", min=0
+    )
+    cache_ttl_live_s: float = _setting(
+        1.0, "float", "Cache lifetime of exchange fallbacks for depth and ticker/price (no fresh stream value).", min=0
+    )
+    cache_stale_s: float = _setting(
+        900.0, "float", "How long a cached response is kept to be served stale when its backend fails.", min=0
+    )
+    exchange_timeout_s: float = _setting(10.0, "float", "Timeout of one exchange REST call.", min=0.1)
+    exchange_max_connections: int = _setting(20, "int", "Pooled HTTP connections to the exchange REST API.", min=1)
+    rest_weight_limit_per_min: int = _setting(
+        6000, "int", "Request weight one IP may use per minute on the REST API (Binance: 6000).", min=1
+    )
+    rest_last_value_wait_s: float = _setting(
+        2.0,
+        "float",
+        "Without an exchange, how long depth and ticker/price wait for a stream they just asked ingest for.",
+        min=0,
+    )
     # --- gateway client limits ---
     max_streams_per_connection: int = _setting(1024, "int", "Streams one WebSocket may subscribe.", min=1)
     control_rate_per_s: float = _setting(
@@ -173,6 +226,20 @@ class Settings:
                 raise ConfigError(env_name(url_field), value, "must start with ws:// or wss://")
         if not self.binance_rest_url.startswith(("http://", "https://")):
             raise ConfigError(env_name("binance_rest_url"), self.binance_rest_url, "must start with http(s)://")
+        self._validate_storage()
+
+    def _validate_storage(self) -> None:
+        if self.database_url is not None and not self.database_url.startswith(("postgresql://", "postgres://")):
+            raise ConfigError(env_name("database_url"), "<redacted>", "must start with postgresql:// or postgres://")
+        if SCHEMA_NAME.fullmatch(self.database_schema) is None:
+            raise ConfigError(env_name("database_schema"), self.database_schema, "must be a lowercase identifier")
+        if self.db_pool_min > self.db_pool_max:
+            raise ConfigError(env_name("db_pool_min"), self.db_pool_min, "must not exceed PRICEGATE_DB_POOL_MAX")
+        unknown = [interval for interval in self.candle_intervals if interval not in KLINE_INTERVALS]
+        if unknown:
+            raise ConfigError(
+                env_name("candle_intervals"), ",".join(unknown), f"not kline intervals ({' '.join(KLINE_INTERVALS)})"
+            )
 
 
 def _check_limits(label: str, value: Any, metadata: Mapping[str, Any]) -> None:
