@@ -52,6 +52,7 @@ TAKER_NOTIONAL = 800  # typical taker order, in quote units
 PRIOR_MINUTE_VOLATILITY = 0.0008  # per-minute price move of the synthesized prior day (about 3 % a day)
 BOOK_EVENT_VOLATILITY = 0.00002  # per-book-event move of the anchor price
 
+
 def fixed8(atoms: int) -> str:
     """An integer count of 1e-8 units as Binance's 8-decimal string (``123400000`` -> ``"1.23400000"``)."""
     sign = "-" if atoms < 0 else ""

@@ -4,6 +4,8 @@ Wanted streams = the configured always-on set plus the streams some gateway anno
 kept for ``demand_linger_s`` after the last announcement so a client that reconnects does not make ingest
 churn its upstream subscriptions. A heartbeat is published every second (gateways use it to show whether
 data is flowing), and the source's exchangeInfo is cached in the broker for gateways to validate symbols.
+With a candle recorder, every published batch also passes through it (closed candles go to the candle store)
+and its kline streams are part of the always-on set.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from ingest.candles import CandleRecorder
 from ingest.sources import MarketSource
 from shared.broker import Broker, OutgoingMessage
 from shared.settings import Settings
@@ -49,12 +52,17 @@ class IngestService:
         broker: Broker,
         source: MarketSource,
         metrics: IngestMetrics | None = None,
+        *,
+        candles: CandleRecorder | None = None,
     ) -> None:
         self.settings = settings
         self.broker = broker
         self.source = source
         self.metrics = metrics or IngestMetrics()
+        self.candles = candles
         self.always_on = frozenset(parse_stream(name).name for name in settings.always_on_streams)
+        if candles is not None:
+            self.always_on |= candles.streams
         self._last_demanded: dict[str, float] = {}
         self.wanted: frozenset[str] = self.always_on
         self._kind_cache: dict[str, str] = {}
@@ -66,9 +74,14 @@ class IngestService:
             group.create_task(self._refresh_exchange_info_forever())
             group.create_task(self._follow_demand_forever())
             group.create_task(self._heartbeat_forever())
+            if self.candles is not None:
+                group.create_task(self.candles.run())
             group.create_task(self.source.run(self.publish))
 
     async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
+        if self.candles is not None:
+            # Before the broker: closed candles reach the store even while the broker is unreachable.
+            self.candles.observe(messages)
         started = time.perf_counter()
         try:
             await self.broker.publish(messages)

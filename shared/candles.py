@@ -18,6 +18,8 @@ import orjson
 from shared.streams import KLINE_INTERVALS
 
 _DECIMAL = re.compile(r"-?[0-9]{1,30}(\.[0-9]{1,20})?")
+_INT64_MAX = 2**63 - 1  # times and trade counts are bigint columns
+_SYMBOL = re.compile(r"[A-Z0-9_.-]{1,20}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,9 +93,21 @@ def _decimal_string(value: object, what: str) -> str:
 
 
 def _integer(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise MalformedKline(f"{what} is not a non-negative integer: {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _INT64_MAX:
+        raise MalformedKline(f"{what} is not a non-negative 64-bit integer: {value!r}")
     return value
+
+
+def _symbol(value: object) -> str:
+    if not isinstance(value, str) or _SYMBOL.fullmatch(value.upper()) is None:
+        raise MalformedKline(f"not a symbol: {value!r}")
+    return value.upper()
+
+
+def _checked(candle: Candle) -> Candle:
+    if candle.close_time <= candle.open_time:
+        raise MalformedKline(f"close time {candle.close_time} is not after open time {candle.open_time}")
+    return candle
 
 
 def candle_from_event(payload: bytes) -> tuple[Candle, bool]:
@@ -106,10 +120,10 @@ def candle_from_event(payload: bytes) -> tuple[Candle, bool]:
     if not isinstance(k, dict):
         raise MalformedKline("kline payload has no 'k' object")
     symbol, interval, closed = k.get("s"), k.get("i"), k.get("x")
-    if not isinstance(symbol, str) or not symbol or interval not in KLINE_INTERVALS or not isinstance(closed, bool):
-        raise MalformedKline(f"kline payload has a bad symbol, interval or 'x': {symbol!r} {interval!r} {closed!r}")
+    if interval not in KLINE_INTERVALS or not isinstance(closed, bool):
+        raise MalformedKline(f"kline payload has a bad interval or 'x': {interval!r} {closed!r}")
     candle = Candle(
-        symbol=symbol.upper(),
+        symbol=_symbol(symbol),
         interval=interval,
         open_time=_integer(k.get("t"), "t"),
         close_time=_integer(k.get("T"), "T"),
@@ -123,15 +137,15 @@ def candle_from_event(payload: bytes) -> tuple[Candle, bool]:
         taker_buy_base_volume=_decimal_string(k.get("V"), "V"),
         taker_buy_quote_volume=_decimal_string(k.get("Q"), "Q"),
     )
-    return candle, closed
+    return _checked(candle), closed
 
 
 def candle_from_row(symbol: str, interval: str, row: object) -> Candle:
     """Parse one element of a ``GET /api/v3/klines`` response. Raises MalformedKline."""
     if not isinstance(row, list) or len(row) < 11:
         raise MalformedKline(f"klines row is not a 12-element array: {row!r}")
-    return Candle(
-        symbol=symbol,
+    candle = Candle(
+        symbol=_symbol(symbol),
         interval=interval,
         open_time=_integer(row[0], "open time"),
         close_time=_integer(row[6], "close time"),
@@ -145,6 +159,7 @@ def candle_from_row(symbol: str, interval: str, row: object) -> Candle:
         taker_buy_base_volume=_decimal_string(row[9], "taker buy base volume"),
         taker_buy_quote_volume=_decimal_string(row[10], "taker buy quote volume"),
     )
+    return _checked(candle)
 
 
 def kline_stream(symbol: str, interval: str) -> str:

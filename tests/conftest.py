@@ -1,4 +1,5 @@
-"""Shared fixtures: real Redis (separate DB, unique key prefix per test) and the CI=true rule for services."""
+"""Shared fixtures: real Redis (separate DB, unique key prefix per test), real PostgreSQL (a fresh schema per
+test, dropped afterwards) and the CI=true rule for services."""
 
 from __future__ import annotations
 
@@ -6,10 +7,12 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
 REDIS_URL = os.environ.get("PRICEGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
+POSTGRES_DSN = os.environ.get("PRICEGATE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
 def _service_missing(what: str, error: BaseException) -> None:
@@ -30,6 +33,30 @@ async def redis_url() -> AsyncIterator[str]:
     finally:
         await client.aclose()
     yield REDIS_URL
+
+
+@pytest.fixture
+async def postgres_dsn() -> AsyncIterator[str]:
+    """DSN of the test PostgreSQL database; fails loudly (CI) or skips with the reason when it is down."""
+    try:
+        connection = await asyncpg.connect(POSTGRES_DSN, timeout=5)
+    except Exception as error:  # any failure to reach the service means the same thing
+        _service_missing(f"PostgreSQL at {POSTGRES_DSN}", error)
+    await connection.close()
+    yield POSTGRES_DSN
+
+
+@pytest.fixture
+async def pg_schema(postgres_dsn: str) -> AsyncIterator[str]:
+    """A schema name no other test uses (created by the code under test, e.g. by migrations); dropped after."""
+    schema = f"pgtest_{uuid.uuid4().hex[:12]}"
+    yield schema
+    connection = await asyncpg.connect(postgres_dsn, timeout=5)
+    try:
+        # The name is generated above (letters, digits, underscore), never outside input.
+        await connection.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+    finally:
+        await connection.close()
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ PURE_MODULES = (
     "ingest/binance.py",
     "ingest/market.py",
     "ingest/exchange_info.py",
+    "ingest/history.py",
 )
 IO_LIBRARIES = {
     "asyncio", "socket", "ssl", "selectors", "threading", "subprocess", "redis", "websockets", "starlette",
