@@ -1,0 +1,166 @@
+"""The benchmark's ingest: publish ~370-byte Binance ``24hrTicker`` payloads to Redis on 20 ticker channels at a
+controlled rate, through :meth:`shared.broker_redis.RedisBroker.publish` (one Lua script per message, pipelined
+per batch, exactly like ``pricegate ingest``), so every publication is ``<epoch>:<seq>:<published_ms>:<payload>``
+on ``<prefix>:binance:{<stream>}`` and the gateway's relay sees proper envelopes, sequences and history.
+
+The publish time travels in the payload's ``E`` field in **microseconds** since the epoch (the shape Binance
+sends with ``timeUnit=MICROSECOND``), taken when the batch is built, just before the pipeline is sent: the load
+generator reads it with one ``memmem`` and no JSON parse.
+
+Rate control: the publisher keeps a schedule (message k is due at ``start + k / rate``); each turn publishes
+every message that is due in one pipeline (capped at ``MAX_BATCH``), so when a pipeline is slow the next one is
+bigger and the achieved rate catches up. It reports what it really achieved and how far behind it ever fell,
+so the orchestrator can tell "the server did not keep up" from "the publisher did not".
+
+Run by the orchestrator as ``python -m loadtests.publisher --redis-url URL --prefix P``; it reads one JSON
+command per line on stdin (``{"cmd":"run","rate":R,"duration":D}``, ``{"cmd":"quit"}``) and answers each with
+one JSON line on stdout. It exits when stdin closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import resource
+import sys
+import time
+
+from shared.broker import OutgoingMessage
+from shared.broker_redis import RedisBroker
+
+SYMBOLS = (
+    "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "ADAUSDT", "DOGEUSDT", "TRXUSDT", "DOTUSDT", "LINKUSDT",
+    "LTCUSDT", "AVAXUSDT", "ATOMUSDT", "UNIUSDT", "XLMUSDT", "ETCUSDT", "FILUSDT", "APTUSDT", "ARBUSDT", "NEARUSDT",
+)  # fmt: skip
+STREAMS = tuple(f"{symbol.lower()}@ticker" for symbol in SYMBOLS)
+MAX_BATCH = 2000
+
+
+def ticker_template(symbol: str) -> bytes:
+    """A Binance 24hrTicker payload with ``%d`` where the publish time (µs) goes; the field layout and string
+    numbers are Binance's. ``E`` comes first after ``e`` so a reader finds it within the first 30 bytes."""
+    return (
+        b'{"e":"24hrTicker","E":%d,"s":"' + symbol.encode("ascii") + b'","p":"0.00000200","P":"0.000",'
+        b'"w":"4.29628482","x":"4.00000000","c":"4.00000200","Q":"0.00000200","b":"4.00000000",'
+        b'"B":"12.50000000","a":"4.00000200","A":"3.25000000","o":"4.00000000","h":"4.10000000",'
+        b'"l":"3.90000000","v":"913.30000000","q":"264.08137180","O":1700000000000,"C":1700086400000,'
+        b'"F":0,"L":18150,"n":18151}'
+    )
+
+
+TEMPLATES = tuple(ticker_template(symbol) for symbol in SYMBOLS)
+
+
+def ticker_payload(index: int, publish_us: int) -> bytes:
+    return TEMPLATES[index % len(TEMPLATES)] % publish_us
+
+
+def publish_time_us(frame: bytes | str) -> int | None:
+    """The ``E`` field of a benchmark payload (µs since the epoch), or None: what the load generator parses."""
+    data = frame.encode() if isinstance(frame, str) else frame
+    start = data.find(b'"E":', 0, 64)
+    if start < 0:
+        return None
+    end = start + 4
+    while end < len(data) and 48 <= data[end] <= 57:
+        end += 1
+    return int(data[start + 4 : end]) if end > start + 4 else None
+
+
+class Publisher:
+    def __init__(self, broker: RedisBroker, streams: int) -> None:
+        self.broker = broker
+        self.streams = STREAMS[:streams]
+        self.next_index = 0  # round-robin over the streams across runs
+
+    async def run(self, rate: float, duration: float) -> dict[str, object]:
+        count = len(self.streams)
+        per_stream = [0] * count
+        sent = 0
+        max_behind = 0.0
+        cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        start = time.monotonic()
+        total = max(1, round(rate * duration))
+        while sent < total:
+            now = time.monotonic()
+            due = min(total, int((now - start) * rate) + 1)
+            if due <= sent:
+                await asyncio.sleep(min(0.005, (sent + 1) / rate - (now - start)))
+                continue
+            max_behind = max(max_behind, (now - start) - sent / rate)
+            batch = min(due - sent, MAX_BATCH)
+            publish_us = time.time_ns() // 1000
+            messages = []
+            for _ in range(batch):
+                index = self.next_index % count
+                self.next_index += 1
+                per_stream[index] += 1
+                messages.append(OutgoingMessage(self.streams[index], TEMPLATES[index] % publish_us, True))
+            await self.broker.publish(messages)
+            sent += batch
+        elapsed = time.monotonic() - start
+        cpu1 = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "event": "ran",
+            "rate": rate,
+            "sent": sent,
+            "elapsed_s": round(elapsed, 4),
+            # Messages over the time they took: equals the asked rate unless publishing fell behind.
+            "achieved_per_s": round(sent / max(elapsed, (total - 1) / rate, 1e-9), 2),
+            "max_behind_ms": round(max_behind * 1000, 3),
+            "per_stream": per_stream,
+            "cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 4),
+        }
+
+
+def _emit(obj: dict[str, object]) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    broker = RedisBroker(args.redis_url, prefix=args.prefix)
+    await broker.start()
+    publisher = Publisher(broker, args.streams)
+    loop = asyncio.get_running_loop()
+    try:
+        _emit(
+            {
+                "event": "ready",
+                "streams": list(publisher.streams),
+                "payload_bytes": len(ticker_payload(0, time.time_ns() // 1000)),
+            }
+        )
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                return  # the orchestrator went away
+            command = json.loads(line)
+            if command.get("cmd") == "run":
+                _emit(await publisher.run(float(command["rate"]), float(command["duration"])))
+            elif command.get("cmd") == "quit":
+                return
+    finally:
+        await broker.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--redis-url", required=True)
+    parser.add_argument("--prefix", required=True, help="PRICEGATE_CHANNEL_PREFIX of the server under test")
+    parser.add_argument("--streams", type=int, default=len(STREAMS), help="how many ticker channels (max 20)")
+    args = parser.parse_args(argv)
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:
+        runner = asyncio.Runner()
+    with runner:
+        runner.run(main_async(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
