@@ -1,0 +1,1004 @@
+"""The fan-out benchmark: max sustained deliveries/s, latency and memory of pricegate's gateway against a naive
+Starlette loop and a picows server, same workload, same run.
+
+    python -m loadtests.fanout --clients 1000,5000,10000          # full ramp (BENCHMARKS.md)
+    python -m loadtests.fanout --quick                             # < 3 minutes, N = 1000,5000
+    python -m loadtests.fanout --quick --stall-fraction 0.1        # + 10 % clients that never read
+    python -m loadtests.fanout --idle-rss --clients 10000          # memory per idle client only
+    python -m loadtests.fanout --scale 100000 --scale-processes 2  # 100k clients, 1 ticker/s each
+
+What it starts (and stops, also on Ctrl-C and on errors): a ``redis-server`` on a free port (unless
+``--redis-url`` is given), the publisher (``loadtests/publisher.py``: ~370-byte 24hrTicker payloads on 20
+channels through ``RedisBroker.publish``), the server under test, and the load generator (``loadgen.c``, built
+at run time with the system compiler: N epoll WebSocket clients, client i on ``/ws/<stream i % 20>``). With
+``taskset`` and two or more CPUs the server runs alone on CPU 0 and everything else (load generator,
+publisher, Redis, this script) on CPU 1.
+
+Per target and N: the server starts fresh, its RSS is read with 0 and then N idle clients (KiB per connection
+= difference / N), a warm-up publishes until every client has a frame (so every subscription is live), then
+the publish rate (messages/s over the 20 channels; deliveries/s = rate x N / 20) is stepped up geometrically
+until a step is not *sustained* (>= 99 % of the expected frames delivered, p99 publish -> receive < 250 ms, no
+client lost), bisected between the last good and the first bad rate, and finally run once at half the max
+sustained rate for the latency figures. A step whose publisher could not keep its rate (achieved < 98 %) ends
+the ramp with the result marked ``publisher_limited`` (a lower bound), never as a server failure.
+
+Output: progress on stderr; on stdout one JSON object per N, then a last line with the same keys whose values
+are lists in the order of ``clients`` (the first keys are the ones issue 5 names; p50/p99 are at half the max
+sustained rate). Everything measured, every step included, goes to ``<out>/results.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import ctypes
+import json
+import math
+import os
+import platform
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from loadtests.loadgen import LineProcess, LoadGen, LoadGenError, build
+from loadtests.publisher import STREAMS, SYMBOLS
+
+TARGETS = ("pricegate", "naive", "picows")
+KEYS = (
+    "clients",
+    "max_sustained_per_s",
+    "naive_max_sustained_per_s",
+    "picows_max_sustained_per_s",
+    "ratio_vs_naive",
+    "ratio_vs_picows",
+    "p50_ms",
+    "p99_ms",
+    "kib_per_conn",
+)
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+class BenchmarkError(RuntimeError):
+    pass
+
+
+def log(message: str) -> None:
+    print(f"[fanout {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- process helpers
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (all its threads) from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def cpu_times() -> dict[int, tuple[float, float]]:
+    """Per CPU: (busy, total) jiffies from /proc/stat. Busy includes softirq time, where loopback TCP does much
+    of its receive work without charging it to any process."""
+    times: dict[int, tuple[float, float]] = {}
+    with open("/proc/stat") as stat:
+        for line in stat:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *values = line.split()
+                numbers = [float(v) for v in values]
+                idle = numbers[3] + (numbers[4] if len(numbers) > 4 else 0.0)  # idle + iowait
+                total = sum(numbers[:8])  # guest time is already counted in user
+                times[int(name[3:])] = (total - idle, total)
+    return times
+
+
+def busy_pct(before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]], cpu: int) -> float | None:
+    if cpu not in before or cpu not in after:
+        return None
+    busy = after[cpu][0] - before[cpu][0]
+    total = after[cpu][1] - before[cpu][1]
+    return round(busy / total * 100, 1) if total > 0 else None
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, process: subprocess.Popen[Any], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise BenchmarkError(f"server exited with {process.returncode} before listening on {port}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise BenchmarkError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
+def _die_with_parent() -> None:
+    # A child killed with us never outlives the benchmark, even if this script is SIGKILLed (Linux only).
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def raise_nofile(need: int) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft >= need:
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        log(f"WARNING: RLIMIT_NOFILE capped at {hard} (needed {need}); run as root or raise `ulimit -n`")
+        return hard
+    return need
+
+
+@dataclass
+class Pinning:
+    server: list[str]
+    load: list[str]
+    description: str
+
+    @staticmethod
+    def detect(server_cpu: int, load_cpu: int, enabled: bool) -> Pinning:
+        taskset = shutil.which("taskset")
+        cpus = os.cpu_count() or 1
+        if not enabled or taskset is None or cpus < 2:
+            why = "disabled" if not enabled else ("no taskset" if taskset is None else "one CPU")
+            return Pinning([], [], f"none ({why})")
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, {load_cpu})  # this script shares the load CPU
+        return Pinning(
+            [taskset, "-c", str(server_cpu)],
+            [taskset, "-c", str(load_cpu)],
+            f"server on CPU {server_cpu}; load generator, publisher, Redis and orchestrator on CPU {load_cpu}",
+        )
+
+
+class Processes:
+    """Every child we start, stopped in reverse order on exit (normal, error, Ctrl-C or SIGTERM)."""
+
+    def __init__(self) -> None:
+        self.children: list[subprocess.Popen[Any] | LineProcess] = []
+
+    def add(self, child: subprocess.Popen[Any] | LineProcess) -> None:
+        self.children.append(child)
+
+    def stop(self, child: subprocess.Popen[Any] | LineProcess, timeout: float = 5.0) -> None:
+        if isinstance(child, LineProcess):
+            with contextlib.suppress(Exception):
+                child.stop(timeout)
+            process = child.process
+        else:
+            process = child
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.terminate()
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    process.kill()
+                process.wait()
+        if child in self.children:
+            self.children.remove(child)
+
+    def stop_all(self) -> None:
+        for child in reversed(list(self.children)):
+            self.stop(child, timeout=3.0)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@dataclass
+class Options:
+    clients: list[int]
+    targets: list[str]
+    quick: bool
+    redis_url: str | None
+    step_s: float
+    growth: float
+    bisect: int
+    start_deliveries: float
+    max_steps: int
+    delivered_min: float
+    p99_max_ms: float
+    stall_fraction: float
+    idle_rss: bool
+    scale: int
+    scale_processes: int
+    scale_seconds: float
+    server_cpu: int
+    load_cpu: int
+    pin: bool
+    out: Path
+    per_src: int
+    publish_via: str = "packed"
+    streams: int = len(STREAMS)
+    idle_settle_s: float = 1.0
+    drain_cap_s: float = 1.5
+
+
+@dataclass
+class Step:
+    rate: float  # messages/s published over all streams
+    deliveries_per_s: float  # nominal: rate x reading clients / streams
+    sustained: bool
+    why: str
+    delivered_ratio: float
+    p50_ms: float
+    p99_ms: float
+    max_ms: float
+    lost: int
+    server_cpu_pct: float
+    server_rss_kib: int
+    loadgen_cpu_pct: float
+    publisher: dict[str, Any]
+    publisher_limited: bool
+    redis_cpu_pct: float | None
+    server_core_busy_pct: float | None  # the whole server CPU, softirq included (None without pinning)
+    load_core_busy_pct: float | None  # the whole load CPU: load generator + publisher + Redis + this script
+
+    def brief(self) -> str:
+        return (
+            f"rate {self.rate:8.1f} msg/s = {self.deliveries_per_s / 1000:8.1f}k deliveries/s: "
+            f"{'OK  ' if self.sustained else 'FAIL'} delivered {self.delivered_ratio * 100:6.2f}% "
+            f"p50 {self.p50_ms:7.2f} p99 {self.p99_ms:8.2f} max {self.max_ms:8.1f} ms  lost {self.lost}  "
+            f"server CPU {self.server_cpu_pct:5.1f}% (core {self.server_core_busy_pct}%)  "
+            f"loadgen CPU {self.loadgen_cpu_pct:5.1f}% (load core {self.load_core_busy_pct}%)  "
+            f"publisher {self.publisher.get('achieved_per_s', 0):.0f}/s" + ("" if self.sustained else f"  ({self.why})")
+        )
+
+
+@dataclass
+class TargetResult:
+    target: str
+    clients: int
+    connected: int = 0
+    connect_s: float = 0.0
+    rss_base_kib: int = 0
+    rss_idle_kib: int = 0
+    kib_per_conn: float | None = None
+    steps: list[Step] = field(default_factory=list)
+    max_sustained: Step | None = None
+    half_rate: Step | None = None
+    publisher_limited: bool = False
+    error: str | None = None
+    stall: dict[str, Any] | None = None
+
+    @property
+    def max_sustained_per_s(self) -> float | None:
+        return round(self.max_sustained.deliveries_per_s) if self.max_sustained else None
+
+    def summary(self) -> dict[str, Any]:
+        best, half = self.max_sustained, self.half_rate
+        return {
+            "target": self.target,
+            "clients": self.clients,
+            "connected": self.connected,
+            "connect_s": round(self.connect_s, 2),
+            "max_sustained_per_s": self.max_sustained_per_s,
+            "max_sustained_msgs_per_s": round(best.rate, 1) if best else None,
+            "publisher_limited": self.publisher_limited,
+            "p50_ms": half.p50_ms if half else None,
+            "p99_ms": half.p99_ms if half else None,
+            "max_ms": half.max_ms if half else None,
+            "p50_ms_at_max": best.p50_ms if best else None,
+            "p99_ms_at_max": best.p99_ms if best else None,
+            "server_cpu_pct_at_max": best.server_cpu_pct if best else None,
+            "server_rss_mib_at_max": round(best.server_rss_kib / 1024, 1) if best else None,
+            "loadgen_cpu_pct_at_max": best.loadgen_cpu_pct if best else None,
+            "loadgen_cpu_pct_peak": max((s.loadgen_cpu_pct for s in self.steps), default=None),
+            "rss_base_mib": round(self.rss_base_kib / 1024, 1),
+            "rss_idle_mib": round(self.rss_idle_kib / 1024, 1),
+            "kib_per_conn": self.kib_per_conn,
+            "stall": self.stall,
+            "error": self.error,
+            "steps": [step.__dict__ for step in self.steps],
+        }
+
+
+# ---------------------------------------------------------------- the benchmark
+
+
+class Benchmark:
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self.processes = Processes()
+        self.python = sys.executable
+        self.run_id = f"{os.getpid()}-{int(time.time())}"
+        self.redis_url = options.redis_url or ""
+        self.redis_process: subprocess.Popen[Any] | None = None
+        self.pinning = Pinning.detect(options.server_cpu, options.load_cpu, options.pin)
+        self.loadgen_binary = build()
+        self.tempdir = Path(tempfile.mkdtemp(prefix="pricegate-fanout-"))
+        self.streams = list(STREAMS[: options.streams])
+        self.root = Path(__file__).resolve().parent.parent
+
+    # ---- lifecycle ----
+    def close(self) -> None:
+        self.processes.stop_all()
+        if self.options.redis_url:
+            self._delete_keys()
+        shutil.rmtree(self.tempdir, ignore_errors=True)
+
+    def _spawn(
+        self, argv: Sequence[str], *, pin: list[str], env: dict[str, str] | None = None
+    ) -> subprocess.Popen[Any]:
+        process = subprocess.Popen(
+            [*pin, *argv],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(self.tempdir / f"{Path(argv[0]).name}-{len(self.processes.children)}.log", "w"),
+            env=env,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+            cwd=self.root,
+        )
+        self.processes.add(process)
+        return process
+
+    def start_redis(self) -> None:
+        if self.redis_url:
+            return
+        server = shutil.which("redis-server")
+        if server is None:
+            raise BenchmarkError("no redis-server on PATH: install Redis or pass --redis-url")
+        port = free_port()
+        self.redis_process = self._spawn(
+            [
+                server, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
+                "--dir", str(self.tempdir),
+                # A server that falls behind during an overload step must not be cut off by Redis' default
+                # Pub/Sub output limit: the step then fails on latency, and the next step starts clean.
+                "--client-output-buffer-limit", "pubsub 0 0 0",
+            ],
+            pin=self.pinning.load,
+        )  # fmt: skip
+        wait_for_port(port, self.redis_process, 10)
+        self.redis_url = f"redis://127.0.0.1:{port}/0"
+        log(f"started redis-server on port {port}")
+
+    def _delete_keys(self) -> None:
+        with contextlib.suppress(Exception):
+            import redis
+
+            client = redis.Redis.from_url(self.redis_url)
+            for key in client.scan_iter(match=f"pgbench:{self.run_id}:*", count=1000):
+                client.delete(key)
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        env["PYTHONPATH"] = str(self.root) + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    def start_server(self, target: str, port: int, prefix: str, clients: int) -> subprocess.Popen[Any]:
+        env = self._env()
+        streams = ",".join(self.streams)
+        if target == "pricegate":
+            env.update(
+                PRICEGATE_REDIS_URL=self.redis_url,
+                PRICEGATE_CHANNEL_PREFIX=prefix,
+                PRICEGATE_SYMBOLS=",".join(SYMBOLS),
+                PRICEGATE_LOG_LEVEL="warning",
+                PRICEGATE_MAX_CONNECTIONS=str(max(50_000, 2 * clients)),
+                PRICEGATE_SHUTDOWN_DRAIN_S="0.5",
+            )
+            argv = [self.python, "-m", "pricegate_cli", "gateway", "--port", str(port)]
+        elif target == "naive":
+            argv = [self.python, "-m", "loadtests.baselines.naive_starlette", "--port", str(port)]
+            argv += ["--redis-url", self.redis_url, "--prefix", prefix, "--streams", streams]
+        elif target == "picows":
+            argv = [self.python, "-m", "loadtests.baselines.picows_server", "--port", str(port)]
+            argv += ["--redis-url", self.redis_url, "--prefix", prefix, "--streams", streams]
+        else:
+            raise BenchmarkError(f"unknown target {target!r}")
+        process = self._spawn(argv, pin=self.pinning.server, env=env)
+        wait_for_port(port, process, 30)
+        return process
+
+    def start_publisher(self, prefix: str) -> LineProcess:
+        argv = [*self.pinning.load, self.python, "-m", "loadtests.publisher", "--redis-url", self.redis_url]
+        argv += ["--prefix", prefix, "--streams", str(self.options.streams), "--via", self.options.publish_via]
+        publisher = LineProcess(
+            argv, name="publisher", env=self._env(), cwd=self.root, start_new_session=True, preexec_fn=_die_with_parent
+        )
+        self.processes.add(publisher)
+        publisher.expect("ready", 30)
+        return publisher
+
+    def start_loadgen(
+        self, ports: Sequence[int], clients: int, stall_fraction: float = 0.0
+    ) -> tuple[LoadGen, dict[str, Any]]:
+        loadgen = LoadGen(
+            self.pinning.load,
+            self.loadgen_binary,
+            clients=clients,
+            ports=",".join(map(str, ports)),
+            streams=",".join(self.streams),
+            per_src=self.options.per_src,
+            stall_fraction=stall_fraction or None,
+        )
+        self.processes.add(loadgen)
+        hello = loadgen.connected(timeout=60 + clients / 200)
+        return loadgen, hello
+
+    # ---- one step ----
+    def run_step(
+        self,
+        rate: float,
+        duration: float,
+        *,
+        server: subprocess.Popen[Any],
+        publisher: LineProcess,
+        loadgen: LoadGen,
+        reading_per_stream: list[int],
+        p99_max_ms: float | None = None,
+        delivered_min: float | None = None,
+    ) -> Step:
+        options = self.options
+        p99_limit = options.p99_max_ms if p99_max_ms is None else p99_max_ms
+        delivered_limit = options.delivered_min if delivered_min is None else delivered_min
+        loadgen.reset()
+        before = loadgen.stats()
+        server_cpu0 = cpu_seconds(server.pid)
+        cores0 = cpu_times()
+        redis_cpu0 = cpu_seconds(self.redis_process.pid) if self.redis_process else None
+        wall0 = time.monotonic()
+        publisher.send(json.dumps({"cmd": "run", "rate": rate, "duration": duration}))
+        published = publisher.expect("ran", duration * 3 + 30)
+        publish_end = time.monotonic()
+        expected = sum(
+            sent * readers for sent, readers in zip(published["per_stream"], reading_per_stream, strict=False)
+        )
+        # Let frames in flight arrive; later than the cap counts as not delivered (their latency fails anyway).
+        after = loadgen.stats()
+        last_frames, last_change = after["frames"], time.monotonic()
+        while after["frames"] < expected and time.monotonic() - publish_end < options.drain_cap_s:
+            time.sleep(0.05)
+            after = loadgen.stats()
+            if after["frames"] != last_frames:
+                last_frames, last_change = after["frames"], time.monotonic()
+            elif time.monotonic() - last_change > 0.5:
+                break
+        wall = time.monotonic() - wall0
+        cores1 = cpu_times()
+        server_alive = server.poll() is None
+        server_cpu = (cpu_seconds(server.pid) - server_cpu0) / wall * 100 if server_alive else 0.0
+        rss = rss_kib(server.pid) if server_alive else 0
+        redis_cpu = (
+            (cpu_seconds(self.redis_process.pid) - redis_cpu0) / wall * 100
+            if self.redis_process is not None and redis_cpu0 is not None
+            else None
+        )
+        loadgen_wall = after["monotonic_s"] - before["monotonic_s"]
+        loadgen_cpu = (
+            (after["cpu_user_s"] + after["cpu_sys_s"] - before["cpu_user_s"] - before["cpu_sys_s"]) / loadgen_wall * 100
+        )
+        delivered = after["frames"] / expected if expected else 0.0
+        p99_ms = after["p99_us"] / 1000
+        publisher_limited = published["achieved_per_s"] < 0.98 * rate
+        why = []
+        if not server_alive:
+            why.append(f"server exited ({server.returncode})")
+        if delivered < delivered_limit:
+            why.append(f"delivered {delivered * 100:.2f}% < {delivered_limit * 100:.0f}%")
+        if p99_ms >= p99_limit:
+            why.append(f"p99 {p99_ms:.1f} ms >= {p99_limit:.0f} ms")
+        if after["lost"]:
+            why.append(f"{after['lost']} clients lost (last close code {after['last_close_code']})")
+        if publisher_limited:
+            why.append(f"publisher achieved only {published['achieved_per_s']:.0f}/s")
+        readers = sum(reading_per_stream)
+        return Step(
+            rate=round(rate, 2),
+            deliveries_per_s=rate * readers / len(self.streams),
+            sustained=not why,
+            why="; ".join(why),
+            delivered_ratio=round(delivered, 5),
+            p50_ms=after["p50_us"] / 1000,
+            p99_ms=p99_ms,
+            max_ms=after["max_us"] / 1000,
+            lost=after["lost"],
+            server_cpu_pct=round(server_cpu, 1),
+            server_rss_kib=rss,
+            loadgen_cpu_pct=round(loadgen_cpu, 1),
+            publisher={k: v for k, v in published.items() if k not in ("event", "per_stream")},
+            publisher_limited=publisher_limited,
+            redis_cpu_pct=None if redis_cpu is None else round(redis_cpu, 1),
+            server_core_busy_pct=busy_pct(cores0, cores1, options.server_cpu) if self.pinning.server else None,
+            load_core_busy_pct=busy_pct(cores0, cores1, options.load_cpu) if self.pinning.load else None,
+        )
+
+    def settle(self, loadgen: LoadGen, server: subprocess.Popen[Any], cap_s: float = 20.0) -> None:
+        """After an overload step: wait until the server has flushed its backlog (frames stop arriving)."""
+        deadline = time.monotonic() + cap_s
+        frames = loadgen.stats()["frames"]
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline and server.poll() is None:
+            time.sleep(0.1)
+            now_frames = loadgen.stats()["frames"]
+            if now_frames != frames:
+                frames, quiet_since = now_frames, time.monotonic()
+            elif time.monotonic() - quiet_since >= 0.5:
+                return
+
+    def warm_up(self, publisher: LineProcess, loadgen: LoadGen, server: subprocess.Popen[Any]) -> None:
+        """Publish one message per stream per round until every reading client received a frame: proves every
+        subscription is live before anything is measured."""
+        for _ in range(20):
+            loadgen.reset()
+            publisher.send(json.dumps({"cmd": "run", "rate": len(self.streams) * 4, "duration": 0.25}))
+            publisher.expect("ran", 30)
+            time.sleep(0.2)
+            stats = loadgen.stats()
+            if stats["zero_frame_clients"] == 0 and stats["reading"] > 0:
+                return
+            if server.poll() is not None:
+                raise BenchmarkError(f"server exited with {server.returncode} during warm-up")
+        raise BenchmarkError(f"warm-up: {stats['zero_frame_clients']} clients never received a frame")
+
+    # ---- one target at one N ----
+    def run_target(self, target: str, clients: int) -> TargetResult:
+        options = self.options
+        result = TargetResult(target, clients)
+        prefix = f"pgbench:{self.run_id}:{target}:{clients}"
+        port = free_port()
+        log(f"{target} N={clients}: starting")
+        server = self.start_server(target, port, prefix, clients)
+        publisher = loadgen = None
+        try:
+            time.sleep(0.5)
+            result.rss_base_kib = rss_kib(server.pid)
+            publisher = self.start_publisher(prefix)
+            loadgen, hello = self.start_loadgen([port], clients)
+            result.connected, result.connect_s = hello["open"], hello["elapsed_s"]
+            if hello["open"] < clients:
+                raise BenchmarkError(f"only {hello['open']}/{clients} clients connected ({hello['failed']} failed)")
+            time.sleep(options.idle_settle_s)
+            result.rss_idle_kib = rss_kib(server.pid)
+            result.kib_per_conn = round((result.rss_idle_kib - result.rss_base_kib) / clients, 2)
+            log(
+                f"{target} N={clients}: {clients} clients in {hello['elapsed_s']:.1f}s; RSS "
+                f"{result.rss_base_kib / 1024:.1f} -> {result.rss_idle_kib / 1024:.1f} MiB "
+                f"= {result.kib_per_conn:.1f} KiB/conn"
+            )
+            if options.idle_rss:
+                return result
+            reading = hello["reading_per_stream"]
+            self.warm_up(publisher, loadgen, server)
+            self.ramp(result, server=server, publisher=publisher, loadgen=loadgen, reading=reading)
+            if options.stall_fraction > 0 and result.half_rate is not None:
+                self.stop_loadgen(loadgen)
+                loadgen = None
+                result.stall = self.stall_run(result, server=server, port=port, publisher=publisher)
+        except (BenchmarkError, LoadGenError) as error:
+            result.error = str(error)
+            log(f"{target} N={clients}: ERROR {error}")
+        finally:
+            if loadgen is not None:
+                self.stop_loadgen(loadgen)
+            if publisher is not None:
+                self.processes.stop(publisher)
+            self.processes.stop(server)
+        return result
+
+    def stop_loadgen(self, loadgen: LoadGen) -> None:
+        self.processes.stop(loadgen, timeout=30)
+
+    def ramp(
+        self,
+        result: TargetResult,
+        *,
+        server: subprocess.Popen[Any],
+        publisher: LineProcess,
+        loadgen: LoadGen,
+        reading: list[int],
+    ) -> None:
+        options = self.options
+        readers = sum(reading)
+        to_rate = len(self.streams) / readers  # deliveries/s -> messages/s
+
+        def step(rate: float, duration: float = options.step_s) -> Step:
+            done = self.run_step(
+                rate, duration, server=server, publisher=publisher, loadgen=loadgen, reading_per_stream=reading
+            )
+            result.steps.append(done)
+            log(f"{result.target} N={result.clients}: {done.brief()}")
+            if done.lost and server.poll() is None:
+                loadgen.reconnect(timeout=60 + result.clients / 200)
+            if not done.sustained and server.poll() is None:
+                self.settle(loadgen, server)
+            return done
+
+        rate = max(options.start_deliveries * to_rate, 1.0)
+        good: Step | None = None
+        bad: Step | None = None
+        for _ in range(options.max_steps):
+            done = step(rate)
+            if done.publisher_limited:
+                result.publisher_limited = True
+                break
+            if not done.sustained:
+                bad = done
+                break
+            good = done
+            rate *= options.growth
+        if good is None and bad is not None and not result.publisher_limited:
+            # The first rate was already too much: walk down until one holds (bounded).
+            for _ in range(4):
+                if server.poll() is not None:
+                    break
+                rate /= options.growth * options.growth
+                done = step(rate)
+                if done.sustained:
+                    good = done
+                    break
+                bad = done
+        if good is not None and bad is not None and not result.publisher_limited:
+            for _ in range(options.bisect):
+                if server.poll() is not None:
+                    break
+                done = step(math.sqrt(good.rate * bad.rate))
+                if done.publisher_limited:
+                    break
+                if done.sustained:
+                    good = done
+                else:
+                    bad = done
+        result.max_sustained = good
+        if good is not None and server.poll() is None:
+            half = self.run_step(
+                good.rate / 2,
+                options.step_s,
+                server=server,
+                publisher=publisher,
+                loadgen=loadgen,
+                reading_per_stream=reading,
+            )
+            result.half_rate = half
+            log(f"{result.target} N={result.clients}: half of max: {half.brief()}")
+
+    def stall_run(
+        self, result: TargetResult, *, server: subprocess.Popen[Any], port: int, publisher: LineProcess
+    ) -> dict[str, Any]:
+        """The same server, N clients of which ``stall_fraction`` never read, at half the max sustained rate
+        (the no-stall latency reference): p99 of the readers, delivery, and the server's RSS step by step."""
+        options = self.options
+        assert result.half_rate is not None
+        loadgen, hello = self.start_loadgen([port], result.clients, stall_fraction=options.stall_fraction)
+        try:
+            reading = hello["reading_per_stream"]
+            self.warm_up(publisher, loadgen, server)
+            rate = result.half_rate.rate
+            steps = []
+            for _ in range(3):
+                done = self.run_step(
+                    rate,
+                    options.step_s,
+                    server=server,
+                    publisher=publisher,
+                    loadgen=loadgen,
+                    reading_per_stream=reading,
+                )
+                steps.append(done)
+                log(f"{result.target} N={result.clients} stall {options.stall_fraction:.0%}: {done.brief()}")
+                if server.poll() is not None:
+                    break
+            reference = result.half_rate.p99_ms
+            worst = max(step.p99_ms for step in steps)
+            return {
+                "stall_fraction": options.stall_fraction,
+                "stalled_clients": hello["open"] - sum(reading),
+                "rate": rate,
+                "p50_ms": steps[-1].p50_ms,
+                "p99_ms": worst,
+                "no_stall_p99_ms": reference,
+                "p99_ratio": round(worst / reference, 3) if reference else None,
+                "min_delivered_ratio": min(step.delivered_ratio for step in steps),
+                "lost": sum(step.lost for step in steps),
+                "rss_mib_by_step": [round(step.server_rss_kib / 1024, 1) for step in steps],
+                "server_alive": server.poll() is None,
+            }
+        finally:
+            self.stop_loadgen(loadgen)
+
+    # ---- the scale test ----
+    def run_scale(self) -> dict[str, Any]:
+        """``--scale N``: N clients over ``--scale-processes`` pricegate gateways on separate ports, every client
+        receiving one ticker per second (20 messages/s over 20 channels) for ``--scale-seconds``."""
+        options = self.options
+        clients, count = options.scale, options.scale_processes
+        prefix = f"pgbench:{self.run_id}:scale"
+        ports = [free_port() for _ in range(count)]
+        servers = []
+        loadgen = publisher = None
+        report: dict[str, Any] = {"clients": clients, "processes": count}
+        try:
+            for port in ports:
+                servers.append(self.start_server("pricegate", port, prefix, clients // count + 1))
+            time.sleep(0.5)
+            base = [rss_kib(server.pid) for server in servers]
+            publisher = self.start_publisher(prefix)
+            loadgen, hello = self.start_loadgen(ports, clients)
+            report.update(connected=hello["open"], connect_s=hello["elapsed_s"])
+            log(f"scale: {hello['open']}/{clients} clients connected in {hello['elapsed_s']:.1f}s")
+            time.sleep(options.idle_settle_s * 2)
+            idle = [rss_kib(server.pid) for server in servers]
+            report["kib_per_conn"] = round((sum(idle) - sum(base)) / max(hello["open"], 1), 2)
+            report["rss_mib_idle"] = [round(kib / 1024, 1) for kib in idle]
+            self.warm_up(publisher, loadgen, servers[0])
+            step = self.run_step(
+                float(len(self.streams)),
+                options.scale_seconds,
+                server=servers[0],
+                publisher=publisher,
+                loadgen=loadgen,
+                reading_per_stream=hello["reading_per_stream"],
+                p99_max_ms=1000.0,
+                delivered_min=1.0,
+            )
+            log(f"scale: {step.brief()}")
+            report.update(
+                p50_ms=step.p50_ms,
+                p99_ms=step.p99_ms,
+                max_ms=step.max_ms,
+                delivered_ratio=step.delivered_ratio,
+                lost=step.lost,
+                ok=step.sustained and hello["open"] == clients,
+                why=step.why,
+                loadgen_cpu_pct=step.loadgen_cpu_pct,
+                rss_mib_after=[round(rss_kib(server.pid) / 1024, 1) for server in servers if server.poll() is None],
+            )
+        except (BenchmarkError, LoadGenError) as error:
+            report["error"] = str(error)
+            log(f"scale: ERROR {error}")
+        finally:
+            if loadgen is not None:
+                self.stop_loadgen(loadgen)
+            if publisher is not None:
+                self.processes.stop(publisher)
+            for server in servers:
+                self.processes.stop(server)
+        return report
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def _ratio(ours: float | None, theirs: float | None) -> float | None:
+    if ours is None or not theirs:
+        return None
+    return round(ours / theirs, 2)
+
+
+def per_n_line(clients: int, results: dict[str, TargetResult]) -> dict[str, Any]:
+    ours = results.get("pricegate")
+    naive = results.get("naive")
+    picows = results.get("picows")
+    ours_max = ours.max_sustained_per_s if ours else None
+    naive_max = naive.max_sustained_per_s if naive else None
+    picows_max = picows.max_sustained_per_s if picows else None
+    line: dict[str, Any] = {
+        "clients": clients,
+        "max_sustained_per_s": ours_max,
+        "naive_max_sustained_per_s": naive_max,
+        "picows_max_sustained_per_s": picows_max,
+        "ratio_vs_naive": _ratio(ours_max, naive_max),
+        "ratio_vs_picows": _ratio(ours_max, picows_max),
+        "p50_ms": ours.half_rate.p50_ms if ours and ours.half_rate else None,
+        "p99_ms": ours.half_rate.p99_ms if ours and ours.half_rate else None,
+        "kib_per_conn": ours.kib_per_conn if ours else None,
+    }
+    for name, result in results.items():
+        summary = result.summary()
+        for key in ("p50_ms", "p99_ms", "kib_per_conn"):
+            if name != "pricegate":
+                line[f"{name}_{key}"] = summary[key]
+        for key in ("server_cpu_pct_at_max", "server_rss_mib_at_max", "loadgen_cpu_pct_peak", "publisher_limited"):
+            line[f"{name}_{key}"] = summary[key]
+        if result.stall is not None:
+            line[f"{name}_stall_p99_ratio"] = result.stall["p99_ratio"]
+        if result.error:
+            line[f"{name}_error"] = result.error
+    return line
+
+
+def machine() -> dict[str, Any]:
+    model = ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in ("starlette", "uvicorn", "websockets", "uvloop", "redis", "picows"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[package] = metadata.version(package)
+    redis_version = ""
+    with contextlib.suppress(Exception):
+        redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.strip()
+    return {
+        "nproc": os.cpu_count(),
+        "cpu_model": model,
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "libraries": versions,
+        "redis": redis_version,
+    }
+
+
+def print_table(results: list[TargetResult]) -> None:
+    header = (
+        f"{'target':>10} {'N':>7} {'max sustained/s':>16} {'p50 ms':>8} {'p99 ms':>8} {'CPU %':>6} "
+        f"{'KiB/conn':>9} {'loadgen CPU %':>14}"
+    )
+    print(header, file=sys.stderr)
+    for result in results:
+        summary = result.summary()
+
+        def fmt(value: Any, spec: str) -> str:
+            return format(value, spec) if value is not None else "-"
+
+        print(
+            f"{result.target:>10} {result.clients:>7} {fmt(summary['max_sustained_per_s'], ',d'):>16} "
+            f"{fmt(summary['p50_ms'], '.2f'):>8} {fmt(summary['p99_ms'], '.2f'):>8} "
+            f"{fmt(summary['server_cpu_pct_at_max'], '.0f'):>6} {fmt(summary['kib_per_conn'], '.1f'):>9} "
+            f"{fmt(summary['loadgen_cpu_pct_peak'], '.0f'):>14}"
+            + (f"  ERROR: {result.error}" if result.error else "")
+            + ("  (publisher-limited: lower bound)" if result.publisher_limited else ""),
+            file=sys.stderr,
+        )
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv: Sequence[str] | None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.fanout",
+        description="Fan-out benchmark: pricegate vs a naive Starlette loop vs picows (see BENCHMARKS.md).",
+    )
+    parser.add_argument("--clients", help="comma-separated N values (default 1000,5000,10000; --quick: 1000,5000)")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="subset of pricegate,naive,picows")
+    parser.add_argument("--quick", action="store_true", help="short steps, x2 growth, one bisection: < 3 minutes")
+    parser.add_argument("--redis-url", help="use this Redis instead of starting a redis-server")
+    parser.add_argument("--step-seconds", type=float, help="publishing time per step (default 5; --quick 2)")
+    parser.add_argument("--growth", type=float, help="rate factor between steps (default 1.5; --quick 2)")
+    parser.add_argument("--bisect", type=int, help="bisection steps after the first failure (default 3; --quick 1)")
+    parser.add_argument("--start-deliveries", type=float, help="first step, deliveries/s (default 20000; quick 40000)")
+    parser.add_argument("--max-steps", type=int, default=14, help="upper bound on ramp steps per target")
+    parser.add_argument("--delivered-min", type=float, default=0.99, help="sustained: delivered fraction (0.99)")
+    parser.add_argument("--p99-max-ms", type=float, default=250.0, help="sustained: p99 latency bound (250 ms)")
+    parser.add_argument("--stall-fraction", type=float, default=0.0, help="also run with this fraction stalled")
+    parser.add_argument("--idle-rss", action="store_true", help="only connect N idle clients and report memory")
+    parser.add_argument("--scale", type=int, default=0, help="scale test: this many clients, 1 ticker/s each")
+    parser.add_argument("--scale-processes", type=int, default=2, help="gateway processes for --scale")
+    parser.add_argument("--scale-seconds", type=float, default=30.0, help="publishing time of --scale")
+    parser.add_argument("--server-cpu", type=int, default=0)
+    parser.add_argument("--load-cpu", type=int, default=1)
+    parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument(
+        "--publish-via",
+        choices=("packed", "broker"),
+        default="packed",
+        help="packed: RedisBroker.publish's exact commands, packed once (default); broker: RedisBroker.publish",
+    )
+    parser.add_argument("--per-src", type=int, default=10_000, help="clients per source address in 127.0.0.0/8")
+    parser.add_argument("--out", type=Path, help="results directory (default out/fanout-<time>)")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    clients = [int(n) for n in (args.clients or ("1000,5000" if quick else "1000,5000,10000")).split(",") if n]
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for target in targets:
+        if target not in TARGETS:
+            parser.error(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
+    if args.redis_url and not args.redis_url.startswith(("redis://127.", "redis://localhost")):
+        parser.error("--redis-url must be on loopback (redis://127.x.x.x or redis://localhost)")
+    return Options(
+        clients=clients,
+        targets=targets,
+        quick=quick,
+        redis_url=args.redis_url,
+        step_s=args.step_seconds or (2.0 if quick else 5.0),
+        growth=args.growth or (2.0 if quick else 1.5),
+        bisect=args.bisect if args.bisect is not None else (1 if quick else 3),
+        start_deliveries=args.start_deliveries or (40_000.0 if quick else 20_000.0),
+        max_steps=args.max_steps,
+        delivered_min=args.delivered_min,
+        p99_max_ms=args.p99_max_ms,
+        stall_fraction=args.stall_fraction,
+        idle_rss=args.idle_rss,
+        scale=args.scale,
+        scale_processes=args.scale_processes,
+        scale_seconds=args.scale_seconds,
+        server_cpu=args.server_cpu,
+        load_cpu=args.load_cpu,
+        pin=not args.no_pin,
+        out=args.out or Path("out") / f"fanout-{time.strftime('%Y%m%d-%H%M%S')}",
+        per_src=args.per_src,
+        publish_via=args.publish_via,
+        idle_settle_s=0.5 if quick else 1.0,
+    )
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    options = parse_args(argv)
+    started = time.monotonic()
+    raise_nofile(max([*options.clients, options.scale]) + 4096)
+    benchmark = Benchmark(options)
+    report: dict[str, Any] = {
+        "command": "python -m loadtests.fanout " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": machine(),
+        "pinning": benchmark.pinning.description,
+        "options": {k: str(v) if isinstance(v, Path) else v for k, v in options.__dict__.items()},
+        "results": [],
+    }
+    lines: list[dict[str, Any]] = []
+    all_results: list[TargetResult] = []
+    try:
+        with _sigterm_as_exit():
+            log(f"pinning: {benchmark.pinning.description}; load generator {benchmark.loadgen_binary}")
+            benchmark.start_redis()
+            if options.scale:
+                report["scale"] = benchmark.run_scale()
+                print(json.dumps(report["scale"]), flush=True)
+            else:
+                for clients in options.clients:
+                    results = {target: benchmark.run_target(target, clients) for target in options.targets}
+                    all_results += results.values()
+                    report["results"] += [result.summary() for result in results.values()]
+                    line = per_n_line(clients, results)
+                    lines.append(line)
+                    print(json.dumps(line), flush=True)
+    finally:
+        benchmark.close()
+    if not options.scale:
+        print_table(all_results)
+        final = {key: [line.get(key) for line in lines] for key in KEYS}
+        report["final"] = final
+    report["elapsed_s"] = round(time.monotonic() - started, 1)
+    options.out.mkdir(parents=True, exist_ok=True)
+    (options.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    log(f"done in {report['elapsed_s']:.0f}s; results in {options.out / 'results.json'}")
+    if not options.scale:
+        print(json.dumps(report["final"]), flush=True)
+    failed = any(result.error for result in all_results) or bool(report.get("scale", {}).get("error"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
+    sys.exit(130)

@@ -1,0 +1,101 @@
+"""The fan-out benchmark's plumbing at tiny scale, so it cannot rot: ``python -m loadtests.fanout`` with 20
+clients and two short rate steps against the real gateway and both baselines (real Redis, real processes, the
+load generator compiled from ``loadtests/loadgen.c``). Figures are not checked (this is no benchmark), only
+that the output has its documented shape and that frames were really delivered, counted and timed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loadtests.fanout import KEYS
+from loadtests.publisher import STREAMS, publish_time_us, ticker_payload
+
+ROOT = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("redis-server") is None or not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")),
+    reason="needs redis-server and a C compiler",
+)
+
+
+def test_payload_is_a_binance_ticker_carrying_the_publish_time_in_microseconds() -> None:
+    now_us = time.time_ns() // 1000
+    payload = ticker_payload(3, now_us)
+    parsed = json.loads(payload)
+    assert parsed["e"] == "24hrTicker" and parsed["s"] == "SOLUSDT" and parsed["E"] == now_us
+    assert publish_time_us(payload) == now_us
+    assert 360 <= len(payload) <= 380
+    assert len(STREAMS) == 20 and len(set(STREAMS)) == 20
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+def test_quick_mode_plumbing_at_tiny_scale(tmp_path: Path) -> None:
+    command = [
+        sys.executable, "-m", "loadtests.fanout", "--quick",
+        "--clients", "20",
+        "--step-seconds", "0.4",
+        "--start-deliveries", "400",
+        "--max-steps", "2",
+        "--bisect", "0",
+        "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    started = time.monotonic()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=80, check=False)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert elapsed < 60, f"took {elapsed:.0f}s"
+
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    assert len(lines) == 2, result.stdout  # one line per N, then the final object
+    per_n, final = lines
+    for key in KEYS:
+        assert key in per_n and key in final, key
+    assert per_n["clients"] == 20 and final["clients"] == [20]
+    for key in ("max_sustained_per_s", "naive_max_sustained_per_s", "picows_max_sustained_per_s"):
+        assert per_n[key] > 0, (key, result.stderr[-4000:])
+        assert final[key] == [per_n[key]]
+    assert per_n["ratio_vs_naive"] == round(per_n["max_sustained_per_s"] / per_n["naive_max_sustained_per_s"], 2)
+    assert per_n["ratio_vs_picows"] == round(per_n["max_sustained_per_s"] / per_n["picows_max_sustained_per_s"], 2)
+    assert 0 < per_n["p50_ms"] <= per_n["p99_ms"] < 250
+    assert per_n["kib_per_conn"] is not None
+
+    report = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert report["final"] == final
+    assert {entry["target"] for entry in report["results"]} == {"pricegate", "naive", "picows"}
+    for entry in report["results"]:
+        assert entry["error"] is None, entry
+        assert entry["connected"] == 20
+        assert len(entry["steps"]) >= 2  # two ramp steps (plus the half-rate one, kept separately)
+        for step in entry["steps"]:
+            assert step["publisher"]["sent"] > 0
+            assert step["delivered_ratio"] > 0.9  # frames were really received and counted per client
+            assert step["p99_ms"] > 0  # ... and their publish time parsed
+            assert step["loadgen_cpu_pct"] >= 0
+    assert report["machine"]["nproc"] >= 1 and report["command"].startswith("python -m loadtests.fanout")
+
+
+async def test_packed_publisher_sends_exactly_what_redis_broker_publish_sends() -> None:
+    from redis.asyncio.connection import Connection
+
+    from loadtests.publisher import PackedScript
+    from shared.broker_redis import RedisBroker
+
+    broker = RedisBroker("redis://127.0.0.1:1/0", prefix="pgbench:test", history_maxlen=1000, history_max_age_s=300)
+    broker._script_sha = "0123456789abcdef0123456789abcdef01234567"
+    packed = PackedScript(broker, STREAMS, candidate_epoch=4242)
+    payload = ticker_payload(5, 1_700_000_000_123_456)
+    ms = b"1700000000123"
+    ours = packed.command(5, b"$%d\r\n%b\r\n" % (len(ms), ms), payload)
+    keys = broker.namer.keys(STREAMS[5])
+    # The arguments RedisBroker.publish passes to evalsha, packed the way redis-py packs them.
+    args = (keys.epoch, keys.seq, keys.history, keys.last, keys.channel, 4242, 1700000000123, payload, 1, 1000, 300000)
+    theirs = b"".join(Connection().pack_command("EVALSHA", broker._script_sha, 4, *args))
+    assert ours == theirs
