@@ -64,11 +64,23 @@ class Outbox:
         self.frames.append(("", False, frame))
         self.size += len(frame)
 
-    def take(self) -> list[bytes]:
-        """Remove and return every pending frame, oldest first."""
-        frames = [frame for _, _, frame in self.frames]
-        self.frames.clear()
-        self.size = 0
+    def take(self, max_bytes: int | None = None) -> list[bytes]:
+        """Remove and return pending frames, oldest first: all of them, or as many as fit in ``max_bytes``
+        (always at least one, so a frame larger than ``max_bytes`` still goes out)."""
+        if max_bytes is None or self.size <= max_bytes:
+            frames = [frame for _, _, frame in self.frames]
+            self.frames.clear()
+            self.size = 0
+            return frames
+        # Partial take (a client whose socket is backing up): the rest stays queued, and conflatable.
+        pending = self.frames
+        frames = [pending.popleft()[2]]
+        taken = len(frames[0])
+        while pending and taken + len(pending[0][2]) <= max_bytes:
+            frame = pending.popleft()[2]
+            frames.append(frame)
+            taken += len(frame)
+        self.size -= taken
         return frames
 
     def _conflate(self, superseded: str | None) -> None:

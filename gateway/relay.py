@@ -8,7 +8,9 @@ ingest starts them upstream.
 
 Every publication carries ``(epoch, seq)``. The relay delivers seq+1 at once; drops duplicates; on a gap (or
 after the broker reconnects) it buffers the stream's new messages, reads the missed ones from the broker's
-history, delivers them in order, then the buffer. What history cannot cover is counted as lost. Delivery never
+history, delivers them in order, then the buffer. What history cannot cover is counted as lost. A new epoch (the
+broker lost the channel's state) restarts the sequence at 1; new-epoch messages missed before the first one seen
+are repaired from the new epoch's history the same way. Delivery never
 awaits: :meth:`on_publication` queues frames in the hub and schedules one flush per loop turn.
 """
 
@@ -131,8 +133,17 @@ class Relay:
             pending.append(publication)
             return
         cursor = self._cursors.get(stream)
-        if cursor is None or cursor.epoch != publication.epoch:
+        if cursor is None:
             self._cursors[stream] = _Cursor(publication.epoch, publication.seq)
+        elif cursor.epoch != publication.epoch:
+            # The broker lost the channel's state and restarted its sequence at 1 in a new epoch. Accepting any
+            # seq here silently dropped the new epoch's first messages when they had missed pub/sub: repair
+            # them from the new epoch's history (which holds nothing older) like any other gap.
+            cursor.epoch, cursor.seq = publication.epoch, 0
+            if publication.seq != 1:
+                self._start_repair(stream, cursor, publication)
+                return
+            cursor.seq = 1
         elif publication.seq == cursor.seq + 1:
             cursor.seq = publication.seq
         elif publication.seq <= cursor.seq:
@@ -168,26 +179,31 @@ class Relay:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _repair(self, stream: str, cursor: _Cursor) -> None:
-        after = cursor.seq
+    async def _read_history(self, stream: str, after: int) -> list[Publication]:
         try:
-            history = await self.broker.history(stream, after)
+            return await self.broker.history(stream, after)
         except Exception as error:  # repair degrades to counting the loss
             logger.warning("history read for %s failed: %r", stream, error)
-            history = []
+            return []
+
+    async def _repair(self, stream: str, cursor: _Cursor) -> None:
+        history = await self._read_history(stream, cursor.seq)
+        if any(publication.epoch != cursor.epoch for publication in [*history, *self._repairing.get(stream, ())]):
+            # A new epoch began after our cursor (the broker lost the channel's state while we were away). The
+            # history now holds only the new epoch, from its seq 1, and the read above skipped it up to our old
+            # seq: read all of it.
+            history = await self._read_history(stream, 0)
         pending = self._repairing.pop(stream, None)
         if pending is None or stream not in self.active:
             return
-        expected = after + 1
+        expected = cursor.seq + 1
         lost = 0
         for publication in [*history, *pending]:
             if publication.epoch != cursor.epoch:
-                # The channel's state was reset while we were away: restart the sequence there.
-                cursor.epoch = publication.epoch
-                cursor.seq = publication.seq
-                expected = publication.seq + 1
-                self._deliver(stream, publication.payload)
-                continue
+                # The sequence restarts in the new epoch: its seq 1 is the next message (what history could not
+                # supply from there is counted as lost below, like any gap).
+                cursor.epoch, cursor.seq = publication.epoch, 0
+                expected = 1
             if publication.seq < expected:
                 continue
             lost += publication.seq - expected

@@ -69,11 +69,21 @@ class Session:
         if direct is None:
             self._wakeup.set()
             return
-        if direct.buffered_bytes > TRANSPORT_HIGH_WATER:
-            return  # resumed by the protocol's on_writable callback
-        frames = outbox.take()
-        if frames:
-            self.node.metrics.sent_bytes.inc(direct.write_text_frames(frames))
+        # Hand the transport no more than fills it to TRANSPORT_HIGH_WATER (plus the one frame that crosses it):
+        # writing the whole outbox whenever the transport was just under the mark let a stuck client hold up to
+        # client_buffer_bytes in its transport *and* client_buffer_bytes in its outbox. Crossing the mark pauses
+        # the transport; its resume_writing (our on_writable) flushes the rest. Usually one write per turn.
+        sent = 0
+        while outbox.frames:
+            buffered = direct.buffered_bytes
+            if buffered > TRANSPORT_HIGH_WATER:
+                break  # resumed by the protocol's on_writable callback
+            written = direct.write_text_frames(outbox.take(TRANSPORT_HIGH_WATER - buffered))
+            if not written:
+                break  # the socket is closing
+            sent += written
+        if sent:
+            self.node.metrics.sent_bytes.inc(sent)
 
     def _on_writable(self) -> None:
         if self.outbox.frames or self.outbox.overflowed:
@@ -156,6 +166,9 @@ class Session:
         node.metrics.connections_accepted.inc()
         if self.direct is not None:
             self.direct.on_writable = self._on_writable
+            # flush() stops at TRANSPORT_HIGH_WATER and relies on pause/resume_writing at that same mark; set it
+            # explicitly rather than trusting every event loop's (and TLS transport's) default to be 64 KiB.
+            self.direct.transport.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER)
         writer = None if self.direct is not None else asyncio.get_running_loop().create_task(self._write_via_asgi())
         try:
             for frame in connect.errors:
