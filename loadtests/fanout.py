@@ -2,7 +2,7 @@
 Starlette loop and a picows server, same workload, same run.
 
     python -m loadtests.fanout --clients 1000,5000,10000          # full ramp (BENCHMARKS.md)
-    python -m loadtests.fanout --quick                             # < 3 minutes, N = 1000,5000
+    python -m loadtests.fanout --quick                             # < 3 minutes, same N, coarser ramp
     python -m loadtests.fanout --quick --stall-fraction 0.1        # + 10 % clients that never read
     python -m loadtests.fanout --idle-rss --clients 10000          # memory per idle client only
     python -m loadtests.fanout --scale 100000 --scale-processes 2  # 100k clients, 1 ticker/s each
@@ -107,6 +107,24 @@ def busy_pct(before: dict[int, tuple[float, float]], after: dict[int, tuple[floa
     busy = after[cpu][0] - before[cpu][0]
     total = after[cpu][1] - before[cpu][1]
     return round(busy / total * 100, 1) if total > 0 else None
+
+
+def foreign_cpu_seconds(ours: set[int]) -> float:
+    """CPU seconds used so far by user-space processes that are not part of this benchmark (other work on the
+    machine disturbs the figures; kernel threads, whose work is ours too under load, are not counted)."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) in ours:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[1] == "2" or entry.name == "2":  # kthreadd and its children
+            continue
+        total += int(fields[11]) + int(fields[12]) + int(fields[13]) + int(fields[14])  # with reaped children
+    return total / CLK_TCK
 
 
 def rss_kib(pid: int) -> int:
@@ -257,6 +275,7 @@ class Step:
     publisher: dict[str, Any]
     publisher_limited: bool
     redis_cpu_pct: float | None
+    foreign_cpu_pct: float  # other processes on the machine during the step (should be ~0)
     server_core_busy_pct: float | None  # the whole server CPU, softirq included (None without pinning)
     load_core_busy_pct: float | None  # the whole load CPU: load generator + publisher + Redis + this script
 
@@ -267,7 +286,9 @@ class Step:
             f"p50 {self.p50_ms:7.2f} p99 {self.p99_ms:8.2f} max {self.max_ms:8.1f} ms  lost {self.lost}  "
             f"server CPU {self.server_cpu_pct:5.1f}% (core {self.server_core_busy_pct}%)  "
             f"loadgen CPU {self.loadgen_cpu_pct:5.1f}% (load core {self.load_core_busy_pct}%)  "
-            f"publisher {self.publisher.get('achieved_per_s', 0):.0f}/s" + ("" if self.sustained else f"  ({self.why})")
+            f"publisher {self.publisher.get('achieved_per_s', 0):.0f}/s"
+            + (f"  OTHER PROCESSES {self.foreign_cpu_pct:.0f}% CPU" if self.foreign_cpu_pct >= 5 else "")
+            + ("" if self.sustained else f"  ({self.why})")
         )
 
 
@@ -286,6 +307,12 @@ class TargetResult:
     publisher_limited: bool = False
     error: str | None = None
     stall: dict[str, Any] | None = None
+
+    @property
+    def first_failure(self) -> Step | None:
+        best = self.max_sustained
+        above = [s for s in self.steps if not s.sustained and (best is None or s.rate > best.rate)]
+        return min(above, key=lambda s: s.rate) if above else None
 
     @property
     def max_sustained_per_s(self) -> float | None:
@@ -310,6 +337,12 @@ class TargetResult:
             "server_rss_mib_at_max": round(best.server_rss_kib / 1024, 1) if best else None,
             "loadgen_cpu_pct_at_max": best.loadgen_cpu_pct if best else None,
             "loadgen_cpu_pct_peak": max((s.loadgen_cpu_pct for s in self.steps), default=None),
+            # Whole-core busy % (softirq included) at the max sustained step and at the first failed step above
+            # it: a load core near 100 % at the failure means the figure is also bounded by the load side.
+            "server_core_busy_pct_at_max": best.server_core_busy_pct if best else None,
+            "load_core_busy_pct_at_max": best.load_core_busy_pct if best else None,
+            "load_core_busy_pct_at_fail": self.first_failure.load_core_busy_pct if self.first_failure else None,
+            "foreign_cpu_pct_peak": max((s.foreign_cpu_pct for s in self.steps), default=None),
             "rss_base_mib": round(self.rss_base_kib / 1024, 1),
             "rss_idle_mib": round(self.rss_idle_kib / 1024, 1),
             "kib_per_conn": self.kib_per_conn,
@@ -445,6 +478,18 @@ class Benchmark:
         hello = loadgen.connected(timeout=60 + clients / 200)
         return loadgen, hello
 
+    def background_load(self, seconds: float = 1.0) -> float:
+        ours = self.our_pids()
+        before = foreign_cpu_seconds(ours)
+        time.sleep(seconds)
+        return round((foreign_cpu_seconds(ours) - before) / seconds * 100, 1)
+
+    def our_pids(self) -> set[int]:
+        pids = {os.getpid(), os.getppid()}  # the parent: a test runner or shell waiting on us
+        for child in self.processes.children:
+            pids.add(child.pid)
+        return pids
+
     # ---- one step ----
     def run_step(
         self,
@@ -465,6 +510,8 @@ class Benchmark:
         before = loadgen.stats()
         server_cpu0 = cpu_seconds(server.pid)
         cores0 = cpu_times()
+        ours = self.our_pids()
+        foreign0 = foreign_cpu_seconds(ours)
         redis_cpu0 = cpu_seconds(self.redis_process.pid) if self.redis_process else None
         wall0 = time.monotonic()
         publisher.send(json.dumps({"cmd": "run", "rate": rate, "duration": duration}))
@@ -485,6 +532,7 @@ class Benchmark:
                 break
         wall = time.monotonic() - wall0
         cores1 = cpu_times()
+        foreign = (foreign_cpu_seconds(ours) - foreign0) / wall * 100
         server_alive = server.poll() is None
         server_cpu = (cpu_seconds(server.pid) - server_cpu0) / wall * 100 if server_alive else 0.0
         rss = rss_kib(server.pid) if server_alive else 0
@@ -528,6 +576,7 @@ class Benchmark:
             publisher={k: v for k, v in published.items() if k not in ("event", "per_stream")},
             publisher_limited=publisher_limited,
             redis_cpu_pct=None if redis_cpu is None else round(redis_cpu, 1),
+            foreign_cpu_pct=round(foreign, 1),
             server_core_busy_pct=busy_pct(cores0, cores1, options.server_cpu) if self.pinning.server else None,
             load_core_busy_pct=busy_pct(cores0, cores1, options.load_cpu) if self.pinning.load else None,
         )
@@ -826,6 +875,16 @@ def per_n_line(clients: int, results: dict[str, TargetResult]) -> dict[str, Any]
     return line
 
 
+def source_version(root: Path) -> str:
+    """``git describe``-style version of the tree being measured (``-dirty`` when it has local changes)."""
+    with contextlib.suppress(Exception):
+        done = subprocess.run(
+            ["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True, check=True
+        )
+        return done.stdout.strip()
+    return "unknown"
+
+
 def machine() -> dict[str, Any]:
     model = ""
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
@@ -881,15 +940,15 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         prog="python -m loadtests.fanout",
         description="Fan-out benchmark: pricegate vs a naive Starlette loop vs picows (see BENCHMARKS.md).",
     )
-    parser.add_argument("--clients", help="comma-separated N values (default 1000,5000,10000; --quick: 1000,5000)")
+    parser.add_argument("--clients", default="1000,5000,10000", help="comma-separated N values (1000,5000,10000)")
     parser.add_argument("--targets", default=",".join(TARGETS), help="subset of pricegate,naive,picows")
-    parser.add_argument("--quick", action="store_true", help="short steps, x2 growth, one bisection: < 3 minutes")
+    parser.add_argument("--quick", action="store_true", help="1.5 s steps, x2 growth, one bisection: < 3 minutes")
     parser.add_argument("--redis-url", help="use this Redis instead of starting a redis-server")
-    parser.add_argument("--step-seconds", type=float, help="publishing time per step (default 5; --quick 2)")
+    parser.add_argument("--step-seconds", type=float, help="publishing time per step (default 5; --quick 1.5)")
     parser.add_argument("--growth", type=float, help="rate factor between steps (default 1.5; --quick 2)")
     parser.add_argument("--bisect", type=int, help="bisection steps after the first failure (default 3; --quick 1)")
     parser.add_argument("--start-deliveries", type=float, help="first step, deliveries/s (default 20000; quick 40000)")
-    parser.add_argument("--max-steps", type=int, default=14, help="upper bound on ramp steps per target")
+    parser.add_argument("--max-steps", type=int, help="upper bound on ramp steps per target (default 14; --quick 8)")
     parser.add_argument("--delivered-min", type=float, default=0.99, help="sustained: delivered fraction (0.99)")
     parser.add_argument("--p99-max-ms", type=float, default=250.0, help="sustained: p99 latency bound (250 ms)")
     parser.add_argument("--stall-fraction", type=float, default=0.0, help="also run with this fraction stalled")
@@ -910,7 +969,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--out", type=Path, help="results directory (default out/fanout-<time>)")
     args = parser.parse_args(argv)
     quick = args.quick
-    clients = [int(n) for n in (args.clients or ("1000,5000" if quick else "1000,5000,10000")).split(",") if n]
+    clients = [int(n) for n in args.clients.split(",") if n]
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     for target in targets:
         if target not in TARGETS:
@@ -922,11 +981,11 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         targets=targets,
         quick=quick,
         redis_url=args.redis_url,
-        step_s=args.step_seconds or (2.0 if quick else 5.0),
+        step_s=args.step_seconds or (1.5 if quick else 5.0),
         growth=args.growth or (2.0 if quick else 1.5),
         bisect=args.bisect if args.bisect is not None else (1 if quick else 3),
         start_deliveries=args.start_deliveries or (40_000.0 if quick else 20_000.0),
-        max_steps=args.max_steps,
+        max_steps=args.max_steps or (8 if quick else 14),
         delivered_min=args.delivered_min,
         p99_max_ms=args.p99_max_ms,
         stall_fraction=args.stall_fraction,
@@ -961,6 +1020,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: dict[str, Any] = {
         "command": "python -m loadtests.fanout " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
+        "source": source_version(benchmark.root),
         "pinning": benchmark.pinning.description,
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in options.__dict__.items()},
         "results": [],
@@ -970,6 +1030,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with _sigterm_as_exit():
             log(f"pinning: {benchmark.pinning.description}; load generator {benchmark.loadgen_binary}")
+            quiet = benchmark.background_load()
+            report["background_cpu_pct_before"] = quiet
+            if quiet >= 5:
+                log(f"WARNING: other processes use {quiet:.0f}% CPU right now: figures will be disturbed")
             benchmark.start_redis()
             if options.scale:
                 report["scale"] = benchmark.run_scale()
