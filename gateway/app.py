@@ -17,7 +17,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import orjson
 from prometheus_client import make_asgi_app
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -27,9 +26,11 @@ from starlette.types import Receive, Scope, Send
 
 from gateway.metrics import GatewayMetrics
 from gateway.node import GatewayNode
+from gateway.rest import RestApi
 from gateway.session import websocket_endpoint
 from gateway.wsprotocol import DRAIN_STATE_KEY
 from shared.broker import Broker
+from shared.candles import CandleStore
 from shared.settings import Settings
 
 logger = logging.getLogger("pricegate.gateway")
@@ -61,21 +62,13 @@ def create_app(
     *,
     background: Sequence[BackgroundJob] = (),
     metrics: GatewayMetrics | None = None,
+    candles: CandleStore | None = None,
 ) -> Starlette:
+    """``candles`` is the candle store klines and technicals are served from (opened and closed by the caller,
+    like the broker); without one they come from the exchange, or are empty for a synthetic market."""
     node = GatewayNode(settings, broker, metrics)
+    rest_api = RestApi(settings, node, candles=candles)
     failed: list[str] = []
-
-    async def ping(request: Request) -> Response:
-        return _json(b"{}")
-
-    async def server_time(request: Request) -> Response:
-        return _json(orjson.dumps({"serverTime": int(time.time() * 1000)}))
-
-    async def exchange_info(request: Request) -> Response:
-        document = node.exchange_info or await node.load_exchange_info()
-        if document is None:
-            return _json(b'{"code":-1001,"msg":"exchangeInfo not available yet; retry shortly."}', 503)
-        return _json(document)
 
     async def ticker_page(request: Request) -> Response:
         return HTMLResponse(TICKER_PAGE)
@@ -128,15 +121,14 @@ def create_app(
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await node.relay.aclose()
+            await rest_api.aclose()
 
     routes = [
         WebSocketRoute("/ws", websocket_endpoint),
         WebSocketRoute("/ws/{rest:path}", websocket_endpoint),
         WebSocketRoute("/stream", websocket_endpoint),
         WebSocketRoute("/stream/{rest:path}", websocket_endpoint),
-        Route("/api/v3/ping", ping),
-        Route("/api/v3/time", server_time),
-        Route("/api/v3/exchangeInfo", exchange_info),
+        *rest_api.routes(),
         Route("/", ticker_page),
         Route("/livez", livez),
         Route("/readyz", readyz),
@@ -144,4 +136,5 @@ def create_app(
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.node = node
+    app.state.rest = rest_api
     return app

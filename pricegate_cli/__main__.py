@@ -1,4 +1,4 @@
-"""``pricegate demo | gateway | ingest | record``: parse flags over PRICEGATE_* settings and run one role.
+"""``pricegate demo | gateway | ingest | record | db``: parse flags over PRICEGATE_* settings and run one role.
 
 Every setting is a flag (``--redis-url``) and an environment variable (``PRICEGATE_REDIS_URL``); flags win.
 Configuration problems (an unparsable value, Redis unreachable at start) end the process with exit code 2
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     record.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     record.add_argument("--max-messages", type=int, default=None, help="stop after this many frames")
     _add_settings_flags(record)
+    db = commands.add_parser("db", help="PostgreSQL schema (needs PRICEGATE_DATABASE_URL)")
+    db.add_argument("action", choices=("migrate", "status"), help="apply pending migrations, or show the version")
+    _add_settings_flags(db)
     return parser
 
 
@@ -144,7 +147,9 @@ def _ignore_stop_signals() -> None:
         signal.signal(sig, lambda *_: None)
 
 
-async def serve(settings: Settings, broker: Any, *, background: Sequence[Any] = (), banner: str = "") -> None:
+async def serve(
+    settings: Settings, broker: Any, *, background: Sequence[Any] = (), banner: str = "", candles: Any = None
+) -> None:
     import uvicorn
 
     from gateway.app import create_app
@@ -152,7 +157,7 @@ async def serve(settings: Settings, broker: Any, *, background: Sequence[Any] = 
 
     await _start_broker(broker, settings)
     try:
-        app = create_app(settings, broker, background=background)
+        app = create_app(settings, broker, background=background, candles=candles)
         config = uvicorn_config(app, settings)
         server = uvicorn.Server(config)
         _ignore_stop_signals()
@@ -169,6 +174,8 @@ async def serve(settings: Settings, broker: Any, *, background: Sequence[Any] = 
                 f"  raw streams:      {scheme}://{base}/ws/btcusdt@trade   (or {scheme}://{base}/ws + SUBSCRIBE)\n"
                 f"  combined streams: {scheme}://{base}/stream?streams=btcusdt@trade/ethusdt@bookTicker\n"
                 f"  REST:             {http}://{base}/api/v3/exchangeInfo\n"
+                f"                    {http}://{base}/api/v3/klines?symbol=BTCUSDT&interval=1h\n"
+                f"                    {http}://{base}/api/v1/technical/BTCUSDT?interval=1h\n"
                 f"  ops:              {http}://{base}/metrics  /livez  /readyz",
                 flush=True,
             )
@@ -178,38 +185,57 @@ async def serve(settings: Settings, broker: Any, *, background: Sequence[Any] = 
         announcer.cancel()
     finally:
         await broker.close()
+        if candles is not None:
+            await candles.close()
 
 
 async def run_demo(settings: Settings) -> None:
-    from ingest.service import IngestService
+    from ingest.service import IngestMetrics, IngestService
+    from pricegate_cli.storage import candle_recorder, demo_candle_store
     from shared.broker_memory import MemoryBroker
 
     broker = MemoryBroker(history_maxlen=settings.history_maxlen)
-    service = IngestService(settings, broker, _make_source(settings))
+    market_source = _make_source(settings)
+    # Synthetic history ends exactly where the live synthetic market opens.
+    market = getattr(market_source, "market", None)
+    candles = await demo_candle_store(settings, market.now_ms if market is not None else None)
+    metrics = IngestMetrics()
+    recorder = candle_recorder(settings, candles, metrics.registry)
+    service = IngestService(settings, broker, market_source, metrics, candles=recorder)
     source = settings.source
     if source == "replay":
         source = f"replay of {settings.replay_file or 'the bundled sample'}"
+    storage = "PostgreSQL" if settings.database_url else "in-memory"
     await serve(
         settings,
         broker,
         background=[service.run],
-        banner=f"pricegate demo: {source} market for {', '.join(settings.symbols)}, in-memory broker\n",
+        candles=candles,
+        banner=f"pricegate demo: {source} market for {', '.join(settings.symbols)}, in-memory broker, "
+        f"{storage} candles\n",
     )
 
 
 async def run_gateway(settings: Settings) -> None:
-    await serve(settings, _make_redis_broker(settings))
+    from pricegate_cli.storage import open_candle_store
+
+    broker = _make_redis_broker(settings)
+    await serve(settings, broker, candles=await open_candle_store(settings))
 
 
 async def run_ingest(settings: Settings) -> None:
     from prometheus_client import start_http_server
 
-    from ingest.service import IngestService
+    from ingest.service import IngestMetrics, IngestService
+    from pricegate_cli.storage import candle_recorder, open_candle_store
 
     broker = _make_redis_broker(settings)
     source = _make_source(settings)
+    candles = await open_candle_store(settings)
     await _start_broker(broker, settings)
-    service = IngestService(settings, broker, source)
+    metrics = IngestMetrics()
+    recorder = candle_recorder(settings, candles, metrics.registry) if candles is not None else None
+    service = IngestService(settings, broker, source, metrics, candles=recorder)
     metrics_server = None
     if settings.ingest_metrics_port:
         metrics_server, _ = start_http_server(
@@ -226,6 +252,8 @@ async def run_ingest(settings: Settings) -> None:
         logging.getLogger("pricegate.ingest").info("stopping on signal")
     finally:
         await broker.close()
+        if candles is not None:
+            await candles.close()
         if metrics_server is not None:
             metrics_server.shutdown()
 
@@ -262,6 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 runner.run(run_ingest(settings))
             elif args.command == "record":
                 runner.run(run_record(settings, args))
+            elif args.command == "db":
+                from pricegate_cli.storage import run_db
+
+                print(runner.run(run_db(settings, args.action)), flush=True)
     except ConfigError as error:
         print(f"pricegate: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG

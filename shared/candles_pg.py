@@ -13,7 +13,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import asyncpg
+
 from shared.candles import Candle
+from shared.errors import DatabaseError
+
+# What a query can fail with: server errors, a broken or closed connection, pool-acquire and network timeouts.
+_DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 _UPSERT = """
 INSERT INTO candles (
@@ -81,11 +87,17 @@ class PostgresCandleStore:
         if not candles:
             return 0
         arguments = upsert_arguments(candles)
-        await self.pool.execute(_UPSERT, *arguments)
+        try:
+            await self.pool.execute(_UPSERT, *arguments)
+        except _DRIVER_ERRORS as error:
+            raise DatabaseError(f"writing {len(arguments[0])} candle(s) failed: {error!r}") from error
         return len(arguments[0])
 
     async def range(self, symbol: str, interval: str, first_open: int, last_open: int) -> list[Candle]:
-        rows = await self.pool.fetch(_RANGE, symbol, interval, first_open, last_open)
+        try:
+            rows = await self.pool.fetch(_RANGE, symbol, interval, first_open, last_open)
+        except _DRIVER_ERRORS as error:
+            raise DatabaseError(f"reading {symbol} {interval} candles failed: {error!r}") from error
         return [Candle(symbol, interval, *row) for row in rows]
 
     async def close(self) -> None:

@@ -93,17 +93,27 @@ async def create_pool(
 
 async def schema_version(pool: Any) -> int:
     """The highest applied migration, 0 for a schema that was never migrated."""
-    async with pool.acquire() as connection:
-        exists = await connection.fetchval("SELECT to_regclass('pricegate_migrations') IS NOT NULL")
-        if not exists:
-            return 0
-        return int(await connection.fetchval("SELECT coalesce(max(version), 0) FROM pricegate_migrations"))
+    try:
+        async with pool.acquire() as connection:
+            exists = await connection.fetchval("SELECT to_regclass('pricegate_migrations') IS NOT NULL")
+            if not exists:
+                return 0
+            return int(await connection.fetchval("SELECT coalesce(max(version), 0) FROM pricegate_migrations"))
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        raise DatabaseError(f"reading the schema version failed: {error}") from error
 
 
 async def migrate(pool: Any, schema: str) -> list[Migration]:
     """Apply the missing migrations to ``schema`` (created if needed); returns the ones applied now."""
     check_schema_name(schema)
     migrations = await asyncio.to_thread(load_migrations)
+    try:
+        return await _apply(pool, schema, migrations)
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        raise DatabaseError(f"migrating schema {schema!r} failed: {error}") from error
+
+
+async def _apply(pool: Any, schema: str, migrations: list[Migration]) -> list[Migration]:
     async with pool.acquire() as connection, connection.transaction():
         # Serialise concurrent migrators of the same schema (several replicas starting at once).
         await connection.execute("SELECT pg_advisory_xact_lock(hashtext($1))", f"pricegate.migrate:{schema}")

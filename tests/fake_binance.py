@@ -7,8 +7,11 @@ SET_PROPERTY / GET_PROPERTY with Binance's replies and error envelope; combined 
 in a second (text, binary, ping and pong frames all count) or holds more than 1024 streams is disconnected.
 It generates Binance-shaped payloads for every subscribed stream (contiguous trade ids per symbol, rising
 bookTicker update ids, …) and keeps the exact payload bytes it sent so tests can check they arrived
-verbatim. ``GET /api/v3/ping``, ``/api/v3/time`` and ``/api/v3/exchangeInfo`` are answered over plain HTTP
-from websockets' ``process_request`` hook on the same port.
+verbatim. ``GET /api/v3/ping``, ``/api/v3/time``, ``/api/v3/exchangeInfo``, ``/api/v3/klines`` (deterministic
+candles, see :func:`fake_kline_row`, with Binance's 12-element arrays and error codes), ``/api/v3/depth`` and
+``/api/v3/ticker/price`` are answered over plain HTTP from websockets' ``process_request`` hook on the same port.
+REST faults: :meth:`FakeBinance.fail_next_rest` (an HTTP status, e.g. 500, or 429 with ``Retry-After``) and
+:attr:`FakeBinance.rest_delay_s` (every REST answer waits that long).
 
 Fault controls: :meth:`FakeBinance.drop_all`, :meth:`~FakeBinance.send_server_shutdown`,
 :meth:`~FakeBinance.send_garbage`, :meth:`~FakeBinance.stall`, :meth:`~FakeBinance.fail_next_connections`.
@@ -136,6 +139,9 @@ class FakeBinance:
         self.connections: list[FakeConnection] = []
         self.connection_attempts = 0
         self.rest_requests: list[str] = []
+        self.rest_delay_s = 0.0
+        self._rest_failures = 0
+        self._rest_failure_status = http.HTTPStatus.INTERNAL_SERVER_ERROR
         self.sent: dict[str, list[bytes]] = {}  # stream -> payloads generated, in order
         self._generator = _PayloadGenerator()
         self._stalled_until = 0.0
@@ -220,6 +226,15 @@ class FakeBinance:
         self._fail_next = count
         self._fail_status = http.HTTPStatus(status)
 
+    def fail_next_rest(self, count: int, status: int = 500) -> None:
+        """Answer the next ``count`` REST calls with HTTP ``status`` (429 and 418 carry ``Retry-After: 1``)."""
+        self._rest_failures = count
+        self._rest_failure_status = http.HTTPStatus(status)
+
+    def rest_calls(self, endpoint: str) -> list[str]:
+        """Recorded REST request paths (with query) of one endpoint, e.g. ``"klines"``."""
+        return [path for path in self.rest_requests if urlsplit(path).path == f"/api/v3/{endpoint}"]
+
     async def send_server_shutdown(self) -> int:
         """Send the ``serverShutdown`` event (combined or raw form, per connection); returns how many."""
         payload = orjson.dumps({"e": "serverShutdown", "E": int(time.time() * 1000)})
@@ -253,6 +268,15 @@ class FakeBinance:
         path, query = parts.path, parse_qs(parts.query)
         if path.startswith("/api/"):
             self.rest_requests.append(request.path)
+            if self.rest_delay_s:
+                await asyncio.sleep(self.rest_delay_s)
+            if self._rest_failures > 0:
+                self._rest_failures -= 1
+                status = self._rest_failure_status
+                response = _json_response(status, {"code": -1003 if status in (418, 429) else -1000, "msg": "fake"})
+                if status in (418, 429):
+                    response.headers["Retry-After"] = "1"
+                return response
             return self._rest(path, query)
         if path not in ("/ws", "/stream") and not path.startswith("/ws/"):
             return _json_response(http.HTTPStatus.NOT_FOUND, {"code": -1, "msg": f"no route {path}"})
@@ -302,7 +326,54 @@ class FakeBinance:
             if unknown:
                 return _json_response(http.HTTPStatus.BAD_REQUEST, {"code": -1121, "msg": "Invalid symbol."})
             return _json_response(http.HTTPStatus.OK, _exchange_info(symbols))
+        if path == "/api/v3/klines":
+            return self._klines(query)
+        if path == "/api/v3/depth":
+            symbol = query.get("symbol", [""])[0]
+            if symbol not in self.symbols:
+                return _json_response(http.HTTPStatus.BAD_REQUEST, {"code": -1121, "msg": "Invalid symbol."})
+            levels = min(int(query.get("limit", ["100"])[0]), 5000)
+            price = 100.0 + zlib.crc32(symbol.encode()) % 90_000
+            book = {
+                "lastUpdateId": 1_000_000,
+                "bids": [[f"{price - 0.01 * (i + 1):.8f}", "1.00000000"] for i in range(levels)],
+                "asks": [[f"{price + 0.01 * i:.8f}", "1.00000000"] for i in range(levels)],
+            }
+            return _json_response(http.HTTPStatus.OK, book)
+        if path == "/api/v3/ticker/price":
+            if "symbols" in query:
+                asked = [str(symbol) for symbol in json.loads(query["symbols"][0])]
+            elif "symbol" in query:
+                asked = [query["symbol"][0]]
+            else:
+                asked = list(self.symbols)
+            if any(symbol not in self.symbols for symbol in asked):
+                return _json_response(http.HTTPStatus.BAD_REQUEST, {"code": -1121, "msg": "Invalid symbol."})
+            prices = [{"symbol": s, "price": f"{100.0 + zlib.crc32(s.encode()) % 90_000:.8f}"} for s in asked]
+            return _json_response(http.HTTPStatus.OK, prices[0] if "symbol" in query else prices)
         return _json_response(http.HTTPStatus.NOT_FOUND, {"code": -1, "msg": f"no route {path}"})
+
+    def _klines(self, query: dict[str, list[str]]) -> Response:
+        """``GET /api/v3/klines`` with Binance's parameter rules (open times in [startTime, endTime], ``limit``
+        from startTime forward or back from endTime/now, never a candle that has not opened yet)."""
+        symbol = query.get("symbol", [""])[0]
+        interval = query.get("interval", [""])[0]
+        if symbol not in self.symbols:
+            return _json_response(http.HTTPStatus.BAD_REQUEST, {"code": -1121, "msg": "Invalid symbol."})
+        if interval not in _FAKE_INTERVAL_MS:
+            return _json_response(http.HTTPStatus.BAD_REQUEST, {"code": -1120, "msg": "Invalid interval."})
+        length = _FAKE_INTERVAL_MS[interval]
+        limit = int(query.get("limit", ["500"])[0])
+        if not 1 <= limit <= 1000:
+            return _json_response(http.HTTPStatus.BAD_REQUEST, {"code": -1130, "msg": "Invalid limit."})
+        newest = int(time.time() * 1000) // length * length
+        end = min(newest, int(query["endTime"][0]) // length * length) if "endTime" in query else newest
+        if "startTime" in query:
+            start = -(-int(query["startTime"][0]) // length) * length
+            opens = list(range(start, end + 1, length))[:limit]
+        else:
+            opens = list(range(end - (limit - 1) * length, end + 1, length))
+        return _json_response(http.HTTPStatus.OK, [fake_kline_row(symbol, interval, t) for t in opens if t >= 0])
 
     # ---- WebSocket ----
 
@@ -469,6 +540,26 @@ class FakeBinance:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
+
+
+# Fixed-length intervals only (enough for tests); 1w and 1M have calendar alignment the fake does not model.
+_FAKE_INTERVAL_MS = {
+    "1s": 1000, "1m": 60_000, "3m": 180_000, "5m": 300_000, "15m": 900_000, "30m": 1_800_000, "1h": 3_600_000,
+    "2h": 7_200_000, "4h": 14_400_000, "6h": 21_600_000, "8h": 28_800_000, "12h": 43_200_000, "1d": 86_400_000,
+    "3d": 259_200_000,
+}  # fmt: skip
+
+
+def fake_kline_row(symbol: str, interval: str, open_time: int) -> list[Any]:
+    """The fake exchange's candle for (symbol, interval, open time): deterministic, Binance's 12 elements."""
+    length = _FAKE_INTERVAL_MS[interval]
+    step = open_time // length
+    base = 100 + zlib.crc32(symbol.encode()) % 900 + (step % 50)
+    o, c = base, base + (1 if step % 3 else -1)
+    return [
+        open_time, f"{o:.8f}", f"{max(o, c) + 0.5:.8f}", f"{min(o, c) - 0.5:.8f}", f"{c:.8f}", "10.00000000",
+        open_time + length - 1, f"{10 * c:.8f}", 7, "4.00000000", f"{4 * c:.8f}", "0",
+    ]  # fmt: skip
 
 
 def _json_response(status: http.HTTPStatus, document: object) -> Response:

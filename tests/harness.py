@@ -16,6 +16,7 @@ from gateway.app import BackgroundJob, create_app
 from gateway.node import GatewayNode
 from gateway.server import bound_port, uvicorn_config
 from shared.broker import Broker, OutgoingMessage
+from shared.candles import CandleStore
 from shared.settings import Settings
 from shared.streams import parse_stream
 
@@ -47,12 +48,13 @@ async def running_gateway(
     *,
     background: Sequence[BackgroundJob] = (),
     start_broker: bool = True,
+    candles: CandleStore | None = None,
     **overrides: Any,
 ) -> AsyncIterator[RunningGateway]:
     settings = (settings or Settings()).with_overrides({"port": 0, "log_level": "warning", **overrides})
     if start_broker:
         await broker.start()
-    app = create_app(settings, broker, background=background)
+    app = create_app(settings, broker, background=background, candles=candles)
     server = uvicorn.Server(uvicorn_config(app, settings))
     task = asyncio.create_task(server.serve())
     try:
