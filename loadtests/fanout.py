@@ -473,6 +473,9 @@ class Benchmark:
             streams=",".join(self.streams),
             per_src=self.options.per_src,
             stall_fraction=stall_fraction or None,
+            # Stalled clients get a 4 KiB receive buffer so their stall reaches the server within a second
+            # (with default loopback buffers it takes megabytes, longer than a step).
+            stall_rcvbuf=4096 if stall_fraction else None,
         )
         self.processes.add(loadgen)
         hello = loadgen.connected(timeout=60 + clients / 200)
@@ -742,6 +745,10 @@ class Benchmark:
             reading = hello["reading_per_stream"]
             self.warm_up(publisher, loadgen, server)
             rate = result.half_rate.rate
+            # One unmeasured step first: the stalled clients' buffers fill and the server starts holding data.
+            self.run_step(
+                rate, options.step_s, server=server, publisher=publisher, loadgen=loadgen, reading_per_stream=reading
+            )
             steps = []
             for _ in range(3):
                 done = self.run_step(

@@ -9,7 +9,8 @@
  * (1 us resolution below 256 us, then 128 sub-buckets per power of two: < 0.8 % error).
  *
  * A fraction of the clients (--stall-fraction) can be made to never read after their handshake: they are
- * dropped from epoll, so their kernel receive buffers fill and the server sees a stalled client.
+ * dropped from epoll, so their kernel receive buffers fill and the server sees a stalled client
+ * (--stall-rcvbuf gives them a small SO_RCVBUF so that happens within a second instead of after megabytes).
  *
  * Control: one command per line on stdin, one JSON object per line on stdout.
  *   stats      counters since the last reset, the latency percentiles, and our own CPU time (getrusage)
@@ -81,6 +82,7 @@ static int concurrency = 256;
 static double connect_timeout_s = 120.0;
 static double stall_fraction = 0.0;
 static int rcvbuf = 0;
+static int stall_rcvbuf = 0;
 static int epfd;
 static int in_flight; /* clients in ST_CONNECTING or ST_HANDSHAKE */
 static int next_to_open;
@@ -185,7 +187,8 @@ static int open_client(int i) {
     }
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
-    if (rcvbuf > 0) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof rcvbuf);
+    int want_rcvbuf = c->stalled && stall_rcvbuf > 0 ? stall_rcvbuf : rcvbuf;
+    if (want_rcvbuf > 0) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &want_rcvbuf, sizeof want_rcvbuf);
     /* Source address 127.0.0.(1 + i / per_src): the whole 127/8 is local on Linux. */
     struct sockaddr_in src = {0};
     src.sin_family = AF_INET;
@@ -470,7 +473,7 @@ static void usage(void) {
     fprintf(stderr,
             "usage: loadgen --clients N --ports P[,P2...] --streams s1,s2,... [--host 127.0.0.1] [--path-prefix /ws/]\n"
             "               [--per-src 10000] [--concurrency 256] [--connect-timeout 120] [--stall-fraction 0]\n"
-            "               [--rcvbuf BYTES]\n");
+            "               [--rcvbuf BYTES] [--stall-rcvbuf BYTES]\n");
     exit(2);
 }
 
@@ -490,6 +493,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--connect-timeout")) connect_timeout_s = atof(v);
         else if (!strcmp(k, "--stall-fraction")) stall_fraction = atof(v);
         else if (!strcmp(k, "--rcvbuf")) rcvbuf = atoi(v);
+        else if (!strcmp(k, "--stall-rcvbuf")) stall_rcvbuf = atoi(v);
         else usage();
     }
     if (n_clients <= 0 || !ports_arg || !streams_arg || per_src <= 0 || concurrency <= 0) usage();
