@@ -255,6 +255,7 @@ class Options:
     publish_via: str = "packed"
     streams: int = len(STREAMS)
     idle_settle_s: float = 1.0
+    stall_fill_s: float = 10.0
     drain_cap_s: float = 1.5
 
 
@@ -745,10 +746,17 @@ class Benchmark:
             reading = hello["reading_per_stream"]
             self.warm_up(publisher, loadgen, server)
             rate = result.half_rate.rate
-            # One unmeasured step first: the stalled clients' buffers fill and the server starts holding data.
-            self.run_step(
-                rate, options.step_s, server=server, publisher=publisher, loadgen=loadgen, reading_per_stream=reading
+            # An unmeasured fill phase first: the stalled clients' socket buffers fill and the server starts
+            # holding (or dropping) their data; only then are the readers' latency and the server's RSS measured.
+            fill = self.run_step(
+                rate,
+                options.stall_fill_s,
+                server=server,
+                publisher=publisher,
+                loadgen=loadgen,
+                reading_per_stream=reading,
             )
+            log(f"{result.target} N={result.clients} stall fill ({options.stall_fill_s:.0f}s): {fill.brief()}")
             steps = []
             for _ in range(3):
                 done = self.run_step(
@@ -765,8 +773,12 @@ class Benchmark:
                     break
             reference = result.half_rate.p99_ms
             worst = max(step.p99_ms for step in steps)
+            seconds = options.stall_fill_s + sum(options.step_s for _ in steps)
             return {
                 "stall_fraction": options.stall_fraction,
+                # What each stalled client was sent and never read, had the server queued all of it.
+                "unread_kib_per_stalled_client": round(rate / len(self.streams) * 370 * seconds / 1024, 1),
+                "rss_mib_after_fill": round(fill.server_rss_kib / 1024, 1),
                 "stalled_clients": hello["open"] - sum(reading),
                 "rate": rate,
                 "p50_ms": steps[-1].p50_ms,
@@ -1007,6 +1019,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         per_src=args.per_src,
         publish_via=args.publish_via,
         idle_settle_s=0.5 if quick else 1.0,
+        stall_fill_s=6.0 if quick else 15.0,
     )
 
 
