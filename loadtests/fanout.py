@@ -127,6 +127,17 @@ def foreign_cpu_seconds(ours: set[int]) -> float:
     return total / CLK_TCK
 
 
+def tcp_kernel_mib() -> float | None:
+    """Memory the kernel holds in TCP socket buffers, machine-wide (/proc/net/sockstat ``TCP: ... mem`` pages):
+    where a stalled client's unread data sits before the server's own buffers see any of it."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/net/sockstat") as sockstat:
+        for line in sockstat:
+            if line.startswith("TCP:"):
+                fields = line.split()
+                return round(int(fields[fields.index("mem") + 1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    return None
+
+
 def rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -757,6 +768,7 @@ class Benchmark:
                 reading_per_stream=reading,
             )
             log(f"{result.target} N={result.clients} stall fill ({options.stall_fill_s:.0f}s): {fill.brief()}")
+            kernel_before = tcp_kernel_mib()
             steps = []
             for _ in range(3):
                 done = self.run_step(
@@ -779,6 +791,8 @@ class Benchmark:
                 # What each stalled client was sent and never read, had the server queued all of it.
                 "unread_kib_per_stalled_client": round(rate / len(self.streams) * 370 * seconds / 1024, 1),
                 "rss_mib_after_fill": round(fill.server_rss_kib / 1024, 1),
+                "tcp_kernel_mib_after_fill": kernel_before,
+                "tcp_kernel_mib_at_end": tcp_kernel_mib(),
                 "stalled_clients": hello["open"] - sum(reading),
                 "rate": rate,
                 "p50_ms": steps[-1].p50_ms,
@@ -971,6 +985,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--delivered-min", type=float, default=0.99, help="sustained: delivered fraction (0.99)")
     parser.add_argument("--p99-max-ms", type=float, default=250.0, help="sustained: p99 latency bound (250 ms)")
     parser.add_argument("--stall-fraction", type=float, default=0.0, help="also run with this fraction stalled")
+    parser.add_argument(
+        "--stall-fill-seconds", type=float, help="unmeasured publishing before the stall steps (15; --quick 6)"
+    )
     parser.add_argument("--idle-rss", action="store_true", help="only connect N idle clients and report memory")
     parser.add_argument("--scale", type=int, default=0, help="scale test: this many clients, 1 ticker/s each")
     parser.add_argument("--scale-processes", type=int, default=2, help="gateway processes for --scale")
@@ -1019,7 +1036,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         per_src=args.per_src,
         publish_via=args.publish_via,
         idle_settle_s=0.5 if quick else 1.0,
-        stall_fill_s=6.0 if quick else 15.0,
+        stall_fill_s=args.stall_fill_seconds or (6.0 if quick else 15.0),
     )
 
 
