@@ -375,7 +375,11 @@ class Benchmark:
         self.run_id = f"{os.getpid()}-{int(time.time())}"
         self.redis_url = options.redis_url or ""
         self.redis_process: subprocess.Popen[Any] | None = None
-        self.pinning = Pinning.detect(options.server_cpu, options.load_cpu, options.pin)
+        if options.scale:
+            # Several gateways and the load share every CPU: the kernel places them.
+            self.pinning = Pinning([], [], "none (scale mode: the gateways and the load share all CPUs)")
+        else:
+            self.pinning = Pinning.detect(options.server_cpu, options.load_cpu, options.pin)
         self.loadgen_binary = build()
         self.tempdir = Path(tempfile.mkdtemp(prefix="pricegate-fanout-"))
         self.streams = list(STREAMS[: options.streams])
