@@ -1,23 +1,27 @@
-"""Local fan-out: which outboxes want which stream, and a bounded, conflating outbox per client.
+"""Local fan-out: which subscribers want which stream, and the per-flush batch each of them receives.
 
-Pure: no I/O and no event loop. The relay calls :meth:`Hub.broadcast` once per broker message; the hub
-builds each frame variant (raw payload, combined envelope) at most once and appends the *same* bytes object
-to every subscriber's :class:`Outbox` without awaiting anything. Outboxes that received frames are collected
-in ``dirty`` so the I/O layer can flush them all in one pass per loop turn (one socket write per client per
-flush, not per message).
+Pure: no I/O and no event loop. The relay calls :meth:`Hub.broadcast` once per broker message, which only
+appends the payload to that stream's pending list — O(1), whatever the number of subscribers. Once per event
+loop turn the node calls :meth:`Hub.flush`: for each stream with pending messages it makes one
+:class:`StreamBatch`, whose frame variants (raw payloads, combined envelopes) and WebSocket-encoded byte blocks
+are built at most once and shared by every subscriber, then hands it to each subscriber. A direct-mode
+subscriber writes the block with one socket write; one subscribed to several streams collects its blocks and
+writes them together in :meth:`Subscriber.finish`. So the cost per message is constant and the cost per client
+is one call and one write per flush, not per message.
 
-Slow clients: an outbox holds at most ``limit`` bytes. When a frame does not fit, frames of *state* streams
-(tickers, book tops, klines, partial depth) are conflated to the newest per stream; if the frame still does
-not fit and belongs to an *event* stream (trades, diff depth), the outbox is marked ``overflowed`` and the I/O
-layer closes that client with :data:`CLOSE_SLOW_CONSUMER`. A state frame that still does not fit is dropped
-(the next update supersedes it). Memory per client is therefore bounded by ``limit``.
+Slow clients are the subscriber's business (see gateway.session): it sees its socket's buffered bytes and
+either skips a state-stream batch (to resend the newest value from :meth:`Hub.latest_frame` once it drains)
+or closes on an event stream. :class:`Outbox` is the bounded, conflating queue for subscribers that cannot
+write directly (the plain ASGI fallback).
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from typing import Protocol
 
+from gateway.wsframe import encode_text_frames
 from shared.frames import combined_frame
 from shared.streams import Stream, StreamKind
 
@@ -25,22 +29,171 @@ CLOSE_SLOW_CONSUMER = 4000
 CLOSE_SLOW_CONSUMER_REASON = "slow consumer: send buffer overflow"
 
 
+class StreamBatch:
+    """The messages of one stream since the last flush, with each representation built on first use."""
+
+    __slots__ = ("_blocks", "_combined_frames", "is_state", "kind", "payloads", "stream")
+
+    def __init__(self, stream: str, kind: StreamKind, payloads: list[bytes]) -> None:
+        self.stream = stream
+        self.kind = kind
+        self.is_state = kind.is_state
+        self.payloads = payloads
+        self._combined_frames: list[bytes] | None = None
+        self._blocks: list[bytes | None] = [None, None]  # [raw, combined]
+
+    def frames(self, combined: bool) -> list[bytes]:
+        """Text frame payloads: the exchange's bytes, or wrapped in the combined envelope."""
+        if not combined:
+            return self.payloads
+        if self._combined_frames is None:
+            stream = self.stream
+            self._combined_frames = [combined_frame(stream, payload) for payload in self.payloads]
+        return self._combined_frames
+
+    def block(self, combined: bool) -> bytes:
+        """All frames WebSocket-encoded in one block, ready for a socket write."""
+        block = self._blocks[combined]
+        if block is None:
+            block = self._blocks[combined] = encode_text_frames(self.frames(combined))
+        return block
+
+
+class Subscriber(Protocol):
+    combined: bool
+
+    def deliver(self, batch: StreamBatch) -> bool:
+        """Take this flush's batch of one stream. Return True to be called back with :meth:`finish` once the
+        flush has handed out every stream (to write several streams' blocks together)."""
+        ...
+
+    def finish(self) -> None: ...
+
+
+class Hub:
+    """Stream name -> local subscribers, pending messages, and the flush that fans them out."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[str, dict[Subscriber, None]] = {}  # dict as an ordered set
+        self._kinds: dict[str, StreamKind] = {}
+        self._pending: dict[str, list[bytes]] = {}
+        self._latest: dict[str, bytes] = {}  # newest payload of each state stream, for slow-client resync
+        # Counters read by the metrics collector at scrape time (no metric calls on the hot path).
+        self.deliveries: dict[StreamKind, int] = dict.fromkeys(StreamKind, 0)
+        self.messages: dict[StreamKind, int] = dict.fromkeys(StreamKind, 0)
+        self.flushes = 0
+
+    # ---- subscriptions ----
+    def add(self, stream: Stream, subscriber: Subscriber) -> bool:
+        """Subscribe; True when this is the stream's first local subscriber."""
+        subscribers = self._subscribers.get(stream.name)
+        first = subscribers is None
+        if subscribers is None:
+            subscribers = self._subscribers[stream.name] = {}
+            self._kinds[stream.name] = stream.kind
+        subscribers[subscriber] = None
+        return first
+
+    def remove(self, stream_name: str, subscriber: Subscriber) -> bool:
+        """Unsubscribe; True when the stream has no local subscriber left."""
+        subscribers = self._subscribers.get(stream_name)
+        if subscribers is None:
+            return False
+        subscribers.pop(subscriber, None)
+        if subscribers:
+            return False
+        del self._subscribers[stream_name]
+        del self._kinds[stream_name]
+        self._pending.pop(stream_name, None)
+        self._latest.pop(stream_name, None)
+        return True
+
+    def remove_all(self, stream_names: Iterable[str], subscriber: Subscriber) -> list[str]:
+        """Unsubscribe from several streams; returns the ones left without local subscribers."""
+        return [name for name in stream_names if self.remove(name, subscriber)]
+
+    def streams(self) -> list[str]:
+        return list(self._subscribers)
+
+    def subscriber_count(self, stream_name: str) -> int:
+        subscribers = self._subscribers.get(stream_name)
+        return len(subscribers) if subscribers is not None else 0
+
+    def subscriptions_by_kind(self) -> dict[StreamKind, int]:
+        counts = dict.fromkeys(StreamKind, 0)
+        for name, subscribers in self._subscribers.items():
+            counts[self._kinds[name]] += len(subscribers)
+        return counts
+
+    # ---- fan-out ----
+    def broadcast(self, stream_name: str, payload: bytes) -> bool:
+        """Queue one message of a stream for the next flush; False when nobody here subscribes to it."""
+        pending = self._pending.get(stream_name)
+        if pending is None:
+            kind = self._kinds.get(stream_name)
+            if kind is None:
+                return False
+            self._pending[stream_name] = [payload]
+        else:
+            pending.append(payload)
+            kind = self._kinds[stream_name]
+        if kind.is_state:
+            self._latest[stream_name] = payload
+        self.messages[kind] += 1
+        return True
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def flush(self) -> int:
+        """Hand every pending batch to its subscribers; returns the number of frames delivered."""
+        pending, self._pending = self._pending, {}
+        finishing: list[Subscriber] = []
+        delivered = 0
+        for stream_name, payloads in pending.items():
+            subscribers = self._subscribers.get(stream_name)
+            if not subscribers:
+                continue
+            kind = self._kinds[stream_name]
+            batch = StreamBatch(stream_name, kind, payloads)
+            for subscriber in list(subscribers):  # a subscriber may close (and unsubscribe) while we deliver
+                if subscriber.deliver(batch):
+                    finishing.append(subscriber)
+            count = len(payloads) * len(subscribers)
+            self.deliveries[kind] += count
+            delivered += count
+        for subscriber in finishing:
+            subscriber.finish()
+        self.flushes += 1
+        return delivered
+
+    def latest_frame(self, stream_name: str, combined: bool) -> bytes | None:
+        """The newest message of a state stream as one text-frame payload (None for event streams)."""
+        payload = self._latest.get(stream_name)
+        if payload is None:
+            return None
+        return combined_frame(stream_name, payload) if combined else payload
+
+
 class Outbox:
-    """Frames waiting to be written to one client, bounded in bytes."""
+    """Frames waiting to be written to one client that cannot write directly, bounded in bytes.
 
-    __slots__ = ("combined", "conflated", "dropped", "flush", "frames", "limit", "overflowed", "queued", "size")
+    When a frame does not fit, frames of *state* streams are conflated to the newest per stream; if it still
+    does not fit and belongs to an *event* stream the outbox is marked ``overflowed`` (the client is closed with
+    :data:`CLOSE_SLOW_CONSUMER`); a state frame that still does not fit is dropped (the next one supersedes it).
+    """
 
-    def __init__(self, limit: int, *, combined: bool, flush: Callable[[Outbox], None] | None = None) -> None:
+    __slots__ = ("conflated", "dropped", "frames", "limit", "overflowed", "size")
+
+    def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.combined = combined
         # (stream name, is_state, frame bytes); the stream name lets conflation find superseded frames.
         self.frames: deque[tuple[str, bool, bytes]] = deque()
         self.size = 0
         self.overflowed = False
-        self.queued = False  # already listed in Hub.dirty
         self.conflated = 0  # frames removed by conflation
         self.dropped = 0  # state frames dropped because even conflated they did not fit
-        self.flush = flush  # set by the I/O layer: write what is pending (called from Hub.flush_dirty)
 
     def push(self, stream: str, is_state: bool, frame: bytes) -> bool:
         """Queue a frame; False when it was not queued (overflow or dropped)."""
@@ -64,23 +217,11 @@ class Outbox:
         self.frames.append(("", False, frame))
         self.size += len(frame)
 
-    def take(self, max_bytes: int | None = None) -> list[bytes]:
-        """Remove and return pending frames, oldest first: all of them, or as many as fit in ``max_bytes``
-        (always at least one, so a frame larger than ``max_bytes`` still goes out)."""
-        if max_bytes is None or self.size <= max_bytes:
-            frames = [frame for _, _, frame in self.frames]
-            self.frames.clear()
-            self.size = 0
-            return frames
-        # Partial take (a client whose socket is backing up): the rest stays queued, and conflatable.
-        pending = self.frames
-        frames = [pending.popleft()[2]]
-        taken = len(frames[0])
-        while pending and taken + len(pending[0][2]) <= max_bytes:
-            frame = pending.popleft()[2]
-            frames.append(frame)
-            taken += len(frame)
-        self.size -= taken
+    def take(self) -> list[bytes]:
+        """Remove and return every pending frame, oldest first."""
+        frames = [frame for _, _, frame in self.frames]
+        self.frames.clear()
+        self.size = 0
         return frames
 
     def _conflate(self, superseded: str | None) -> None:
@@ -101,99 +242,3 @@ class Outbox:
         self.conflated += len(self.frames) - len(kept)
         self.frames = kept
         self.size = size
-
-
-class Hub:
-    """Stream name -> local subscribers, and the per-message fan-out."""
-
-    def __init__(self) -> None:
-        self._subscribers: dict[str, dict[Outbox, None]] = {}  # dict as an ordered set
-        self._kinds: dict[str, StreamKind] = {}
-        self.dirty: list[Outbox] = []
-        self.overflowed: list[Outbox] = []
-        # Counters read by the metrics collector at scrape time (no metric calls on the hot path).
-        self.deliveries: dict[StreamKind, int] = dict.fromkeys(StreamKind, 0)
-        self.messages: dict[StreamKind, int] = dict.fromkeys(StreamKind, 0)
-
-    # ---- subscriptions ----
-    def add(self, stream: Stream, outbox: Outbox) -> bool:
-        """Subscribe; True when this is the stream's first local subscriber."""
-        subscribers = self._subscribers.get(stream.name)
-        first = subscribers is None
-        if subscribers is None:
-            subscribers = self._subscribers[stream.name] = {}
-            self._kinds[stream.name] = stream.kind
-        subscribers[outbox] = None
-        return first
-
-    def remove(self, stream_name: str, outbox: Outbox) -> bool:
-        """Unsubscribe; True when the stream has no local subscriber left."""
-        subscribers = self._subscribers.get(stream_name)
-        if subscribers is None:
-            return False
-        subscribers.pop(outbox, None)
-        if subscribers:
-            return False
-        del self._subscribers[stream_name]
-        del self._kinds[stream_name]
-        return True
-
-    def remove_all(self, stream_names: Iterable[str], outbox: Outbox) -> list[str]:
-        """Unsubscribe from several streams; returns the ones left without local subscribers."""
-        return [name for name in stream_names if self.remove(name, outbox)]
-
-    def streams(self) -> list[str]:
-        return list(self._subscribers)
-
-    def subscriber_count(self, stream_name: str) -> int:
-        subscribers = self._subscribers.get(stream_name)
-        return len(subscribers) if subscribers is not None else 0
-
-    def subscriptions_by_kind(self) -> dict[StreamKind, int]:
-        counts = dict.fromkeys(StreamKind, 0)
-        for name, subscribers in self._subscribers.items():
-            counts[self._kinds[name]] += len(subscribers)
-        return counts
-
-    # ---- fan-out ----
-    def broadcast(self, stream_name: str, payload: bytes) -> int:
-        """Queue ``payload`` for every local subscriber of the stream; returns the number of subscribers."""
-        subscribers = self._subscribers.get(stream_name)
-        if not subscribers:
-            return 0
-        kind = self._kinds[stream_name]
-        is_state = kind.is_state
-        combined: bytes | None = None
-        dirty = self.dirty
-        for outbox in subscribers:
-            if outbox.combined:
-                if combined is None:
-                    combined = combined_frame(stream_name, payload)
-                queued = outbox.push(stream_name, is_state, combined)
-            else:
-                queued = outbox.push(stream_name, is_state, payload)
-            if queued:
-                if not outbox.queued:
-                    outbox.queued = True
-                    dirty.append(outbox)
-            elif outbox.overflowed and not outbox.queued:
-                # Flush it too: the I/O layer sees `overflowed` and closes the client.
-                outbox.queued = True
-                dirty.append(outbox)
-        self.messages[kind] += 1
-        self.deliveries[kind] += len(subscribers)
-        return len(subscribers)
-
-    def mark_dirty(self, outbox: Outbox) -> None:
-        if not outbox.queued:
-            outbox.queued = True
-            self.dirty.append(outbox)
-
-    def flush_dirty(self) -> int:
-        """Call each dirty outbox's ``flush`` once; returns how many were flushed."""
-        dirty, self.dirty = self.dirty, []
-        for outbox in dirty:
-            outbox.queued = False
-            if outbox.flush is not None:
-                outbox.flush(outbox)
-        return len(dirty)

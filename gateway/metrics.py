@@ -24,9 +24,10 @@ VERSION = "0.1.0"
 class HubCollector(Collector):
     """Reads the hub's counters at scrape time."""
 
-    def __init__(self, hub: Hub, buffer_drops: Callable[[], tuple[int, int]]) -> None:
+    def __init__(self, hub: Hub, buffer_drops: Callable[[], tuple[int, int]], sent_bytes: Callable[[], int]) -> None:
         self.hub = hub
         self.buffer_drops = buffer_drops
+        self.sent_bytes = sent_bytes
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         subscriptions = GaugeMetricFamily(
@@ -61,6 +62,12 @@ class HubCollector(Collector):
         drops.add_metric(["conflated"], conflated)
         drops.add_metric(["overflow"], dropped)
         yield drops
+        sent_bytes = CounterMetricFamily("pricegate_gateway_sent_bytes", "Bytes written to client sockets")
+        sent_bytes.add_metric([], self.sent_bytes())
+        yield sent_bytes
+        flushes = CounterMetricFamily("pricegate_gateway_flushes", "Fan-out flushes (one per busy loop turn)")
+        flushes.add_metric([], self.hub.flushes)
+        yield flushes
 
 
 class BrokerCollector(Collector):
@@ -104,7 +111,6 @@ class GatewayMetrics:
         self.control_messages = Counter(
             "pricegate_gateway_control_messages", "Client control messages, by result", ["result"], registry=r
         )
-        self.sent_bytes = Counter("pricegate_gateway_sent_bytes", "Bytes written to client sockets", registry=r)
         self.broker_messages = Counter(
             "pricegate_gateway_broker_messages_received", "Publications received from the broker", registry=r
         )
@@ -128,7 +134,7 @@ class GatewayMetrics:
         )
         self.broadcast_duration = Histogram(
             "pricegate_gateway_broadcast_duration_seconds",
-            "Time to fan one broker message out to every local subscriber",
+            "Time of one fan-out flush: every pending message handed to every local subscriber",
             buckets=FANOUT_BUCKETS,
             registry=r,
         )
@@ -141,6 +147,8 @@ class GatewayMetrics:
         self.build_info = Gauge("pricegate_gateway_build_info", "Build information", ["version"], registry=r)
         self.build_info.labels(version=VERSION).set(1)
 
-    def attach(self, hub: Hub, buffer_drops: Callable[[], tuple[int, int]], broker: object) -> None:
-        self.registry.register(HubCollector(hub, buffer_drops))
+    def attach(
+        self, hub: Hub, buffer_drops: Callable[[], tuple[int, int]], broker: object, sent_bytes: Callable[[], int]
+    ) -> None:
+        self.registry.register(HubCollector(hub, buffer_drops, sent_bytes))
         self.registry.register(BrokerCollector(broker))

@@ -51,8 +51,9 @@ class GatewayNode:
         self._flush_scheduled = False
         self._closed_conflated = 0
         self._closed_dropped = 0
+        self.sent_bytes = 0  # plain int: sessions add to it per write; exported at scrape time
         self._drain_task: asyncio.Task[None] | None = None
-        self.metrics.attach(self.hub, self.buffer_drops, broker)
+        self.metrics.attach(self.hub, self.buffer_drops, broker, lambda: self.sent_bytes)
 
     # ---- flushing ----
     def schedule_flush(self) -> None:
@@ -62,7 +63,9 @@ class GatewayNode:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        self.hub.flush_dirty()
+        started = time.perf_counter()
+        self.hub.flush()
+        self.metrics.broadcast_duration.observe(time.perf_counter() - started)
 
     # ---- symbols ----
     def is_known_symbol(self, symbol: str) -> bool:
@@ -106,14 +109,16 @@ class GatewayNode:
     def buffer_drops(self) -> tuple[int, int]:
         conflated, dropped = self._closed_conflated, self._closed_dropped
         for session in self.sessions:
-            conflated += session.outbox.conflated
-            dropped += session.outbox.dropped
+            session_conflated, session_dropped = session.dropped
+            conflated += session_conflated
+            dropped += session_dropped
         return conflated, dropped
 
     def session_closed(self, session: Session) -> None:
         self.sessions.discard(session)
-        self._closed_conflated += session.outbox.conflated
-        self._closed_dropped += session.outbox.dropped
+        session_conflated, session_dropped = session.dropped
+        self._closed_conflated += session_conflated
+        self._closed_dropped += session_dropped
 
     # ---- draining ----
     def begin_drain(self) -> None:

@@ -165,10 +165,8 @@ class Relay:
 
     # ---- internals ----
     def _deliver(self, stream: str, payload: bytes) -> None:
-        started = time.perf_counter()
-        self.hub.broadcast(stream, payload)
-        self.metrics.broadcast_duration.observe(time.perf_counter() - started)
-        self.schedule_flush()
+        if self.hub.broadcast(stream, payload):
+            self.schedule_flush()
 
     def _start_repair(self, stream: str, cursor: _Cursor, publication: Publication) -> None:
         self._repairing[stream] = [publication]

@@ -1,11 +1,17 @@
-"""One client WebSocket: accept, read control frames, queue replies and data, close with documented codes.
+"""One client WebSocket: accept, read control frames, write replies and data, close with documented codes.
 
 The Binance control protocol itself lives in :mod:`gateway.protocol` (pure); this module is the thin I/O
-around it. Data frames never pass through here one by one: the hub queues them in this session's
-:class:`~gateway.hub.Outbox` and the node's per-loop-turn flush calls :meth:`Session.flush`, which writes
-everything pending in one socket write (direct mode, our uvicorn protocol) or wakes the writer task (plain
-ASGI fallback). A client whose socket buffer is full gets nothing more written until it drains; meanwhile its
-outbox conflates state streams and overflows on event streams (close 4000).
+around it. A session is a :class:`~gateway.hub.Subscriber`: once per flush the hub hands it one
+:class:`~gateway.hub.StreamBatch` per subscribed stream with new messages, and it writes the batch's
+pre-encoded block straight to its socket (direct mode, our uvicorn protocol): one write per client per flush,
+no per-message work, no await. Without the direct extension (other ASGI servers) it falls back to a bounded
+:class:`~gateway.hub.Outbox` drained by a writer task through ASGI sends.
+
+Slow clients (direct mode): once more than ``client_buffer_bytes`` wait in the socket's buffer the session
+stops writing. Batches of *state* streams are skipped and the stream is marked stale; when the buffer drains
+(``resume_writing``) the client gets the newest value of each stale stream — conflation without per-client
+queues. A batch of an *event* stream that cannot be written closes the client with 4000. Memory per client is
+bounded by the limit plus one batch.
 
 Close codes: 1000 normal, 1001 server going away (drain), 1007 invalid UTF-8, 1008 control-message rate
 exceeded, 1009 frame too big (uvicorn), 1011 keepalive timeout (uvicorn), 4000 slow consumer.
@@ -21,7 +27,7 @@ from typing import Any
 from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from gateway.hub import CLOSE_SLOW_CONSUMER, CLOSE_SLOW_CONSUMER_REASON, Outbox
+from gateway.hub import CLOSE_SLOW_CONSUMER, CLOSE_SLOW_CONSUMER_REASON, Outbox, StreamBatch
 from gateway.node import CLOSE_GOING_AWAY, GatewayNode
 from gateway.protocol import ControlOutcome, ControlState, parse_connect_path
 from gateway.wsprotocol import DIRECT_EXTENSION
@@ -33,9 +39,6 @@ logger = logging.getLogger("pricegate.gateway.session")
 
 CLOSE_RATE_LIMIT = 1008
 CLOSE_RATE_LIMIT_REASON = "too many control messages"
-# Stop writing to a client once this much is queued in its socket's user-space buffer; its outbox then
-# absorbs (and conflates) what arrives until the kernel accepts more.
-TRANSPORT_HIGH_WATER = 64 * 1024
 
 
 class Session:
@@ -44,7 +47,11 @@ class Session:
         self.node = node
         settings = node.settings
         self.direct: Any = websocket.scope.get("extensions", {}).get(DIRECT_EXTENSION)
-        self.outbox = Outbox(settings.client_buffer_bytes, combined=combined, flush=self.flush)
+        self.transport: Any = self.direct.transport if self.direct is not None else None
+        self.combined = combined
+        self.buffer_limit = settings.client_buffer_bytes
+        # Only the ASGI fallback queues frames; direct mode writes them to the socket at once.
+        self.outbox: Outbox | None = None if self.direct is not None else Outbox(settings.client_buffer_bytes)
         self.control = ControlState(
             combined=combined,
             max_streams=settings.max_streams_per_connection,
@@ -53,68 +60,100 @@ class Session:
         self.bucket = TokenBucket(settings.control_rate_per_s, settings.control_burst, time.monotonic())
         self.closing = False
         self.close_code: int | None = None
+        self.stale: set[str] = set()  # state streams skipped while the socket was full
+        self.conflated = 0  # state messages skipped for a full socket (direct mode)
+        self._parts: list[bytes] | None = None  # blocks of this flush, for clients on several streams
         self._wakeup = asyncio.Event()
 
-    # ---- output ----
-    def flush(self, outbox: Outbox) -> None:
-        """Called by the hub once per loop turn when this client has pending frames."""
+    # ---- Subscriber: the hub's once-per-flush delivery ----
+    def deliver(self, batch: StreamBatch) -> bool:
         if self.closing:
-            outbox.take()
-            return
-        if outbox.overflowed:
-            self.node.metrics.slow_consumer_disconnects.inc()
-            self.close(CLOSE_SLOW_CONSUMER, CLOSE_SLOW_CONSUMER_REASON)
-            return
-        direct = self.direct
-        if direct is None:
-            self._wakeup.set()
-            return
-        # Hand the transport no more than fills it to TRANSPORT_HIGH_WATER (plus the one frame that crosses it):
-        # writing the whole outbox whenever the transport was just under the mark let a stuck client hold up to
-        # client_buffer_bytes in its transport *and* client_buffer_bytes in its outbox. Crossing the mark pauses
-        # the transport; its resume_writing (our on_writable) flushes the rest. Usually one write per turn.
-        sent = 0
-        while outbox.frames:
-            buffered = direct.buffered_bytes
-            if buffered > TRANSPORT_HIGH_WATER:
-                break  # resumed by the protocol's on_writable callback
-            written = direct.write_text_frames(outbox.take(TRANSPORT_HIGH_WATER - buffered))
-            if not written:
-                break  # the socket is closing
-            sent += written
-        if sent:
-            self.node.metrics.sent_bytes.inc(sent)
+            return False
+        transport = self.transport
+        if transport is None:
+            return self._deliver_to_outbox(batch)
+        if transport.is_closing():
+            return False
+        if transport.get_write_buffer_size() > self.buffer_limit:
+            if batch.is_state:
+                self.stale.add(batch.stream)
+                self.conflated += len(batch.payloads)
+            else:
+                self._close_slow_consumer()
+            return False
+        if self.stale:
+            self.stale.discard(batch.stream)  # this batch carries a newer value than the one we skipped
+        block = batch.block(self.combined)
+        if len(self.control.subscriptions) > 1:
+            if self._parts is None:
+                self._parts = [block]
+                return True
+            self._parts.append(block)
+            return False
+        transport.write(block)
+        self.node.sent_bytes += len(block)
+        return False
+
+    def finish(self) -> None:
+        parts, self._parts = self._parts, None
+        if parts and not self.closing and not self.transport.is_closing():
+            data = b"".join(parts)
+            self.transport.write(data)
+            self.node.sent_bytes += len(data)
 
     def _on_writable(self) -> None:
-        if self.outbox.frames or self.outbox.overflowed:
-            self.node.hub.mark_dirty(self.outbox)
-            self.node.schedule_flush()
+        """The socket drained below its low-water mark: send the newest value of every skipped state stream."""
+        if not self.stale or self.closing:
+            return
+        stale, self.stale = self.stale, set()
+        frames = [
+            frame for name in stale if (frame := self.node.hub.latest_frame(name, self.combined)) is not None
+        ]
+        if frames:
+            self.node.sent_bytes += self.direct.write_text_frames(frames)
+
+    def _deliver_to_outbox(self, batch: StreamBatch) -> bool:
+        assert self.outbox is not None
+        push = self.outbox.push
+        for frame in batch.frames(self.combined):
+            push(batch.stream, batch.is_state, frame)
+        self._wakeup.set()
+        return False
 
     def _send_reply(self, frame: bytes) -> None:
-        self.outbox.push_control(frame)
-        self.node.hub.mark_dirty(self.outbox)
-        self.node.schedule_flush()
+        if self.direct is not None:
+            self.node.sent_bytes += self.direct.write_text_frames([frame])
+        else:
+            assert self.outbox is not None
+            self.outbox.push_control(frame)
+            self._wakeup.set()
 
     async def _write_via_asgi(self) -> None:
         """Fallback writer when the server does not offer the direct extension."""
+        outbox = self.outbox
+        assert outbox is not None
         while not self.closing:
             await self._wakeup.wait()
             self._wakeup.clear()
-            if self.outbox.overflowed:
-                self.node.metrics.slow_consumer_disconnects.inc()
-                self.close(CLOSE_SLOW_CONSUMER, CLOSE_SLOW_CONSUMER_REASON)
+            if outbox.overflowed:
+                self._close_slow_consumer()
                 return
-            for frame in self.outbox.take():
+            for frame in outbox.take():
                 await self.websocket.send_text(frame.decode())
-                self.node.metrics.sent_bytes.inc(len(frame))
+                self.node.sent_bytes += len(frame)
 
     # ---- closing ----
+    def _close_slow_consumer(self) -> None:
+        self.node.metrics.slow_consumer_disconnects.inc()
+        self.close(CLOSE_SLOW_CONSUMER, CLOSE_SLOW_CONSUMER_REASON)
+
     def close(self, code: int, reason: str) -> None:
         if self.closing:
             return
         self.closing = True
         self.close_code = code
-        self.outbox.take()
+        if self.outbox is not None:
+            self.outbox.take()
         if self.direct is not None:
             self.direct.close_now(code, reason)
         else:
@@ -129,20 +168,28 @@ class Session:
     def close_going_away(self) -> None:
         self.close(CLOSE_GOING_AWAY, "server shutting down")
 
+    @property
+    def dropped(self) -> tuple[int, int]:
+        """(conflated, overflow-dropped) messages of this client, for the metrics."""
+        if self.outbox is None:
+            return self.conflated, 0
+        return self.conflated + self.outbox.conflated, self.outbox.dropped
+
     # ---- subscriptions ----
     def _subscribe(self, streams: list[Stream]) -> None:
         hub, relay = self.node.hub, self.node.relay
         for stream in streams:
-            if hub.add(stream, self.outbox):
+            if hub.add(stream, self):
                 relay.want(stream.name)
 
     def _unsubscribe(self, names: list[str]) -> None:
-        for name in self.node.hub.remove_all(names, self.outbox):
+        for name in self.node.hub.remove_all(names, self):
             self.node.relay.unwant(name)
+        self.stale.difference_update(names)
 
     def _apply(self, outcome: ControlOutcome) -> None:
         self._unsubscribe(outcome.unsubscribe)
-        self.outbox.combined = self.control.combined
+        self.combined = self.control.combined
         self._send_reply(outcome.reply)
         self._subscribe(outcome.subscribe)
 
@@ -166,9 +213,8 @@ class Session:
         node.metrics.connections_accepted.inc()
         if self.direct is not None:
             self.direct.on_writable = self._on_writable
-            # flush() stops at TRANSPORT_HIGH_WATER and relies on pause/resume_writing at that same mark; set it
-            # explicitly rather than trusting every event loop's (and TLS transport's) default to be 64 KiB.
-            self.direct.transport.set_write_buffer_limits(high=TRANSPORT_HIGH_WATER)
+            # Pause (and so later resume, which resends stale state) around our own limit, not the loop's default.
+            self.transport.set_write_buffer_limits(high=self.buffer_limit, low=self.buffer_limit // 4)
         writer = None if self.direct is not None else asyncio.get_running_loop().create_task(self._write_via_asgi())
         try:
             for frame in connect.errors:

@@ -22,18 +22,11 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import Frame
 from websockets.http11 import Request
 
+from gateway.wsframe import encode_text_frames
+
 DIRECT_EXTENSION = "pricegate.direct"
 DRAIN_STATE_KEY = "pricegate.drain"
 ABORT_AFTER_CLOSE_S = 5.0  # a client that does not read cannot receive our close frame either
-
-
-def _text_frame_header(length: int) -> bytes:
-    # Server-to-client frames are unmasked: FIN+TEXT opcode, then the RFC 6455 length encoding.
-    if length < 126:
-        return bytes((0x81, length))
-    if length < 65536:
-        return b"\x81\x7e" + length.to_bytes(2, "big")
-    return b"\x81\x7f" + length.to_bytes(8, "big")
 
 
 class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
@@ -70,11 +63,7 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
                 self.conn.send_text(payload)
             data = b"".join(self.conn.data_to_send())
         else:
-            parts: list[bytes] = []
-            for payload in payloads:
-                parts.append(_text_frame_header(len(payload)))
-                parts.append(payload)
-            data = b"".join(parts)
+            data = encode_text_frames(payloads)
         self.transport.write(data)
         return len(data)
 

@@ -1,18 +1,42 @@
-"""Hub and outbox: fan-out without awaiting, frames built once, bounded buffers, conflation, overflow."""
+"""Hub: O(1) broadcast, one batch per stream per flush shared by every subscriber, blocks built once;
+Outbox (ASGI fallback): bounded, conflating. Pure: no sockets, no loop."""
 
 from __future__ import annotations
 
-from gateway.hub import Hub, Outbox
-from shared.streams import parse_stream
+from gateway.hub import Hub, Outbox, StreamBatch
+from gateway.wsframe import encode_text_frames, text_frame_header
+from shared.streams import StreamKind, parse_stream
 
 TRADE = parse_stream("btcusdt@trade")
 TICKER = parse_stream("btcusdt@bookTicker")
 ETH_TICKER = parse_stream("ethusdt@bookTicker")
 
 
+class Recorder:
+    """A subscriber that records what the hub hands it (optionally asking for finish())."""
+
+    def __init__(self, combined: bool = False, coalesce: bool = False) -> None:
+        self.combined = combined
+        self.coalesce = coalesce
+        self.batches: list[StreamBatch] = []
+        self.finished = 0
+        self.waiting = False
+
+    def deliver(self, batch: StreamBatch) -> bool:
+        self.batches.append(batch)
+        if self.coalesce and not self.waiting:
+            self.waiting = True  # like a session: ask for finish() on the first batch of a flush only
+            return True
+        return False
+
+    def finish(self) -> None:
+        self.waiting = False
+        self.finished += 1
+
+
 def test_first_and_last_subscriber_are_reported() -> None:
     hub = Hub()
-    a, b = Outbox(1000, combined=False), Outbox(1000, combined=False)
+    a, b = Recorder(), Recorder()
     assert hub.add(TRADE, a) is True
     assert hub.add(TRADE, b) is False
     assert hub.remove(TRADE.name, a) is False
@@ -20,61 +44,107 @@ def test_first_and_last_subscriber_are_reported() -> None:
     assert hub.streams() == []
 
 
-def test_one_frame_object_per_variant_is_shared_by_all_subscribers() -> None:
+def test_broadcast_queues_without_touching_subscribers_and_flush_hands_one_batch_each() -> None:
     hub = Hub()
-    raw = [Outbox(10_000, combined=False) for _ in range(3)]
-    combined = [Outbox(10_000, combined=True) for _ in range(3)]
-    for outbox in raw + combined:
-        hub.add(TRADE, outbox)
-    payload = b'{"e":"trade","s":"BTCUSDT"}'
-    assert hub.broadcast(TRADE.name, payload) == 6
-    raw_frames = [outbox.take()[0] for outbox in raw]
-    combined_frames = [outbox.take()[0] for outbox in combined]
-    assert all(frame is payload for frame in raw_frames)
-    assert combined_frames[0] == b'{"stream":"btcusdt@trade","data":{"e":"trade","s":"BTCUSDT"}}'
-    assert all(frame is combined_frames[0] for frame in combined_frames)
+    subscribers = [Recorder() for _ in range(3)]
+    for subscriber in subscribers:
+        hub.add(TRADE, subscriber)
+    for index in range(5):
+        assert hub.broadcast(TRADE.name, b'{"t":%d}' % index)
+    assert all(not subscriber.batches for subscriber in subscribers)  # nothing per client per message
+    assert hub.flush() == 15
+    batches = [subscriber.batches for subscriber in subscribers]
+    assert all(len(received) == 1 for received in batches)
+    assert batches[0][0] is batches[1][0] is batches[2][0]  # one shared batch object
+    assert batches[0][0].payloads == [b'{"t":%d}' % index for index in range(5)]
+    assert hub.flush() == 0  # nothing pending any more
+    assert hub.deliveries[StreamKind.TRADE] == 15
+    assert hub.messages[StreamKind.TRADE] == 5
 
 
-def test_dirty_list_has_each_outbox_once_per_flush() -> None:
+def test_broadcast_for_a_stream_nobody_wants_is_dropped() -> None:
     hub = Hub()
-    flushed: list[Outbox] = []
-    outbox = Outbox(10_000, combined=False, flush=flushed.append)
-    hub.add(TRADE, outbox)
-    for _ in range(5):
-        hub.broadcast(TRADE.name, b"{}")
-    assert hub.dirty == [outbox]
-    assert hub.flush_dirty() == 1
-    assert flushed == [outbox]
-    assert len(outbox.take()) == 5
-    assert hub.dirty == []
+    assert hub.broadcast(TRADE.name, b"{}") is False
+    assert not hub.has_pending
+
+
+def test_blocks_are_websocket_frames_built_once_per_variant() -> None:
+    batch = StreamBatch("btcusdt@trade", StreamKind.TRADE, [b'{"a":1}', b"x" * 200])
+    raw = batch.block(False)
+    assert raw == text_frame_header(7) + b'{"a":1}' + b"\x81\x7e\x00\xc8" + b"x" * 200
+    assert batch.block(False) is raw
+    combined = batch.block(True)
+    assert combined.startswith(text_frame_header(len(b'{"stream":"btcusdt@trade","data":{"a":1}}')))
+    assert batch.block(True) is combined
+    assert batch.frames(True)[0] == b'{"stream":"btcusdt@trade","data":{"a":1}}'
+    assert batch.frames(False)[1] is batch.payloads[1]  # raw frames are the exchange's bytes, untouched
+
+
+def test_large_frame_lengths_use_the_64_bit_form() -> None:
+    payload = b"y" * 70_000
+    assert encode_text_frames([payload]) == b"\x81\x7f" + (70_000).to_bytes(8, "big") + payload
+
+
+def test_subscribers_that_coalesce_are_finished_once_per_flush() -> None:
+    hub = Hub()
+    multi = Recorder(coalesce=True)
+    hub.add(TRADE, multi)
+    hub.add(TICKER, multi)
+    hub.broadcast(TRADE.name, b"t")
+    hub.broadcast(TICKER.name, b"b")
+    hub.flush()
+    # Asked for finish() on its first batch only; finish() runs once after every stream was handed out.
+    assert [batch.stream for batch in multi.batches] == [TRADE.name, TICKER.name]
+    assert multi.finished == 1
+
+
+def test_latest_frame_only_for_state_streams() -> None:
+    hub = Hub()
+    hub.add(TRADE, Recorder())
+    hub.add(TICKER, Recorder())
+    hub.broadcast(TRADE.name, b'{"t":1}')
+    for index in range(3):
+        hub.broadcast(TICKER.name, b'{"u":%d}' % index)
+    assert hub.latest_frame(TICKER.name, False) == b'{"u":2}'
+    assert hub.latest_frame(TICKER.name, True) == b'{"stream":"btcusdt@bookTicker","data":{"u":2}}'
+    assert hub.latest_frame(TRADE.name, False) is None
+
+
+def test_subscriptions_by_kind_counts_clients() -> None:
+    hub = Hub()
+    for _ in range(3):
+        hub.add(TRADE, Recorder())
+    hub.add(TICKER, Recorder())
+    counts = hub.subscriptions_by_kind()
+    assert counts[TRADE.kind] == 3
+    assert counts[TICKER.kind] == 1
+
+
+# ---- Outbox (the ASGI fallback's queue) ----
 
 
 def test_state_streams_conflate_to_newest_when_full() -> None:
-    outbox = Outbox(100, combined=False)
+    outbox = Outbox(100)
     for index in range(20):
         outbox.push(TICKER.name, True, b'{"u":%03d}' % index)  # 11 bytes each
         outbox.push(ETH_TICKER.name, True, b'{"v":%03d}' % index)
     frames = outbox.take()
     assert not outbox.overflowed
-    # The newest value of each stream survives; total bytes never exceeded the limit.
-    assert frames[-2:] == [b'{"u":019}', b'{"v":019}'] or frames[-2:] == [b'{"v":019}', b'{"u":019}']
+    assert b'{"u":019}' in frames[-2:] and b'{"v":019}' in frames[-2:]
     assert sum(len(frame) for frame in frames) <= 100
     assert outbox.conflated > 0
 
 
 def test_event_stream_overflow_marks_outbox_for_close() -> None:
-    hub = Hub()
-    outbox = Outbox(100, combined=False)
-    hub.add(TRADE, outbox)
+    outbox = Outbox(100)
     for _ in range(20):
-        hub.broadcast(TRADE.name, b'{"e":"trade","t":1}')
+        outbox.push(TRADE.name, False, b'{"e":"trade","t":1}')
     assert outbox.overflowed
     assert outbox.size <= 100
-    assert outbox in hub.dirty  # the I/O layer gets to see it and close the client
 
 
 def test_conflation_keeps_event_frames_in_order() -> None:
-    outbox = Outbox(60, combined=False)
+    outbox = Outbox(60)
     outbox.push(TRADE.name, False, b"T1")
     for index in range(10):
         outbox.push(TICKER.name, True, b"bookticker-%02d" % index)  # 14 bytes
@@ -84,23 +154,10 @@ def test_conflation_keeps_event_frames_in_order() -> None:
     assert frames.count(b"bookticker-09") == 1
 
 
-def test_memory_is_bounded_per_client_under_endless_state_traffic() -> None:
-    hub = Hub()
-    stuck = Outbox(4096, combined=True)
-    for stream in (TICKER, ETH_TICKER):
-        hub.add(stream, stuck)
+def test_outbox_memory_is_bounded_under_endless_state_traffic() -> None:
+    outbox = Outbox(4096)
     for index in range(10_000):
-        hub.broadcast(TICKER.name, b'{"u":%d,"s":"BTCUSDT"}' % index)
-        hub.broadcast(ETH_TICKER.name, b'{"u":%d,"s":"ETHUSDT"}' % index)
-        assert stuck.size <= 4096
-    assert not stuck.overflowed
-
-
-def test_subscriptions_by_kind_counts_clients() -> None:
-    hub = Hub()
-    for _ in range(3):
-        hub.add(TRADE, Outbox(100, combined=False))
-    hub.add(TICKER, Outbox(100, combined=False))
-    counts = hub.subscriptions_by_kind()
-    assert counts[TRADE.kind] == 3
-    assert counts[TICKER.kind] == 1
+        outbox.push(TICKER.name, True, b'{"u":%d,"s":"BTCUSDT"}' % index)
+        outbox.push(ETH_TICKER.name, True, b'{"u":%d,"s":"ETHUSDT"}' % index)
+        assert outbox.size <= 4096
+    assert not outbox.overflowed

@@ -24,8 +24,9 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway.hub import CLOSE_SLOW_CONSUMER, CLOSE_SLOW_CONSUMER_REASON, Outbox
-from gateway.session import TRANSPORT_HIGH_WATER, Session
+from gateway.hub import CLOSE_SLOW_CONSUMER, CLOSE_SLOW_CONSUMER_REASON
+from gateway.session import Session
+from gateway.wsframe import encode_text_frames
 from shared.broker import OutgoingMessage
 from shared.broker_memory import MemoryBroker
 from tests.harness import RunningGateway, running_gateway, wait_for
@@ -231,18 +232,15 @@ def sample_value(text: str, name: str) -> float:
 
 
 class Peaks:
-    """Largest outbox, transport buffer and their sum seen for one session."""
+    """Largest socket buffer seen for one session (direct mode queues nothing else per client)."""
 
     def __init__(self, session: Session) -> None:
         self.session = session
-        self.outbox = self.transport = self.total = 0
+        self.transport = 0
 
     def sample(self) -> None:
-        outbox = self.session.outbox.size
-        transport = self.session.direct.buffered_bytes
-        self.outbox = max(self.outbox, outbox)
-        self.transport = max(self.transport, transport)
-        self.total = max(self.total, outbox + transport)
+        assert self.session.outbox is None  # direct mode: no per-client queue besides the socket buffer
+        self.transport = max(self.transport, self.session.direct.buffered_bytes)
 
 
 @pytest.fixture
@@ -278,19 +276,6 @@ async def publish_paced(
             await reader.wait_count(len(published))
         on_batch()
     return published
-
-
-def test_a_partial_take_returns_the_oldest_frames_within_the_budget_and_at_least_one() -> None:
-    """What Session.flush relies on to fill a backed-up transport only up to its high-water mark."""
-    outbox = Outbox(BUFFER, combined=False)
-    for frame in (b"a" * 10, b"b" * 10, b"c" * 10):
-        assert outbox.push(TRADE, False, frame)
-    assert outbox.take(25) == [b"a" * 10, b"b" * 10]
-    assert outbox.size == 10
-    assert outbox.take(0) == [b"c" * 10]  # larger than the budget: still goes out, alone
-    assert outbox.size == 0 and not outbox.frames
-    outbox.push(TRADE, False, b"d")
-    assert outbox.take(100) == [b"d"] and outbox.size == 0
 
 
 # ---- 1. a stuck client on an event stream ------------------------------------------------------------------------
@@ -333,13 +318,11 @@ async def test_stuck_client_on_an_event_stream_is_closed_4000_without_delaying_o
         text = await metrics_text(gw)
         assert sample_value(text, "pricegate_gateway_slow_consumer_disconnects_total") == 1
         assert sample_value(text, 'pricegate_gateway_disconnects_total{code="4000"}') == 1
-        # It really was stuck (the gateway had to stop writing to it) and its memory stayed bounded: the outbox
-        # by client_buffer_bytes, the transport by the high-water mark plus at most the frame that crossed it.
-        largest_frame = max(len(payload) for payload in published)
-        assert peaks.transport > TRANSPORT_HIGH_WATER
-        assert peaks.outbox <= BUFFER
-        assert peaks.transport <= TRANSPORT_HIGH_WATER + largest_frame
-        assert peaks.total <= BUFFER + TRANSPORT_HIGH_WATER + largest_frame
+        # It really was stuck (its socket buffer passed the limit, so the gateway stopped writing to it) and its
+        # memory stayed bounded: client_buffer_bytes plus at most the one batch that crossed it.
+        batch_block = len(encode_text_frames(published[-32:]))
+        assert peaks.transport > BUFFER
+        assert peaks.transport <= BUFFER + batch_block
 
         # What the stuck client finally reads: an unbroken prefix of the stream, then the 4000 close frame.
         assert drained is not None
@@ -379,11 +362,10 @@ async def test_stuck_client_on_a_state_stream_is_conflated_not_closed_and_ends_o
         for reader in readers:
             assert reader.frames == published
         # Still connected, never marked for closing, and bounded although it read nothing of ~1 MB.
-        assert session in gw.node.sessions and not session.closing and not session.outbox.overflowed
-        largest_frame = max(len(payload) for payload in published)
-        assert peaks.transport > TRANSPORT_HIGH_WATER
-        assert peaks.outbox <= BUFFER
-        assert peaks.total <= BUFFER + TRANSPORT_HIGH_WATER + largest_frame
+        assert session in gw.node.sessions and not session.closing
+        batch_block = len(encode_text_frames(published[-32:]))
+        assert peaks.transport > BUFFER
+        assert peaks.transport <= BUFFER + batch_block
         text = await metrics_text(gw)
         assert sample_value(text, 'pricegate_gateway_messages_dropped_total{reason="conflated"}') > 0
         assert sample_value(text, "pricegate_gateway_slow_consumer_disconnects_total") == 0
@@ -432,7 +414,9 @@ async def test_two_hundred_clients_raw_and_combined_get_byte_identical_frames(
         assert all(frames == expected_combined for frames in combined_frames)
 
         text = await metrics_text(gw)
-        assert sample_value(text, "pricegate_gateway_broadcast_duration_seconds_count") == len(payloads)
+        # One publish call, one flush: the five messages went out to each client in one write.
+        assert sample_value(text, "pricegate_gateway_broadcast_duration_seconds_count") >= 1
+        assert sample_value(text, "pricegate_gateway_flushes_total") < len(payloads)
         assert sample_value(text, 'pricegate_gateway_messages_sent_total{kind="trade"}') == 200 * len(payloads)
     finally:
         await asyncio.gather(*(ws.close() for ws in raw + combined))
@@ -487,9 +471,9 @@ async def test_a_stuck_client_does_not_delay_a_healthy_one(gateway: tuple[Runnin
         await wait_for(lambda: gw.node.hub.subscriber_count(BOOK) == 2)
         session = session_of(gw, stuck)
         pin_send_buffer(session)
-        # Fill the stuck client until the gateway has stopped writing to it and frames wait in its outbox.
+        # Fill the stuck client until the gateway has stopped writing to it (its socket buffer passed the limit).
         published = 0
-        while not (session.direct.buffered_bytes > TRANSPORT_HIGH_WATER and session.outbox.size > 0):
+        while not session.direct.buffered_bytes > BUFFER:
             assert published < 2000, "the stuck client never filled up"
             await broker.publish([OutgoingMessage(BOOK, book(published + index + 1), True) for index in range(16)])
             published += 16
@@ -502,7 +486,7 @@ async def test_a_stuck_client_does_not_delay_a_healthy_one(gateway: tuple[Runnin
             await broker.publish([OutgoingMessage(BOOK, book(published), True)])
             await reader.wait_count(published, timeout=2)
             latencies.append(reader.arrived_at[published - 1] - sent)
-        assert session in gw.node.sessions and session.direct.buffered_bytes > TRANSPORT_HIGH_WATER  # still stuck
+        assert session in gw.node.sessions and session.direct.buffered_bytes > BUFFER  # still stuck
         assert max(latencies) < 0.2, latencies
     finally:
         stuck.close()
