@@ -265,6 +265,8 @@ class Options:
     per_src: int
     publish_via: str = "packed"
     streams: int = len(STREAMS)
+    disturbed_pct: float = 10.0  # other processes' CPU % in a step above which a target's run is "disturbed"
+    retry_disturbed: int = 0
     idle_settle_s: float = 1.0
     stall_fill_s: float = 10.0
     drain_cap_s: float = 1.5
@@ -319,6 +321,11 @@ class TargetResult:
     publisher_limited: bool = False
     error: str | None = None
     stall: dict[str, Any] | None = None
+    attempts: int = 1
+
+    @property
+    def foreign_peak(self) -> float:
+        return max((s.foreign_cpu_pct for s in self.steps), default=0.0)
 
     @property
     def first_failure(self) -> Step | None:
@@ -354,7 +361,8 @@ class TargetResult:
             "server_core_busy_pct_at_max": best.server_core_busy_pct if best else None,
             "load_core_busy_pct_at_max": best.load_core_busy_pct if best else None,
             "load_core_busy_pct_at_fail": self.first_failure.load_core_busy_pct if self.first_failure else None,
-            "foreign_cpu_pct_peak": max((s.foreign_cpu_pct for s in self.steps), default=None),
+            "foreign_cpu_pct_peak": self.foreign_peak,
+            "attempts": self.attempts,
             "rss_base_mib": round(self.rss_base_kib / 1024, 1),
             "rss_idle_mib": round(self.rss_idle_kib / 1024, 1),
             "kib_per_conn": self.kib_per_conn,
@@ -496,6 +504,25 @@ class Benchmark:
         self.processes.add(loadgen)
         hello = loadgen.connected(timeout=60 + clients / 200)
         return loadgen, hello
+
+    def run_target_retrying(self, target: str, clients: int) -> TargetResult:
+        """``run_target``, run again (after waiting for a quiet machine) while other processes disturbed it, up
+        to ``--retry-disturbed`` times; the least disturbed attempt is kept."""
+        options = self.options
+        best = self.run_target(target, clients)
+        for attempt in range(2, options.retry_disturbed + 2):
+            if best.foreign_peak < options.disturbed_pct:
+                break
+            log(f"{target} N={clients}: other processes took up to {best.foreign_peak:.0f}% CPU; waiting to retry")
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline and self.background_load(2.0) >= options.disturbed_pct / 2:
+                pass
+            again = self.run_target(target, clients)
+            again.attempts = attempt
+            if again.foreign_peak < best.foreign_peak or best.error:
+                best = again
+            best.attempts = attempt
+        return best
 
     def background_load(self, seconds: float = 1.0) -> float:
         ours = self.our_pids()
@@ -964,7 +991,12 @@ def print_table(results: list[TargetResult]) -> None:
             f"{fmt(summary['server_cpu_pct_at_max'], '.0f'):>6} {fmt(summary['kib_per_conn'], '.1f'):>9} "
             f"{fmt(summary['loadgen_cpu_pct_peak'], '.0f'):>14}"
             + (f"  ERROR: {result.error}" if result.error else "")
-            + ("  (publisher-limited: lower bound)" if result.publisher_limited else ""),
+            + ("  (publisher-limited: lower bound)" if result.publisher_limited else "")
+            + (
+                f"  (DISTURBED: other processes up to {result.foreign_peak:.0f}% CPU)"
+                if result.foreign_peak >= 10
+                else ""
+            ),
             file=sys.stderr,
         )
 
@@ -996,6 +1028,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--scale", type=int, default=0, help="scale test: this many clients, 1 ticker/s each")
     parser.add_argument("--scale-processes", type=int, default=2, help="gateway processes for --scale")
     parser.add_argument("--scale-seconds", type=float, default=30.0, help="publishing time of --scale")
+    parser.add_argument(
+        "--retry-disturbed",
+        type=int,
+        default=0,
+        help="rerun a target (up to this many times) when other processes used >= 10%% CPU during one of its steps",
+    )
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--load-cpu", type=int, default=1)
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
@@ -1039,6 +1077,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         out=args.out or Path("out") / f"fanout-{time.strftime('%Y%m%d-%H%M%S')}",
         per_src=args.per_src,
         publish_via=args.publish_via,
+        retry_disturbed=args.retry_disturbed,
         idle_settle_s=0.5 if quick else 1.0,
         stall_fill_s=args.stall_fill_seconds or (6.0 if quick else 15.0),
     )
@@ -1081,7 +1120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(json.dumps(report["scale"]), flush=True)
             else:
                 for clients in options.clients:
-                    results = {target: benchmark.run_target(target, clients) for target in options.targets}
+                    results = {target: benchmark.run_target_retrying(target, clients) for target in options.targets}
                     all_results += results.values()
                     report["results"] += [result.summary() for result in results.values()]
                     line = per_n_line(clients, results)
