@@ -98,9 +98,17 @@ class MemoryResponseCache:
 class RedisResponseCache:
     """Bodies stored as ``<stored_at_ms>:<body>`` with a TTL of freshness + stale retention."""
 
-    def __init__(self, url: str, prefix: str, *, socket_timeout_s: float = 2.0) -> None:
+    def __init__(self, url: str, prefix: str, *, socket_timeout_s: float = 2.0, max_connections: int = 64) -> None:
         self.prefix = f"{prefix}:cache:v{CACHE_VERSION}:"
-        self._client = aioredis.Redis.from_url(url, socket_timeout=socket_timeout_s, socket_connect_timeout=2.0)
+        # Bounded: a burst of requests waits for a connection instead of opening thousands.
+        self._pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=socket_timeout_s,
+            socket_timeout=socket_timeout_s,
+            socket_connect_timeout=socket_timeout_s,
+        )
+        self._client = aioredis.Redis(connection_pool=self._pool)
         self._unlock = self._client.register_script(_UNLOCK)
 
     async def get(self, key: str) -> CachedBody | None:
@@ -125,6 +133,7 @@ class RedisResponseCache:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+        await self._pool.aclose()
 
 
 class SingleFlight:

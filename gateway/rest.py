@@ -252,7 +252,8 @@ class RestApi:
 
         async def compute() -> bytes:
             candles = await self.klines.klines(symbol, interval, start_ms=None, end_ms=None, limit=TECHNICALS_CANDLES)
-            return technicals_json(analyse(symbol, interval, candles))
+            # A few ms of pure-Python arithmetic per miss: in a worker thread, so the fan-out loop keeps its turns.
+            return await asyncio.to_thread(lambda: technicals_json(analyse(symbol, interval, candles)))
 
         key = f"technicals:{symbol}:{interval}"
         served = await self.flights.get("technical", key, self.settings.cache_ttl_technicals_s, compute)
