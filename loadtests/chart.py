@@ -2,8 +2,9 @@
 max sustained rate) against N, one line per server, from the ``results.json`` that ``loadtests.fanout`` writes.
 
     python -m loadtests.chart out/fanout-<time>/results.json -o docs/benchmarks/fanout.png
+    python -m loadtests.chart out/fanout-<time>/results.json --markdown     # BENCHMARKS.md tables, no plot
 
-Needs matplotlib (the ``load`` extra).
+Needs matplotlib (the ``load`` extra) for the PNG.
 """
 
 from __future__ import annotations
@@ -74,15 +75,88 @@ def draw(report: dict[str, Any], output: Path, title: str | None = None) -> None
     plt.close(figure)
 
 
+def _cell(value: Any, spec: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, (int, float)) and spec:
+        return format(value, spec)
+    return str(value)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The run as BENCHMARKS.md tables: the per-N summary, then one row per server and N."""
+    lines = [
+        "| N | pricegate max sustained/s | naive | picows | vs naive | vs picows | p50 ms | p99 ms | KiB/conn |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    final = report.get("final", {})
+    for index, clients in enumerate(final.get("clients", [])):
+
+        def value(key: str, i: int = index) -> Any:
+            return final[key][i]
+
+        lines.append(
+            f"| {clients:,} | {_cell(value('max_sustained_per_s'), ',')} | "
+            f"{_cell(value('naive_max_sustained_per_s'), ',')} | {_cell(value('picows_max_sustained_per_s'), ',')} | "
+            f"{_cell(value('ratio_vs_naive'), '.2f')}x | {_cell(value('ratio_vs_picows'), '.2f')}x | "
+            f"{_cell(value('p50_ms'), '.2f')} | {_cell(value('p99_ms'), '.2f')} | "
+            f"{_cell(value('kib_per_conn'), '.1f')} |"
+        )
+    lines += [
+        "",
+        "| server | N | max sustained deliveries/s | msgs/s | p50 / p99 ms at half max | p50 / p99 ms at max "
+        "| server process CPU % at max | server core busy % | load core busy % at max / first fail "
+        "| load generator CPU % (peak) | RSS idle MiB | KiB/conn | other processes CPU % (peak) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for entry in sorted(report["results"], key=lambda e: (e["clients"], e["target"] != "pricegate", e["target"])):
+        lines.append(
+            f"| {entry['target']} | {entry['clients']:,} | {_cell(entry['max_sustained_per_s'], ',')}"
+            f"{' (publisher-limited)' if entry.get('publisher_limited') else ''} | "
+            f"{_cell(entry['max_sustained_msgs_per_s'], ',.0f')} | "
+            f"{_cell(entry['p50_ms'], '.2f')} / {_cell(entry['p99_ms'], '.2f')} | "
+            f"{_cell(entry['p50_ms_at_max'], '.2f')} / {_cell(entry['p99_ms_at_max'], '.2f')} | "
+            f"{_cell(entry['server_cpu_pct_at_max'], '.0f')} | "
+            f"{_cell(entry.get('server_core_busy_pct_at_max'), '.0f')} | "
+            f"{_cell(entry.get('load_core_busy_pct_at_max'), '.0f')} / "
+            f"{_cell(entry.get('load_core_busy_pct_at_fail'), '.0f')} | "
+            f"{_cell(entry['loadgen_cpu_pct_peak'], '.0f')} | {_cell(entry['rss_idle_mib'], '.1f')} | "
+            f"{_cell(entry['kib_per_conn'], '.1f')} | {_cell(entry.get('foreign_cpu_pct_peak'), '.0f')} |"
+            + (f" error: {entry['error']}" if entry.get("error") else "")
+        )
+    stalls = [entry for entry in report["results"] if entry.get("stall")]
+    if stalls:
+        lines += [
+            "",
+            "| server | N | stalled | rate msgs/s | unread KiB per stalled client | readers' p50 / p99 ms "
+            "| no-stall p99 ms | p99 ratio | min delivered | lost | RSS MiB by step | kernel TCP MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        ]
+        for entry in stalls:
+            stall = entry["stall"]
+            lines.append(
+                f"| {entry['target']} | {entry['clients']:,} | {stall['stalled_clients']} | {stall['rate']:,.0f} | "
+                f"{stall['unread_kib_per_stalled_client']} | {stall['p50_ms']:.2f} / {stall['p99_ms']:.2f} | "
+                f"{_cell(stall['no_stall_p99_ms'], '.2f')} | {_cell(stall['p99_ratio'], '.2f')} | "
+                f"{stall['min_delivered_ratio'] * 100:.2f}% | {stall['lost']} | {stall['rss_mib_by_step']} | "
+                f"{stall.get('tcp_kernel_mib_after_fill')} → {stall.get('tcp_kernel_mib_at_end')} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loadtests.chart", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", type=Path, help="results.json written by python -m loadtests.fanout")
     parser.add_argument("-o", "--output", type=Path, default=Path("fanout.png"))
     parser.add_argument("--title", help="figure title (default: the command and the machine)")
+    parser.add_argument("--markdown", action="store_true", help="print the run as markdown tables instead")
     args = parser.parse_args(argv)
     report = json.loads(args.results.read_text())
     if not report.get("results"):
         parser.error(f"{args.results} has no per-target results (a --scale run?)")
+    if args.markdown:
+        print(markdown(report))
+        return 0
     draw(report, args.output, args.title)
     print(args.output)
     return 0
