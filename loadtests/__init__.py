@@ -1,3 +1,3 @@
-"""Load tests and benchmarks for pricegate (not run in CI): ``python -m loadtests.fanout`` measures fan-out
-throughput, latency and memory of the gateway against two baselines; ``loadtests/locustfile.py`` drives real
-WebSocket clients from locust. See BENCHMARKS.md."""
+"""Load tests and benchmarks for pricegate (not run in CI; figures and commands in BENCHMARKS.md), e.g.
+``python -m loadtests.fanout`` (fan-out throughput, latency and memory of the gateway against a naive Starlette
+loop and picows) and ``loadtests/locustfile.py`` (real WebSocket clients from locust)."""
