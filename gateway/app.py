@@ -24,11 +24,11 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
+from gateway.asgi_session import websocket_endpoint
 from gateway.metrics import GatewayMetrics
 from gateway.node import GatewayNode
 from gateway.rest import RestApi
-from gateway.session import websocket_endpoint
-from gateway.wsprotocol import DRAIN_STATE_KEY
+from gateway.wsprotocol import DRAIN_STATE_KEY, NODE_STATE_KEY
 from shared.broker import Broker
 from shared.candles import CandleStore
 from shared.settings import Settings
@@ -114,7 +114,7 @@ def create_app(
             task.add_done_callback(functools.partial(watch, name))
             tasks.append(task)
         try:
-            yield {DRAIN_STATE_KEY: node.begin_drain}
+            yield {DRAIN_STATE_KEY: node.begin_drain, NODE_STATE_KEY: node}
         finally:
             node.draining = True
             for task in tasks:

@@ -1,36 +1,36 @@
-"""One client WebSocket: accept, read control frames, write replies and data, close with documented codes.
+"""One client WebSocket session: the Binance control protocol applied to the hub, and the data path out.
 
-The Binance control protocol itself lives in :mod:`gateway.protocol` (pure); this module is the thin I/O
-around it. A session is a :class:`~gateway.hub.Subscriber`: once per flush the hub hands it one
-:class:`~gateway.hub.StreamBatch` per subscribed stream with new messages, and it writes the batch's
-pre-encoded block straight to its socket (direct mode, our uvicorn protocol): one write per client per flush,
-no per-message work, no await. Without the direct extension (other ASGI servers) it falls back to a bounded
-:class:`~gateway.hub.Outbox` drained by a writer task through ASGI sends.
+The control protocol itself is :mod:`gateway.protocol` (pure); a session applies its outcomes (subscribe,
+unsubscribe, reply) and is the hub's :class:`~gateway.hub.Subscriber`. It is driven by callbacks, not by a
+task: :meth:`Session.on_text` for every inbound message, :meth:`Session.closed` once at the end. Two kinds of
+connection carry it:
 
-Slow clients (direct mode): once more than ``client_buffer_bytes`` wait in the socket's buffer the session
-stops writing. Batches of *state* streams are skipped and the stream is marked stale; when the buffer drains
+* **native** (the normal case): our uvicorn WebSocket protocol (:mod:`gateway.wsprotocol`) accepts the
+  handshake itself and calls the session directly: no ASGI task, queue or coroutine chain per client. Once
+  per flush the hub hands the session one :class:`~gateway.hub.StreamBatch` per subscribed stream with new
+  messages, and it writes the batch's pre-encoded block to the socket: one write per client per flush.
+* **ASGI fallback** (:mod:`gateway.asgi_session`, for other servers): frames go through a bounded
+  :class:`~gateway.hub.Outbox` and a writer task.
+
+Slow clients (native): once more than ``client_buffer_bytes`` wait in the socket's buffer the session stops
+writing. Batches of *state* streams are skipped and the stream is marked stale; when the buffer drains
 (``resume_writing``) the client gets the newest value of each stale stream — conflation without per-client
-queues. A batch of an *event* stream that cannot be written closes the client with 4000. Memory per client is
-bounded by the limit plus one batch.
+queues. A batch of an *event* stream that cannot be written closes the client with 4000. Memory per client
+is bounded by the limit plus one batch.
 
 Close codes: 1000 normal, 1001 server going away (drain), 1007 invalid UTF-8, 1008 control-message rate
-exceeded, 1009 frame too big (uvicorn), 1011 keepalive timeout (uvicorn), 4000 slow consumer.
+exceeded, 1009 frame too big, 1011 keepalive timeout, 4000 slow consumer.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
-from typing import Any
-
-from starlette.responses import PlainTextResponse
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from typing import Any, Protocol
 
 from gateway.hub import CLOSE_SLOW_CONSUMER, CLOSE_SLOW_CONSUMER_REASON, Outbox, StreamBatch
 from gateway.node import CLOSE_GOING_AWAY, GatewayNode
-from gateway.protocol import ControlOutcome, ControlState, parse_connect_path
-from gateway.wsprotocol import DIRECT_EXTENSION
+from gateway.protocol import ConnectRequest, ControlOutcome, ControlState, parse_connect_path
 from shared.errors import ProtocolError
 from shared.ratelimit import TokenBucket
 from shared.streams import Stream
@@ -41,17 +41,31 @@ CLOSE_RATE_LIMIT = 1008
 CLOSE_RATE_LIMIT_REASON = "too many control messages"
 
 
+class Connection(Protocol):
+    """What a session needs from the socket it runs on."""
+
+    @property
+    def peer(self) -> tuple[str, int] | None: ...
+
+    # The asyncio transport for direct writes, or None when frames must go through ``outbox`` (ASGI fallback).
+    transport: Any
+    outbox: Outbox | None
+
+    def write_text_frames(self, payloads: list[bytes]) -> int: ...
+
+    def close_now(self, code: int, reason: str) -> None: ...
+
+    def wake_writer(self) -> None: ...
+
+
 class Session:
-    def __init__(self, websocket: WebSocket, node: GatewayNode, combined: bool) -> None:
-        self.websocket = websocket
+    def __init__(self, node: GatewayNode, connection: Connection, combined: bool) -> None:
         self.node = node
-        settings = node.settings
-        self.direct: Any = websocket.scope.get("extensions", {}).get(DIRECT_EXTENSION)
-        self.transport: Any = self.direct.transport if self.direct is not None else None
+        self.connection = connection
+        self.transport: Any = connection.transport
         self.combined = combined
+        settings = node.settings
         self.buffer_limit = settings.client_buffer_bytes
-        # Only the ASGI fallback queues frames; direct mode writes them to the socket at once.
-        self.outbox: Outbox | None = None if self.direct is not None else Outbox(settings.client_buffer_bytes)
         self.control = ControlState(
             combined=combined,
             max_streams=settings.max_streams_per_connection,
@@ -59,11 +73,58 @@ class Session:
         )
         self.bucket = TokenBucket(settings.control_rate_per_s, settings.control_burst, time.monotonic())
         self.closing = False
+        self.ended = False
         self.close_code: int | None = None
         self.stale: set[str] = set()  # state streams skipped while the socket was full
-        self.conflated = 0  # state messages skipped for a full socket (direct mode)
+        self.conflated = 0  # state messages skipped for a full socket (native)
         self._parts: list[bytes] | None = None  # blocks of this flush, for clients on several streams
-        self._wakeup = asyncio.Event()
+
+    # ---- lifecycle (called by the connection) ----
+    def start(self, connect: ConnectRequest) -> None:
+        """The handshake was accepted: register, report bad URL streams, subscribe to the URL's streams."""
+        node = self.node
+        node.sessions.add(self)
+        node.metrics.connections.inc()
+        node.metrics.connections_accepted.inc()
+        for frame in connect.errors:
+            self._send_reply(frame)
+        self._subscribe(self.control.add_initial(connect.streams))
+
+    def on_text(self, text: str) -> None:
+        if self.closing:
+            return
+        metrics = self.node.metrics
+        if not self.bucket.allow(time.monotonic()):
+            metrics.control_messages.labels(result="rate_limited").inc()
+            self.close(CLOSE_RATE_LIMIT, CLOSE_RATE_LIMIT_REASON)
+            return
+        outcome = self.control.handle_text(text)
+        metrics.control_messages.labels(result="error" if outcome.reply.startswith(b'{"error"') else "ok").inc()
+        self._apply(outcome)
+
+    def on_binary(self, data: bytes) -> None:
+        if self.closing:
+            return
+        if not self.bucket.allow(time.monotonic()):
+            self.node.metrics.control_messages.labels(result="rate_limited").inc()
+            self.close(CLOSE_RATE_LIMIT, CLOSE_RATE_LIMIT_REASON)
+            return
+        self.node.metrics.control_messages.labels(result="error").inc()
+        self._apply(self.control.handle_binary(data))
+
+    def closed(self, code: int | None) -> None:
+        """The connection is over (either side closed it, or it was lost). Idempotent."""
+        if self.ended:
+            return
+        self.ended = True
+        self.closing = True
+        if self.close_code is None:
+            self.close_code = code or 1000
+        self._unsubscribe(list(self.control.subscriptions))
+        node = self.node
+        node.metrics.connections.dec()
+        node.metrics.disconnects.labels(code=str(self.close_code)).inc()
+        node.session_closed(self)
 
     # ---- Subscriber: the hub's once-per-flush delivery ----
     def deliver(self, batch: StreamBatch) -> bool:
@@ -101,7 +162,7 @@ class Session:
             self.transport.write(data)
             self.node.sent_bytes += len(data)
 
-    def _on_writable(self) -> None:
+    def on_writable(self) -> None:
         """The socket drained below its low-water mark: send the newest value of every skipped state stream."""
         if not self.stale or self.closing:
             return
@@ -110,37 +171,19 @@ class Session:
             frame for name in stale if (frame := self.node.hub.latest_frame(name, self.combined)) is not None
         ]
         if frames:
-            self.node.sent_bytes += self.direct.write_text_frames(frames)
+            self.node.sent_bytes += self.connection.write_text_frames(frames)
 
     def _deliver_to_outbox(self, batch: StreamBatch) -> bool:
-        assert self.outbox is not None
-        push = self.outbox.push
+        outbox = self.connection.outbox
+        assert outbox is not None
+        push = outbox.push
         for frame in batch.frames(self.combined):
             push(batch.stream, batch.is_state, frame)
-        self._wakeup.set()
+        self.connection.wake_writer()
         return False
 
     def _send_reply(self, frame: bytes) -> None:
-        if self.direct is not None:
-            self.node.sent_bytes += self.direct.write_text_frames([frame])
-        else:
-            assert self.outbox is not None
-            self.outbox.push_control(frame)
-            self._wakeup.set()
-
-    async def _write_via_asgi(self) -> None:
-        """Fallback writer when the server does not offer the direct extension."""
-        outbox = self.outbox
-        assert outbox is not None
-        while not self.closing:
-            await self._wakeup.wait()
-            self._wakeup.clear()
-            if outbox.overflowed:
-                self._close_slow_consumer()
-                return
-            for frame in outbox.take():
-                await self.websocket.send_text(frame.decode())
-                self.node.sent_bytes += len(frame)
+        self.node.sent_bytes += self.connection.write_text_frames([frame])
 
     # ---- closing ----
     def _close_slow_consumer(self) -> None:
@@ -148,22 +191,12 @@ class Session:
         self.close(CLOSE_SLOW_CONSUMER, CLOSE_SLOW_CONSUMER_REASON)
 
     def close(self, code: int, reason: str) -> None:
+        """Close from our side; :meth:`closed` follows when the connection reports the end."""
         if self.closing:
             return
         self.closing = True
         self.close_code = code
-        if self.outbox is not None:
-            self.outbox.take()
-        if self.direct is not None:
-            self.direct.close_now(code, reason)
-        else:
-            asyncio.get_running_loop().create_task(self._close_via_asgi(code, reason))
-
-    async def _close_via_asgi(self, code: int, reason: str) -> None:
-        try:
-            await self.websocket.close(code, reason)
-        except (RuntimeError, WebSocketDisconnect):
-            pass  # already closed by the peer
+        self.connection.close_now(code, reason)
 
     def close_going_away(self) -> None:
         self.close(CLOSE_GOING_AWAY, "server shutting down")
@@ -171,9 +204,10 @@ class Session:
     @property
     def dropped(self) -> tuple[int, int]:
         """(conflated, overflow-dropped) messages of this client, for the metrics."""
-        if self.outbox is None:
+        outbox = self.connection.outbox
+        if outbox is None:
             return self.conflated, 0
-        return self.conflated + self.outbox.conflated, self.outbox.dropped
+        return self.conflated + outbox.conflated, outbox.dropped
 
     # ---- subscriptions ----
     def _subscribe(self, streams: list[Stream]) -> None:
@@ -193,76 +227,31 @@ class Session:
         self._send_reply(outcome.reply)
         self._subscribe(outcome.subscribe)
 
-    # ---- the connection ----
-    async def run(self) -> None:
-        websocket = self.websocket
-        try:
-            connect = parse_connect_path(
-                websocket.scope["path"],
-                websocket.scope.get("query_string", b"").decode("latin-1"),
-                max_streams=self.node.settings.max_streams_per_connection,
-                is_known_symbol=self.node.is_known_symbol,
-            )
-        except ProtocolError as error:
-            await websocket.send_denial_response(PlainTextResponse(error.reason, status_code=404))
-            return
-        await websocket.accept()
-        node = self.node
-        node.sessions.add(self)
-        node.metrics.connections.inc()
-        node.metrics.connections_accepted.inc()
-        if self.direct is not None:
-            self.direct.on_writable = self._on_writable
-            # Pause (and so later resume, which resends stale state) around our own limit, not the loop's default.
-            self.transport.set_write_buffer_limits(high=self.buffer_limit, low=self.buffer_limit // 4)
-        writer = None if self.direct is not None else asyncio.get_running_loop().create_task(self._write_via_asgi())
-        try:
-            for frame in connect.errors:
-                self._send_reply(frame)
-            self._subscribe(self.control.add_initial(connect.streams))
-            await self._read_loop()
-        finally:
-            self.closing = True
-            self._unsubscribe(list(self.control.subscriptions))
-            if writer is not None:
-                self._wakeup.set()
-                writer.cancel()
-            node.metrics.connections.dec()
-            node.metrics.disconnects.labels(code=str(self.close_code or 1000)).inc()
-            node.session_closed(self)
 
-    async def _read_loop(self) -> None:
-        receive = self.websocket.receive
-        metrics = self.node.metrics
-        while True:
-            message = await receive()
-            if message["type"] == "websocket.disconnect":
-                if self.close_code is None:
-                    self.close_code = int(message.get("code") or 1000)
-                return
-            if self.closing:
-                continue
-            if not self.bucket.allow(time.monotonic()):
-                metrics.control_messages.labels(result="rate_limited").inc()
-                self.close(CLOSE_RATE_LIMIT, CLOSE_RATE_LIMIT_REASON)
-                continue
-            text = message.get("text")
-            if text is not None:
-                outcome = self.control.handle_text(text)
-            else:
-                outcome = self.control.handle_binary(message.get("bytes") or b"")
-            metrics.control_messages.labels(result="error" if outcome.reply.startswith(b'{"error"') else "ok").inc()
-            self._apply(outcome)
+class Rejection:
+    """A handshake the gateway refuses, with the HTTP status and text to answer."""
+
+    __slots__ = ("headers", "reason", "status")
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
 
 
-async def websocket_endpoint(websocket: WebSocket) -> None:
-    node: GatewayNode = websocket.app.state.node
+def admit(node: GatewayNode, path: str, query_string: str) -> ConnectRequest | Rejection:
+    """Decide on a WebSocket handshake: the parsed URL, or why it is refused (404 / 503)."""
     if node.draining or len(node.sessions) >= node.settings.max_connections:
         reason = "draining" if node.draining else "max_connections"
         node.metrics.connections_rejected.labels(reason=reason).inc()
-        await websocket.send_denial_response(
-            PlainTextResponse(f"gateway unavailable: {reason}", status_code=503, headers={"Retry-After": "1"})
+        return Rejection(503, f"gateway unavailable: {reason}", {"Retry-After": "1"})
+    try:
+        return parse_connect_path(
+            path,
+            query_string,
+            max_streams=node.settings.max_streams_per_connection,
+            is_known_symbol=node.is_known_symbol,
         )
-        return
-    combined = websocket.scope["path"].startswith("/stream")
-    await Session(websocket, node, combined).run()
+    except ProtocolError as error:
+        node.metrics.connections_rejected.labels(reason="not_found").inc()
+        return Rejection(404, error.reason)

@@ -1,49 +1,75 @@
-"""uvicorn WebSocket protocol for the gateway: uvicorn's websockets-sansio implementation plus three changes.
+"""uvicorn WebSocket protocol for the gateway: uvicorn's websockets-sansio implementation, with stream
+sessions run natively.
+
+For the stream endpoints (``/ws…``, ``/stream…``) this protocol completes the handshake itself and drives a
+:class:`~gateway.session.Session` by direct calls — no ASGI task, queue or coroutine chain per client, which
+keeps an idle client to a few KiB and lets the hub write pre-encoded frame blocks straight to the transport.
+Every other WebSocket path goes through the ASGI app as usual. Changes from uvicorn's behaviour:
 
 1. **Pongs are not payload-checked.** Binance only requires *a* pong within 60 s, and real clients
    (binance-connector) answer pings with an empty payload; uvicorn would ignore those and drop the client.
-2. **Direct frame writes.** The protocol object is exposed to the app as the ASGI extension
-   ``pricegate.direct``; the session writes all its pending frames with :meth:`write_text_frames` in one
-   ``transport.write`` (coalesced, no per-message ASGI ``send``/await), can see the transport's buffer size for
-   its slow-client policy, and can close a stuck client without waiting for its buffer to drain.
-3. **Drain on shutdown.** On server shutdown uvicorn closes every socket with 1012 at once; instead we ask the
-   app (lifespan state ``pricegate.drain``) to close its clients with 1001 spread over a few seconds.
+2. **Stuck clients are closed without waiting for them**: :meth:`close_now` sends the close frame and aborts
+   the socket if it has not drained within a few seconds (a client that does not read cannot receive it).
+3. **Drain on shutdown.** On server shutdown uvicorn closes every socket with 1012 at once; instead we ask
+   the gateway to close its clients with 1001 spread over a few seconds.
 
-Selected with ``uvicorn.Config(ws=PricegateWebSocketProtocol)``; the app falls back to plain ASGI sends when
-the extension is absent (TestClient, other servers).
+Selected with ``uvicorn.Config(ws=PricegateWebSocketProtocol)``; it finds the gateway in the lifespan state
+(``pricegate.node``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 from typing import Any
+from urllib.parse import unquote
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
 from websockets.http11 import Request
 
+from gateway.hub import Outbox
+from gateway.session import Rejection, Session, admit
 from gateway.wsframe import encode_text_frames
 
-DIRECT_EXTENSION = "pricegate.direct"
+NODE_STATE_KEY = "pricegate.node"
 DRAIN_STATE_KEY = "pricegate.drain"
 ABORT_AFTER_CLOSE_S = 5.0  # a client that does not read cannot receive our close frame either
+STREAM_PREFIXES = ("/ws/", "/stream/")
+STREAM_PATHS = ("/ws", "/stream")
+
+logger = logging.getLogger("pricegate.gateway.ws")
+# websockets logs "connection open"/"closed" per client at INFO: at tens of thousands of clients that is noise,
+# so native sessions log through this logger, quiet unless explicitly lowered (e.g. for debugging).
+_connection_logger = logging.getLogger("pricegate.gateway.ws.connections")
+_connection_logger.setLevel(logging.WARNING)
+
+
+class _Discard:
+    """Stands in for uvicorn's per-connection ASGI queue and writable event on native sessions (nothing reads
+    them there), so an idle client does not carry them."""
+
+    def put_nowait(self, item: object) -> None:
+        pass
+
+    def set(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+
+_DISCARD = _Discard()
 
 
 class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
-    on_writable: Callable[[], None] | None = None
+    session: Session | None = None
+    outbox: Outbox | None = None  # native sessions write directly
+    _text_fragments: list[bytes] | None = None
 
-    # ---- keepalive: any pong answers the outstanding ping ----
-    def handle_pong(self, event: Frame) -> None:
-        if self.pending_ping_payload is not None:
-            self.pending_ping_payload = bytes(event.data)
-        super().handle_pong(event)
-
-    # ---- expose the direct writer to the app ----
-    def handle_connect(self, event: Request) -> None:
-        super().handle_connect(event)
-        scope: Any = getattr(self, "scope", None)
-        if scope is not None:
-            scope["extensions"][DIRECT_EXTENSION] = self
+    # ---- Connection (what a Session needs) ----
+    @property
+    def peer(self) -> tuple[str, int] | None:
+        return self.client
 
     @property
     def is_closed(self) -> bool:
@@ -78,21 +104,136 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
         self.close_sent = True
         self.transport.close()
         self.loop.call_later(ABORT_AFTER_CLOSE_S, self._abort_if_open)
+        if self.session is not None:
+            self.session.closed(code)
+
+    def wake_writer(self) -> None:
+        pass  # native sessions write synchronously
 
     def _abort_if_open(self) -> None:
         if not self.disconnected:
             self.transport.abort()
 
+    # ---- handshake ----
+    def handle_connect(self, event: Request) -> None:
+        node: Any = self.app_state.get(NODE_STATE_KEY)
+        raw_path, _, query = event.path.partition("?")
+        path = unquote(raw_path)
+        if node is None or not (path in STREAM_PATHS or path.startswith(STREAM_PREFIXES)):
+            super().handle_connect(event)
+            return
+        self.handshake_initiated = True
+        self.conn.logger = _connection_logger
+        response = self.conn.accept(event)
+        if response.status_code == 101:
+            admission = admit(node, path, query)
+            if isinstance(admission, Rejection):
+                response = self.conn.reject(admission.status, admission.reason)
+                for name, value in admission.headers.items():
+                    response.headers[name] = value
+        if response.status_code != 101:
+            self.handshake_complete = True
+            self.close_sent = True
+            self.conn.send_response(response)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
+            return
+        assert not isinstance(admission, Rejection)
+        self.handshake_complete = True
+        self.conn.send_response(response)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        # websockets' parser generator keeps the handshake Request alive for the connection's lifetime; its
+        # headers are the bulk of an idle client's memory and nothing needs them any more.
+        event.headers.clear()
+        self.queue = _DISCARD  # type: ignore[assignment]
+        self.writable = _DISCARD  # type: ignore[assignment]
+        limit = node.settings.client_buffer_bytes
+        # Pause (and so later resume, which resends stale state) around our own limit, not the loop's default.
+        self.transport.set_write_buffer_limits(high=limit, low=limit // 4)
+        self.session = Session(node, self, admission.combined)
+        self.start_keepalive()
+        self.session.start(admission)
+
+    # ---- inbound frames on native sessions ----
+    def handle_text(self, event: Frame) -> None:
+        if self.session is None:
+            super().handle_text(event)
+        elif event.fin:
+            self._dispatch_text(event.data)
+        else:
+            self._text_fragments = [bytes(event.data)]
+
+    def handle_cont(self, event: Frame) -> None:
+        if self.session is None:
+            super().handle_cont(event)
+            return
+        if self._text_fragments is None:  # continuation of a binary message: treat as one binary message
+            if event.fin:
+                self.session.on_binary(bytes(event.data))
+            return
+        self._text_fragments.append(bytes(event.data))
+        if event.fin:
+            data, self._text_fragments = b"".join(self._text_fragments), None
+            self._dispatch_text(data)
+
+    def _dispatch_text(self, data: bytes | bytearray | memoryview) -> None:
+        assert self.session is not None
+        try:
+            text = bytes(data).decode()
+        except UnicodeDecodeError:
+            self.close_now(1007, "invalid UTF-8 in a text frame")
+            return
+        self.session.on_text(text)
+
+    def handle_bytes(self, event: Frame) -> None:
+        if self.session is None:
+            super().handle_bytes(event)
+        elif event.fin:
+            self.session.on_binary(bytes(event.data))
+        else:
+            self._text_fragments = None
+
+    def handle_pong(self, event: Frame) -> None:
+        # Any pong answers the outstanding ping (see the module docstring).
+        if self.pending_ping_payload is not None:
+            self.pending_ping_payload = bytes(event.data)
+        super().handle_pong(event)
+
+    def handle_close(self, event: Frame) -> None:
+        super().handle_close(event)
+        if self.session is not None and self.conn.close_rcvd is not None:
+            self.session.closed(self.conn.close_rcvd.code)
+
+    def handle_parser_exception(self) -> None:
+        super().handle_parser_exception()
+        if self.session is not None and self.conn.close_sent is not None:
+            self.session.closed(self.conn.close_sent.code)
+
+    def keepalive_timeout(self) -> None:
+        super().keepalive_timeout()
+        if self.session is not None:
+            self.session.closed(1011)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.session is not None:
+            self.session.closed(1006)
+
     def resume_writing(self) -> None:
         super().resume_writing()
-        if self.on_writable is not None:
-            self.on_writable()
+        if self.session is not None:
+            self.session.on_writable()
 
-    # ---- shutdown: let the app drain with 1001 instead of an instant 1012 ----
+    # ---- shutdown: let the gateway drain with 1001 instead of an instant 1012 ----
     def shutdown(self) -> None:
-        scope: Any = getattr(self, "scope", None)
-        drain = scope["state"].get(DRAIN_STATE_KEY) if scope is not None else None
-        if drain is not None and self.handshake_complete and not self.close_sent and not self.disconnected:
-            drain()
-            return
+        if self.session is not None:
+            if not self.close_sent and not self.disconnected:
+                self.app_state[NODE_STATE_KEY].begin_drain()
+                return
+        else:
+            scope: Any = getattr(self, "scope", None)
+            drain = scope["state"].get(DRAIN_STATE_KEY) if scope is not None else None
+            if drain is not None and self.handshake_complete and not self.close_sent and not self.disconnected:
+                drain()
+                return
         super().shutdown()

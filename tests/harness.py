@@ -49,13 +49,17 @@ async def running_gateway(
     background: Sequence[BackgroundJob] = (),
     start_broker: bool = True,
     candles: CandleStore | None = None,
+    ws_protocol: str | None = None,
     **overrides: Any,
 ) -> AsyncIterator[RunningGateway]:
     settings = (settings or Settings()).with_overrides({"port": 0, "log_level": "warning", **overrides})
     if start_broker:
         await broker.start()
     app = create_app(settings, broker, background=background, candles=candles)
-    server = uvicorn.Server(uvicorn_config(app, settings))
+    config = uvicorn_config(app, settings)
+    if ws_protocol is not None:
+        config.ws = ws_protocol  # e.g. uvicorn's stock "websockets-sansio": exercises the plain-ASGI session path
+    server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(10):

@@ -165,14 +165,14 @@ class StuckClient:
 
 def session_of(gw: RunningGateway, client: StuckClient) -> Session:
     for session in gw.node.sessions:
-        if session.websocket.scope["client"][1] == client.port:
+        if session.connection.peer is not None and session.connection.peer[1] == client.port:
             return session
     raise AssertionError("no session for the stuck client")
 
 
 def pin_send_buffer(session: Session, size: int = 16 * 1024) -> None:
     """Stop the kernel from auto-tuning this server socket's send buffer to MBs (see the module docstring)."""
-    session.direct.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    session.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 class Reader:
@@ -239,8 +239,8 @@ class Peaks:
         self.transport = 0
 
     def sample(self) -> None:
-        assert self.session.outbox is None  # direct mode: no per-client queue besides the socket buffer
-        self.transport = max(self.transport, self.session.direct.buffered_bytes)
+        assert self.session.connection.outbox is None  # direct mode: no per-client queue besides the socket buffer
+        self.transport = max(self.transport, self.session.transport.get_write_buffer_size())
 
 
 @pytest.fixture
@@ -473,7 +473,7 @@ async def test_a_stuck_client_does_not_delay_a_healthy_one(gateway: tuple[Runnin
         pin_send_buffer(session)
         # Fill the stuck client until the gateway has stopped writing to it (its socket buffer passed the limit).
         published = 0
-        while not session.direct.buffered_bytes > BUFFER:
+        while not session.transport.get_write_buffer_size() > BUFFER:
             assert published < 2000, "the stuck client never filled up"
             await broker.publish([OutgoingMessage(BOOK, book(published + index + 1), True) for index in range(16)])
             published += 16
@@ -486,7 +486,7 @@ async def test_a_stuck_client_does_not_delay_a_healthy_one(gateway: tuple[Runnin
             await broker.publish([OutgoingMessage(BOOK, book(published), True)])
             await reader.wait_count(published, timeout=2)
             latencies.append(reader.arrived_at[published - 1] - sent)
-        assert session in gw.node.sessions and session.direct.buffered_bytes > BUFFER  # still stuck
+        assert session in gw.node.sessions and session.transport.get_write_buffer_size() > BUFFER  # still stuck
         assert max(latencies) < 0.2, latencies
     finally:
         stuck.close()
