@@ -92,6 +92,9 @@ def _configure_logging(settings: Settings) -> None:
 
 
 def _make_source(settings: Settings) -> Any:
+    from ingest.service import always_on_streams
+
+    always_on_streams(settings.always_on_streams)  # named as PRICEGATE_ALWAYS_ON_STREAMS, before any source opens
     if settings.source == "synthetic":
         from ingest.sources import SyntheticSource
 
@@ -99,12 +102,25 @@ def _make_source(settings: Settings) -> Any:
             list(settings.symbols), seed=settings.synthetic_seed, trade_rate_per_s=settings.synthetic_trade_rate
         )
     if settings.source == "replay":
-        from ingest.recording import SAMPLE_PATH
+        from ingest.recording import SAMPLE_PATH, parse_recording_line
         from ingest.sources import ReplaySource
 
         path = Path(settings.replay_file) if settings.replay_file else SAMPLE_PATH
         if not path.is_file():
             raise ConfigError(env_name("replay_file"), str(path), "no such file")
+        # A file that is not a recording at all (a wrong path) is found now: its first non-blank line tells. A
+        # malformed line further on still stops the replay when it is reached.
+        first = None
+        try:
+            with path.open("rb") as file:
+                for number, line in enumerate(file, start=1):
+                    first = parse_recording_line(line, number, path)
+                    if first is not None:
+                        break
+        except (OSError, ValueError) as error:
+            raise ConfigError(env_name("replay_file"), str(path), f"not a recording: {error}") from None
+        if first is None:
+            raise ConfigError(env_name("replay_file"), str(path), "not a recording: no frame in it")
         return ReplaySource(path, speed=settings.replay_speed, loop=settings.replay_loop)
     from ingest.upstream import BinanceSource
 
@@ -261,10 +277,28 @@ async def run_ingest(settings: Settings) -> None:
 async def run_record(settings: Settings, args: argparse.Namespace) -> None:
     from ingest.recorder import record
 
+    # SIGTERM and SIGINT end the recording like --duration does: the file is complete and the count printed.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     streams = [name.strip() for name in args.streams.split(",") if name.strip()]
-    count = await record(
-        settings.binance_ws_url, streams, args.out, duration_s=args.duration, max_messages=args.max_messages
-    )
+    try:
+        count = await record(
+            settings.binance_ws_url,
+            streams,
+            args.out,
+            duration_s=args.duration,
+            max_messages=args.max_messages,
+            stop=stop,
+        )
+    except ConfigError as error:
+        # record() names its parameters; the user typed the command's flags.
+        flags = {"streams": "--streams", "duration_s": "--duration", "max_messages": "--max-messages"}
+        flag = flags.get(error.setting)
+        if flag is None:
+            raise
+        raise ConfigError(flag, error.value, error.problem) from None
     print(f"recorded {count} frames to {args.out}", flush=True)
 
 
