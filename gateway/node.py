@@ -19,6 +19,7 @@ from gateway.hub import Hub
 from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay
 from shared.broker import Broker
+from shared.cancellation import raise_if_cancel_was_lost
 from shared.settings import Settings
 
 if TYPE_CHECKING:
@@ -99,6 +100,7 @@ class GatewayNode:
         """Keep the exchangeInfo (and so the known symbols) current; fast until ingest has written one."""
         while True:
             await self.load_exchange_info()
+            raise_if_cancel_was_lost()
             await asyncio.sleep(EXCHANGE_INFO_POLL_S if self.exchange_info is not None else 0.1)
 
     # ---- health ----

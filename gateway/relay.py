@@ -25,6 +25,7 @@ from gateway.hub import Hub
 from gateway.metrics import GatewayMetrics
 from shared.backoff import backoff_delays
 from shared.broker import Broker
+from shared.cancellation import raise_if_cancel_was_lost
 from shared.frames import Publication
 
 logger = logging.getLogger("pricegate.gateway.relay")
@@ -86,6 +87,7 @@ class Relay:
             self._changed.clear()
             try:
                 await self._reconcile()
+                raise_if_cancel_was_lost()
             except Exception as error:  # broker failures are retried, never fatal
                 self.healthy = False
                 delay = next(delays)
@@ -116,6 +118,7 @@ class Relay:
             if self.active:
                 try:
                     await self.broker.announce_demand(set(self.active), time.time() + self.demand_ttl_s)
+                    raise_if_cancel_was_lost()
                 except Exception as error:  # next round retries
                     logger.warning("demand announcement failed: %r", error)
             if self.last_heartbeat_ms:

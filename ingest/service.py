@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from ingest.candles import CandleRecorder
 from ingest.sources import MarketSource
 from shared.broker import Broker, OutgoingMessage
+from shared.cancellation import raise_if_cancel_was_lost
 from shared.errors import ConfigError, ProtocolError
 from shared.settings import Settings, env_name
 from shared.streams import parse_stream
@@ -43,18 +44,6 @@ def always_on_streams(names: Iterable[str]) -> frozenset[str]:
         except ProtocolError as error:
             raise ConfigError(env_name("always_on_streams"), name, error.reason) from None
     return frozenset(canonical)
-
-
-def _stop_if_cancel_was_lost() -> None:
-    """Raise CancelledError if this task was asked to stop while the call that just returned was running.
-
-    On Python 3.11, ``asyncio.wait_for`` (redis-py wraps socket writes in it when a socket timeout is set) drops
-    a cancellation that arrives just as the wrapped operation completes: the call returns normally, and a
-    ``while True`` loop would go on forever, holding up the TaskGroup, ingest's shutdown and SIGTERM (about
-    one stop in 30 under load hung). The request is still counted on the task, so it is honoured here."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
 
 
 class IngestMetrics:
@@ -123,7 +112,7 @@ class IngestService:
             if kind is None:
                 kind = self._kind_cache[message.stream] = parse_stream(message.stream).kind.value
             self.metrics.published.labels(kind=kind).inc()
-        _stop_if_cancel_was_lost()  # sources call publish in a loop
+        raise_if_cancel_was_lost()  # sources call publish in a loop
 
     def update_wanted(self, demanded: set[str], now: float) -> frozenset[str]:
         """Fold a demand reading into the wanted set, keeping streams for the linger period."""
@@ -155,7 +144,7 @@ class IngestService:
                     self.wanted = wanted
                     self.source.set_wanted(wanted)
                 self.metrics.wanted_streams.set(len(self.wanted))
-            _stop_if_cancel_was_lost()
+            raise_if_cancel_was_lost()
             await asyncio.sleep(DEMAND_POLL_S)
 
     async def _heartbeat_forever(self) -> None:
@@ -164,7 +153,7 @@ class IngestService:
                 await self.broker.publish_heartbeat(int(time.time() * 1000))
             except Exception as error:
                 logger.warning("heartbeat failed: %r", error)
-            _stop_if_cancel_was_lost()
+            raise_if_cancel_was_lost()
             await asyncio.sleep(HEARTBEAT_S)
 
     async def _refresh_exchange_info_forever(self) -> None:
@@ -176,5 +165,5 @@ class IngestService:
             except Exception as error:
                 logger.warning("exchangeInfo refresh failed: %r", error)
                 delay = 5.0
-            _stop_if_cancel_was_lost()
+            raise_if_cancel_was_lost()
             await asyncio.sleep(delay)
