@@ -267,6 +267,7 @@ class Options:
     streams: int = len(STREAMS)
     disturbed_pct: float = 10.0  # other processes' CPU % in a step above which a target's run is "disturbed"
     retry_disturbed: int = 0
+    boost: bool = True
     idle_settle_s: float = 1.0
     stall_fill_s: float = 10.0
     drain_cap_s: float = 1.5
@@ -1037,6 +1038,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--server-cpu", type=int, default=0)
     parser.add_argument("--load-cpu", type=int, default=1)
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to CPUs")
+    parser.add_argument("--no-boost", action="store_true", help="keep the default priority (else nice -10 as root)")
     parser.add_argument(
         "--publish-via",
         choices=("packed", "broker"),
@@ -1078,6 +1080,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         per_src=args.per_src,
         publish_via=args.publish_via,
         retry_disturbed=args.retry_disturbed,
+        boost=not args.no_boost,
         idle_settle_s=0.5 if quick else 1.0,
         stall_fill_s=args.stall_fill_seconds or (6.0 if quick else 15.0),
     )
@@ -1096,17 +1099,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parse_args(argv)
     started = time.monotonic()
     raise_nofile(max([*options.clients, options.scale]) + 4096)
+    if options.boost:
+        # On a shared machine, other work competes for both CPUs: as root, run every process of the benchmark
+        # (children inherit it) at a higher priority than the rest. Recorded in the results.
+        with contextlib.suppress(OSError):
+            os.nice(-10)
     benchmark = Benchmark(options)
     report: dict[str, Any] = {
         "command": "python -m loadtests.fanout " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": machine(),
         "source": source_version(benchmark.root),
         "pinning": benchmark.pinning.description,
+        "nice": os.nice(0),
         "options": {k: str(v) if isinstance(v, Path) else v for k, v in options.__dict__.items()},
         "results": [],
     }
     lines: list[dict[str, Any]] = []
     all_results: list[TargetResult] = []
+    completed = False
     try:
         with _sigterm_as_exit():
             log(f"pinning: {benchmark.pinning.description}; load generator {benchmark.loadgen_binary}")
@@ -1126,17 +1136,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     line = per_n_line(clients, results)
                     lines.append(line)
                     print(json.dumps(line), flush=True)
+            completed = True
     finally:
         benchmark.close()
+        # Written even when interrupted, so a long run's finished targets are never lost.
+        report["completed"] = completed
+        report["elapsed_s"] = round(time.monotonic() - started, 1)
+        if not options.scale:
+            report["final"] = {key: [line.get(key) for line in lines] for key in KEYS}
+        options.out.mkdir(parents=True, exist_ok=True)
+        (options.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+        log(f"{'done' if completed else 'interrupted'} after {report['elapsed_s']:.0f}s; results in {options.out}")
     if not options.scale:
         print_table(all_results)
-        final = {key: [line.get(key) for line in lines] for key in KEYS}
-        report["final"] = final
-    report["elapsed_s"] = round(time.monotonic() - started, 1)
-    options.out.mkdir(parents=True, exist_ok=True)
-    (options.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
-    log(f"done in {report['elapsed_s']:.0f}s; results in {options.out / 'results.json'}")
-    if not options.scale:
         print(json.dumps(report["final"]), flush=True)
     failed = any(result.error for result in all_results) or bool(report.get("scale", {}).get("error"))
     return 1 if failed else 0
