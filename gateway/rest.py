@@ -318,12 +318,17 @@ class RestApi:
         if self.exchange is not None:
             exchange = self.exchange
             arguments: dict[str, str | int] = {"symbol": symbol, "limit": limit}
-            served = await self.flights.get(
-                "depth",
-                f"depth:{symbol}:{limit}",
-                self.settings.cache_ttl_live_s,
-                lambda: exchange.get("depth", arguments),
-            )
+            try:
+                served = await self.flights.get(
+                    "depth",
+                    f"depth:{symbol}:{limit}",
+                    self.settings.cache_ttl_live_s,
+                    lambda: exchange.get("depth", arguments),
+                )
+            except BACKEND_ERRORS:
+                if book is None:
+                    raise
+                return Reply(book.payload)  # the exchange failed: the streamed book, if shallower, beats an error
             return Reply(served.body, served)
         waited = await self.market.wait_for(
             lambda: self.market.book(symbol, limit), self.settings.rest_last_value_wait_s

@@ -23,7 +23,7 @@ from shared.db import open_pool
 from shared.intervals import candle_window
 from shared.settings import Settings
 from tests.fake_binance import FakeBinance, fake_kline_row
-from tests.harness import running_gateway
+from tests.harness import message, running_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -257,3 +257,27 @@ async def test_depth_and_prices_fall_back_to_the_exchange_without_streams(
     assert everything.headers["x-mbx-used-weight-1m"] == str(5 + 5 + 2 + 4)
     # ... and ingest was asked to start the streams, so the next requests are answered from them.
     assert {"ethusdt@depth20@100ms", "btcusdt@miniTicker"} <= demand
+
+
+async def test_depth_uses_the_streamed_book_when_deep_enough_and_when_the_exchange_fails(
+    store: PostgresCandleStore, fake: FakeBinance, redis_url: str, key_prefix: str
+) -> None:
+    broker = MemoryBroker()
+    bids = [[f"{100 - i}.00000000", "1.00000000"] for i in range(20)]
+    asks = [[f"{101 + i}.00000000", "1.00000000"] for i in range(20)]
+    async with (
+        running_gateway(broker, candles=store, **gateway_settings(fake, redis_url, key_prefix)) as gateway,
+        httpx.AsyncClient(base_url=gateway.http_base) as client,
+    ):
+        broker.publish_now(
+            [message("btcusdt@depth20@100ms", {"lastUpdateId": 5, "bids": bids, "asks": asks})],
+            int(time.time() * 1000),
+        )
+        shallow = await client.get("/api/v3/depth", params={"symbol": "BTCUSDT", "limit": 10})
+        assert shallow.json() == {"lastUpdateId": 5, "bids": bids[:10], "asks": asks[:10]}
+        assert fake.rest_calls("depth") == []  # 20 streamed levels cover limit=10
+        deep = await client.get("/api/v3/depth", params={"symbol": "BTCUSDT", "limit": 500})
+        assert len(deep.json()["bids"]) == 500 and len(fake.rest_calls("depth")) == 1  # deeper: the exchange
+        fake.fail_next_rest(5, 503)
+        degraded = await client.get("/api/v3/depth", params={"symbol": "BTCUSDT", "limit": 1000})
+        assert degraded.status_code == 200 and degraded.json() == {"lastUpdateId": 5, "bids": bids, "asks": asks}
