@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from shared.backoff import backoff_delays
 from shared.broker import OutgoingMessage
+from shared.cancellation import raise_if_cancel_was_lost
 from shared.candles import Candle, CandleStore, MalformedKline, candle_from_event, kline_stream
 
 logger = logging.getLogger("pricegate.ingest.candles")
@@ -121,6 +122,7 @@ class CandleRecorder:
                     await asyncio.sleep(delay)
                 else:
                     delays = backoff_delays(initial=0.5, maximum=30.0)
+                raise_if_cancel_was_lost()  # a driver call may have swallowed our stop request
         finally:
             if self._pending:
                 try:
