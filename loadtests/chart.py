@@ -19,11 +19,12 @@ COLOURS = {"pricegate": "#1f77b4", "naive": "#d62728", "picows": "#2ca02c"}
 LABELS = {"pricegate": "pricegate gateway", "naive": "naive Starlette loop", "picows": "picows broadcast"}
 
 
-def series(report: dict[str, Any]) -> dict[str, list[tuple[int, float | None, float | None]]]:
-    """target -> [(N, max sustained deliveries/s, p99 ms at half of it)] sorted by N."""
-    out: dict[str, list[tuple[int, float | None, float | None]]] = {}
+def series(report: dict[str, Any]) -> dict[str, list[tuple[int, float | None, float | None, bool]]]:
+    """target -> [(N, max sustained deliveries/s, p99 ms at half of it, publisher-limited)] sorted by N."""
+    out: dict[str, list[tuple[int, float | None, float | None, bool]]] = {}
     for entry in report["results"]:
-        out.setdefault(entry["target"], []).append((entry["clients"], entry["max_sustained_per_s"], entry["p99_ms"]))
+        point = (entry["clients"], entry["max_sustained_per_s"], entry["p99_ms"], bool(entry.get("publisher_limited")))
+        out.setdefault(entry["target"], []).append(point)
     return {target: sorted(points) for target, points in out.items()}
 
 
@@ -38,12 +39,14 @@ def draw(report: dict[str, Any], output: Path, title: str | None = None) -> None
     for target, points in series(report).items():
         colour = COLOURS.get(target)
         label = LABELS.get(target, target)
-        xs = [n for n, best, _ in points if best]
-        throughput.plot(xs, [best / 1000 for _, best, _ in points if best], "o-", color=colour, label=label)
-        for n, best, _ in points:
+        xs = [n for n, best, _, _ in points if best]
+        throughput.plot(xs, [best / 1000 for _, best, _, _ in points if best], "o-", color=colour, label=label)
+        for n, best, _, limited in points:
             if best:
-                throughput.annotate(f"{best / 1000:.0f}k", (n, best / 1000), textcoords="offset points", xytext=(4, 4))
-        lat = [(n, p99) for n, _, p99 in points if p99]
+                # ">=": the publisher could not go faster, so the server's real max is higher.
+                text = f"{'>=' if limited else ''}{best / 1000:.0f}k"
+                throughput.annotate(text, (n, best / 1000), textcoords="offset points", xytext=(4, 4))
+        lat = [(n, p99) for n, _, p99, _ in points if p99]
         latency.plot([n for n, _ in lat], [p99 for _, p99 in lat], "o-", color=colour, label=label)
     throughput.set_xscale("log")
     throughput.set_xlabel("connected clients N")
