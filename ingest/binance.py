@@ -5,24 +5,29 @@ Everything here is pure (no sockets, no event loop) so the parsing, planning and
 on their own; ``ingest.upstream`` is the thin asyncio adapter that feeds it bytes and a clock. Three jobs:
 
 - :func:`parse_frame` classifies one upstream text frame: a combined data frame (payload sliced out
-  verbatim, so downstream clients receive Binance's exact bytes), a control reply or error, a
-  ``serverShutdown`` notice, or a malformed frame. It never raises: outside input must not crash ingest.
+  verbatim, so downstream clients receive Binance's exact bytes, with the event's identity read from the same
+  decode that validates it), a control reply or error, a ``serverShutdown`` notice, or a malformed frame. It
+  never raises: outside input must not crash ingest.
 - :func:`plan_subscriptions`, :func:`assign_streams` and :func:`plan_changes` spread streams over
   connections (≤ 1024 each) and turn them into SUBSCRIBE/UNSUBSCRIBE requests of bounded size.
 - :class:`ControlPacer` is a token bucket that says when the next control message may go out, so a
-  connection never sends more than Binance's 5 messages/s (pings, pongs and control messages all count).
+  connection never sends more than Binance's 5 messages/s (pings, pongs and control messages all count);
+  :class:`ConnectionAttemptPacer` keeps connection attempts under Binance's 300 per 5 minutes per IP.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import orjson
 
+from ingest.identity import event_identity
+from shared.broker import EventId
 from shared.frames import split_combined_frame
 from shared.streams import MAX_STREAM_NAME_LENGTH
 
@@ -35,6 +40,10 @@ KiB while a full 1024-stream connection still subscribes in six messages (about 
 
 MAX_CONTROL_MESSAGES_PER_S = 5.0
 """Binance's inbound limit per connection; pings, pongs and control messages all count."""
+
+MAX_CONNECTION_ATTEMPTS = 300
+CONNECTION_ATTEMPT_WINDOW_S = 300.0
+"""Binance allows 300 connection attempts per 5 minutes per IP (WebSocket streams and API together)."""
 
 SERVER_SHUTDOWN_STREAM = "!serverShutdown"
 SERVER_SHUTDOWN_EVENT = "serverShutdown"
@@ -49,10 +58,12 @@ Method = Literal["SUBSCRIBE", "UNSUBSCRIBE", "LIST_SUBSCRIPTIONS"]
 
 @dataclass(frozen=True, slots=True)
 class DataFrame:
-    """A market-data event: the stream it belongs to and the exchange's payload bytes."""
+    """A market-data event: the stream it belongs to, the exchange's payload bytes and, when the payload was
+    decoded, the exchange's identity of the event (see :mod:`ingest.identity`)."""
 
     stream: str
     payload: bytes
+    event: EventId | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,10 +116,16 @@ def parse_frame(frame: bytes | str, *, validate_payload: bool = True) -> Upstrea
         stream, payload = sliced
         # A slice that is not JSON on its own means the envelope had another layout (say, a key after
         # "data"): the full parse below then decides.
-        if _plausible_stream(stream) and payload[:1] in (b"{", b"[") and (not validate_payload or _is_json(payload)):
-            if stream == SERVER_SHUTDOWN_STREAM:
-                return ServerShutdown(_event_time(payload))
-            return DataFrame(stream, payload)
+        if _plausible_stream(stream) and payload[:1] in (b"{", b"["):
+            if not validate_payload:
+                if stream == SERVER_SHUTDOWN_STREAM:
+                    return ServerShutdown(_event_time(payload))
+                return DataFrame(stream, payload)
+            document = _decode(payload)
+            if document is not _INVALID:
+                if stream == SERVER_SHUTDOWN_STREAM:
+                    return ServerShutdown(_event_time_of(document))
+                return DataFrame(stream, payload, event_identity(document))
     return _parse_slow(data)
 
 
@@ -118,12 +135,14 @@ def _plausible_stream(stream: str) -> bool:
     )
 
 
-def _is_json(payload: bytes) -> bool:
+_INVALID = object()
+
+
+def _decode(payload: bytes) -> object:
     try:
-        orjson.loads(payload)
+        return orjson.loads(payload)
     except ValueError:
-        return False
-    return True
+        return _INVALID
 
 
 def _event_time(payload: bytes) -> int | None:
@@ -167,7 +186,7 @@ def _parse_slow(data: bytes) -> UpstreamFrame:
         if not isinstance(payload, dict | list):
             return Malformed(f"payload of {stream} is not a JSON object or array")
         try:
-            return DataFrame(stream, orjson.dumps(payload))
+            return DataFrame(stream, orjson.dumps(payload), event_identity(payload))
         except TypeError:  # orjson.JSONEncodeError, e.g. an integer wider than 64 bits
             return Malformed(f"payload of {stream} cannot be re-encoded")
     if document.get("e") == SERVER_SHUTDOWN_EVENT:
@@ -388,3 +407,54 @@ class ControlPacer:
         """Account for a message that went out regardless (a pong); may leave the bucket overdrawn."""
         self._refill()
         self._tokens -= 1
+
+
+class ConnectionAttemptPacer:
+    """Connection attempts (successful or not) in a sliding window, on an injected clock.
+
+    Binance counts every connection attempt from an IP, 300 per 5 minutes, and its answer beyond that is not
+    documented; a reconnect storm (a flapping network, a rotation of many connections) must never get there.
+    :meth:`delay` says how long to wait before the next attempt is allowed, :meth:`record` counts one. Shared by
+    all of one process's upstream connections; processes on the same IP share Binance's budget, so give each a
+    share (``limit``) of it."""
+
+    def __init__(
+        self,
+        limit: int = MAX_CONNECTION_ATTEMPTS,
+        window_s: float = CONNECTION_ATTEMPT_WINDOW_S,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit!r}")
+        if not math.isfinite(window_s) or window_s <= 0:
+            raise ValueError(f"window_s must be a positive number, not {window_s!r}")
+        self.limit = limit
+        self.window_s = window_s
+        self._clock = clock
+        self._attempts: deque[float] = deque()
+
+    def _expire(self, now: float) -> None:
+        while self._attempts and self._attempts[0] <= now - self.window_s:
+            self._attempts.popleft()
+
+    def delay(self) -> float:
+        """Seconds until one more attempt stays within ``limit`` per ``window_s`` (0: now)."""
+        now = self._clock()
+        self._expire(now)
+        if len(self._attempts) < self.limit:
+            return 0.0
+        # The oldest attempt that must leave the window before a new one fits.
+        return max(0.0, self._attempts[len(self._attempts) - self.limit] + self.window_s - now)
+
+    def record(self) -> None:
+        """Count an attempt made now."""
+        now = self._clock()
+        self._expire(now)
+        self._attempts.append(now)
+
+    @property
+    def in_window(self) -> int:
+        """Attempts counted in the current window."""
+        self._expire(self._clock())
+        return len(self._attempts)

@@ -18,12 +18,31 @@ from shared.frames import Publication
 
 
 @dataclass(frozen=True, slots=True)
+class EventId:
+    """Where an exchange event sits in its stream's order, as the exchange numbers it.
+
+    ``last`` is the event's identity: the trade id ``t``, the aggregate id ``a``, the final update id ``u`` of a
+    diff-depth or bookTicker event, a partial book's ``lastUpdateId``, or else the event time ``E``. Identities of
+    one stream only grow, so an event whose ``last`` is not above the last one published is a duplicate (the
+    overlap of two upstream connections, or of two ingest processes). ``first`` is the first id the event covers
+    (``U`` of a diff-depth event; ``last`` otherwise): for streams whose ids are contiguous, ``first`` above the
+    previous ``last`` + 1 is a gap. ``time_ms`` is the exchange's event time, when the payload has one."""
+
+    first: int
+    last: int
+    time_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class OutgoingMessage:
     """One message ingest wants published: the exchange's payload bytes for one stream."""
 
     stream: str
     payload: bytes
     keep_last: bool  # state stream: store as last value for new subscribers and gap fallback
+    # The exchange's identity of the event (live exchange sources only): the broker drops an event whose identity
+    # is not above the last one published on its channel, atomically with publishing. None: always published.
+    event: EventId | None = None
 
 
 class BrokerListener(Protocol):
@@ -52,8 +71,17 @@ class Broker(Protocol):
     async def close(self) -> None: ...
 
     # ---- ingest side ----
-    async def publish(self, messages: Sequence[OutgoingMessage]) -> list[Publication]:
-        """Sequence, record and publish a batch in order; returns what was published."""
+    async def publish(
+        self, messages: Sequence[OutgoingMessage], *, fencing_token: str | None = None
+    ) -> list[Publication]:
+        """Sequence, record and publish a batch in order; returns what was published (a message whose event
+        identity is not above its channel's last one is dropped as a duplicate). With ``fencing_token`` each
+        message is published only while that token holds ingest's leader lease, checked atomically with the
+        publication; otherwise :class:`shared.errors.NotLeaderError` is raised."""
+        ...
+
+    async def last_event_ids(self, streams: Iterable[str]) -> dict[str, int]:
+        """The identity of the last event published per stream (streams never published are absent)."""
         ...
 
     async def publish_heartbeat(self, now_ms: int) -> None: ...

@@ -1,8 +1,9 @@
 """In-process broker: the embedded default (``pricegate demo``) and a fast double for unit tests.
 
-Same semantics as the Redis broker (sequences, epochs, bounded history, last values, demand), delivered
-synchronously to the one listener: publishing from ingest calls the gateway's relay directly, so one
-process needs no network at all.
+Same semantics as the Redis broker (sequences, epochs, bounded history, last values, demand, duplicate events
+dropped by identity), delivered synchronously to the one listener: publishing from ingest calls the gateway's
+relay directly, so one process needs no network at all. There is no leader lease in one process, so a fencing
+token is accepted and not checked.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class _ChannelState:
     seq: int = 0
     history: deque[Publication] = field(default_factory=deque)
     last: Publication | None = None
+    event_id: int | None = None
 
 
 class MemoryBroker:
@@ -34,6 +36,7 @@ class MemoryBroker:
         self._demand: dict[str, float] = {}
         self._exchange_info: bytes | None = None
         self._started = False
+        self.duplicates_dropped = 0
 
     @property
     def connected(self) -> bool:
@@ -46,8 +49,18 @@ class MemoryBroker:
         self._started = False
 
     # ---- ingest side ----
-    async def publish(self, messages: Sequence[OutgoingMessage]) -> list[Publication]:
+    async def publish(
+        self, messages: Sequence[OutgoingMessage], *, fencing_token: str | None = None
+    ) -> list[Publication]:
         return self.publish_now(messages, int(time.time() * 1000))
+
+    async def last_event_ids(self, streams: Iterable[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for stream in streams:
+            state = self._channels.get(stream)
+            if state is not None and state.event_id is not None:
+                found[stream] = state.event_id
+        return found
 
     def publish_now(self, messages: Sequence[OutgoingMessage], published_at_ms: int = 0) -> list[Publication]:
         """Synchronous publish (the in-memory broker needs no I/O)."""
@@ -57,6 +70,12 @@ class MemoryBroker:
             state = self._channels.get(message.stream)
             if state is None:
                 state = self._channels[message.stream] = _ChannelState(history=deque(maxlen=self.history_maxlen))
+            event = message.event
+            if event is not None:
+                if state.event_id is not None and event.last <= state.event_id:
+                    self.duplicates_dropped += 1
+                    continue
+                state.event_id = event.last
             state.seq += 1
             publication = Publication(self.epoch, state.seq, published_at_ms, message.payload)
             state.history.append(publication)

@@ -30,16 +30,33 @@ from redis.backoff import NoBackoff
 
 from shared.backoff import backoff_delays, is_retryable
 from shared.broker import BrokerListener, OutgoingMessage
-from shared.errors import BrokerError
+from shared.errors import BrokerError, NotLeaderError
 from shared.frames import Publication, decode_publication
 from shared.streams import ChannelNamer
 
 logger = logging.getLogger(__name__)
 
-# KEYS: epoch, seq, history, last.  ARGV: channel, candidate epoch, published_at_ms, payload, keep_last (0/1),
-# history maxlen, history TTL in ms (0 = none). Returns {epoch, seq}.
+# KEYS: epoch, seq, history, last, event id, ingest leader lease.  ARGV: channel, candidate epoch,
+# published_at_ms, payload, keep_last (0/1), history maxlen, history TTL in ms (0 = none), fencing token ('' = not
+# fenced), event identity ('' = none). Returns {epoch, seq}, or 0 for a duplicate event (nothing written), or a
+# NOTLEADER error when the fencing token does not hold the lease (nothing written).
 # The envelope is built exactly like shared.frames.encode_publication: b"%d:%d:%d:%b".
+# Fencing lives here, not in the caller: checked in the same atomic step as the write, an ingest paused or cut off
+# after it lost the lease cannot publish even once, whatever it still believes. The event identity (Lua numbers
+# are doubles: exact below 2^53, far above Binance's ids and millisecond times) survives a change of ingest
+# process, so the new leader's overlap with the old one is dropped here even though it never saw the old one's.
+# The leader key is not in the channel's hash slot: fenced publishing needs standalone Redis (as does the rest).
 PUBLISH_SCRIPT = """
+if ARGV[8] ~= '' and redis.call('GET', KEYS[6]) ~= ARGV[8] then
+  return redis.error_reply('NOTLEADER this ingest does not hold the leader lease')
+end
+local eid = ARGV[9]
+if eid ~= '' then
+  local previous = redis.call('GET', KEYS[5])
+  if previous and tonumber(eid) <= tonumber(previous) then
+    return 0
+  end
+end
 local epoch = redis.call('GET', KEYS[1])
 local seq
 if not epoch then
@@ -74,8 +91,16 @@ if ARGV[5] == '1' then
   redis.call('SET', KEYS[4], envelope)
 end
 redis.call('PUBLISH', ARGV[1], envelope)
+if eid ~= '' then
+  if ttl > 0 then
+    redis.call('SET', KEYS[5], eid, 'PX', ttl)
+  else
+    redis.call('SET', KEYS[5], eid)
+  end
+end
 return {tonumber(epoch), seq}
 """
+_NOT_LEADER = "NOTLEADER"
 
 _HISTORY_FIELD = b"e"
 _READ_SIZE = 1 << 18  # what one transport read can deliver; many messages are parsed per read
@@ -203,6 +228,7 @@ class RedisBroker:
         self.malformed_messages = 0  # envelopes/heartbeats that did not decode (skipped)
         self.reconnects = 0  # subscription connection re-established after a loss
         self.listener_errors = 0  # exceptions raised by the listener (logged, delivery continues)
+        self.duplicates_dropped = 0  # events not published because their identity was not new (ingest side)
         self.subscriber_client_id: int | None = None  # CLIENT ID of the live subscription connection
         self.reader_task: asyncio.Task[None] | None = None  # completes with the reader's fatal error, if any
         self.failure: BaseException | None = None  # that fatal error
@@ -302,7 +328,9 @@ class RedisBroker:
         return self._client
 
     # ---- ingest side ----
-    async def publish(self, messages: Sequence[OutgoingMessage]) -> list[Publication]:
+    async def publish(
+        self, messages: Sequence[OutgoingMessage], *, fencing_token: str | None = None
+    ) -> list[Publication]:
         if not messages:
             return []
         client = self._require_client()
@@ -312,14 +340,19 @@ class RedisBroker:
         candidate_epoch = random.randrange(1, 2**31)
         ttl_ms = max(0, int(self.history_max_age_s * 1000))
         calls: list[tuple[Any, ...]] = []
+        leader_key = self.namer.leader_key
+        token = fencing_token or ""
         for message in messages:
             keys = self.namer.keys(message.stream)
+            event = message.event
             calls.append(
                 (
                     keys.epoch,
                     keys.seq,
                     keys.history,
                     keys.last,
+                    keys.event_id,
+                    leader_key,
                     keys.channel,
                     candidate_epoch,
                     published_at_ms,
@@ -327,6 +360,8 @@ class RedisBroker:
                     1 if message.keep_last else 0,
                     self.history_maxlen,
                     ttl_ms,
+                    token,
+                    "" if event is None else event.last,
                 )
             )
         results = await self._run_script(client, calls)
@@ -345,10 +380,18 @@ class RedisBroker:
         for message, result in zip(messages, results, strict=True):
             if isinstance(result, BaseException):
                 done = sum(1 for r in results if not isinstance(r, BaseException))
+                if str(result).startswith(_NOT_LEADER):
+                    raise NotLeaderError(
+                        f"publish to {self.safe_url} refused from {message.stream!r} on: the fencing token no longer "
+                        f"holds the leader lease ({done}/{len(messages)} of the batch were published before)"
+                    ) from result
                 raise BrokerError(
                     f"publish to {self.safe_url} failed for {message.stream!r} "
                     f"({done}/{len(messages)} of the batch were published): {result}"
                 ) from result
+            if result == 0:
+                self.duplicates_dropped += 1
+                continue
             epoch, seq = result
             publications.append(Publication(int(epoch), int(seq), published_at_ms, message.payload))
         return publications
@@ -357,11 +400,27 @@ class RedisBroker:
         """All calls in one pipeline round trip; per-call errors come back as exception values."""
         pipe = client.pipeline(transaction=False)
         for args in calls:
-            pipe.evalsha(self._script_sha, 4, *args)
+            pipe.evalsha(self._script_sha, 6, *args)
         try:
             return list(await pipe.execute(raise_on_error=False))
         except redis_errors.RedisError as error:
             raise BrokerError(f"publish to {self.safe_url} failed: {error}") from error
+
+    async def last_event_ids(self, streams: Iterable[str]) -> dict[str, int]:
+        names = list(dict.fromkeys(streams))
+        if not names:
+            return {}
+        values = await self._command(
+            "last event ids", self._require_client().mget([self.namer.keys(stream).event_id for stream in names])
+        )
+        found: dict[str, int] = {}
+        for stream, value in zip(names, values, strict=True):
+            if value is not None:
+                try:
+                    found[stream] = int(value)
+                except ValueError:
+                    continue  # not ours to interpret: publishing then starts without a duplicate filter
+        return found
 
     async def publish_heartbeat(self, now_ms: int) -> None:
         await self._command("heartbeat", self._require_client().publish(self.namer.heartbeat_channel, b"%d" % now_ms))

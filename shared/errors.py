@@ -4,6 +4,7 @@ PricegateError
 ├── ConfigError        a PRICEGATE_* setting or CLI flag is missing or unparsable (names it)
 ├── ProtocolError      a client or upstream frame breaks the wire protocol (code + reason)
 ├── BrokerError        the broker (Redis or in-memory) cannot do what was asked
+│   └── NotLeaderError a fenced publish was refused: the caller no longer holds ingest's leader lease
 ├── DatabaseError      PostgreSQL is unreachable, or its schema is missing or newer than this code
 └── UpstreamError      the exchange connection or REST call failed
 """
@@ -36,6 +37,11 @@ class ProtocolError(PricegateError):
 
 class BrokerError(PricegateError):
     """The broker failed (connection lost, script error, unreachable at start)."""
+
+
+class NotLeaderError(BrokerError):
+    """A publish carrying a fencing token was refused because the token no longer holds the leader lease (it
+    expired, or another ingest took it). Nothing of the refused messages was published."""
 
 
 class DatabaseError(PricegateError):

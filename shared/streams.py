@@ -189,6 +189,7 @@ class ChannelKeys:
     epoch: str
     history: str
     last: str
+    event_id: str  # identity of the last event published (ingest's duplicate filter across processes)
 
 
 class ChannelNamer:
@@ -213,6 +214,7 @@ class ChannelNamer:
             epoch=channel + ":epoch",
             history=channel + ":hist",
             last=channel + ":last",
+            event_id=channel + ":eid",
         )
 
     @property
@@ -224,6 +226,11 @@ class ChannelNamer:
     def exchange_info_key(self) -> str:
         """Cached exchangeInfo JSON (bytes, Binance's layout) written by ingest, read by gateways."""
         return f"{self.base}:exchangeInfo"
+
+    @property
+    def leader_key(self) -> str:
+        """Ingest's leader lease: the token of the one ingest process allowed to publish, with a TTL."""
+        return f"{self.base}:ingest:leader"
 
     @property
     def heartbeat_channel(self) -> str:

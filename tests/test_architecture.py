@@ -37,6 +37,12 @@ PURE_MODULES = (
     "ingest/market.py",
     "ingest/exchange_info.py",
     "ingest/history.py",
+    "ingest/identity.py",
+    "ingest/continuity.py",
+    "ingest/standby.py",
+    "ingest/rotation.py",
+    "ingest/rest_budget.py",
+    "ingest/trades.py",
 )
 IO_LIBRARIES = {
     "asyncio", "socket", "ssl", "selectors", "threading", "subprocess", "redis", "websockets", "starlette",
