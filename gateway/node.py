@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import orjson
 
+from gateway.flushpacer import FlushPacer
 from gateway.hub import Hub
 from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay
@@ -50,6 +51,7 @@ class GatewayNode:
         self.draining = False
         self.started_at = time.time()
         self._flush_scheduled = False
+        self.flush_pacer = FlushPacer(settings.fanout_busy_share, settings.fanout_max_delay_ms / 1000)
         self._closed_conflated = 0
         self._closed_dropped = 0
         self.sent_bytes = 0  # plain int: sessions add to it per write; exported at scrape time
@@ -60,13 +62,21 @@ class GatewayNode:
     def schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+            loop = asyncio.get_running_loop()
+            delay = self.flush_pacer.delay(loop.time())
+            if delay > 0:
+                loop.call_later(delay, self._flush)
+            else:
+                loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         self.hub.flush()
-        self.metrics.broadcast_duration.observe(time.perf_counter() - started)
+        finished = loop.time()
+        self.flush_pacer.record(started, finished)
+        self.metrics.broadcast_duration.observe(finished - started)
 
     # ---- symbols ----
     def is_known_symbol(self, symbol: str) -> bool:
