@@ -603,21 +603,22 @@ class RedisBroker:
                     if not is_retryable(error, retryable=_RETRYABLE, fatal=_FATAL):
                         raise
                     logger.warning("Redis subscription connection to %s lost: %r", self.safe_url, error)
-                self._drop_subscriber()
-                conn = self._sub_conn
-                if conn is not None:
-                    await conn.disconnect(nowait=True)
+                await self._close_subscriber()
                 await self._reconnect()
         except asyncio.CancelledError:
             raise
         except Exception as error:
-            self._drop_subscriber()
             self.failure = error
             logger.exception("Redis subscription reader for %s stopped; broker is down", self.safe_url)
-            conn = self._sub_conn
-            if conn is not None:
-                await conn.disconnect(nowait=True)
+            await self._close_subscriber()
             raise
+
+    async def _close_subscriber(self) -> None:
+        """Mark the subscription down and close its connection without waiting on the peer."""
+        self._drop_subscriber()
+        conn = self._sub_conn
+        if conn is not None:
+            await conn.disconnect(nowait=True)
 
     async def _reconnect(self) -> None:
         for delay in backoff_delays(self.reconnect_initial_s, self.reconnect_max_s):
@@ -629,10 +630,7 @@ class RedisBroker:
                 if not is_retryable(error, retryable=_RETRYABLE, fatal=_FATAL):
                     raise
                 logger.warning("Redis at %s still unreachable (%r); retrying", self.safe_url, error)
-                self._drop_subscriber()
-                conn = self._sub_conn
-                if conn is not None:
-                    await conn.disconnect(nowait=True)
+                await self._close_subscriber()
 
     async def _read_loop(self) -> None:
         reader = self._reader
