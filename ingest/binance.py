@@ -423,19 +423,25 @@ class ConnectionAttemptPacer:
         limit: int = MAX_CONNECTION_ATTEMPTS,
         window_s: float = CONNECTION_ATTEMPT_WINDOW_S,
         *,
+        margin_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``margin_s`` keeps each attempt in the window that much longer: we count an attempt when we start it,
+        the exchange when the handshake reaches it, up to a round trip (and a TLS handshake) later."""
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit!r}")
         if not math.isfinite(window_s) or window_s <= 0:
             raise ValueError(f"window_s must be a positive number, not {window_s!r}")
+        if not math.isfinite(margin_s) or margin_s < 0:
+            raise ValueError(f"margin_s must be >= 0, not {margin_s!r}")
         self.limit = limit
         self.window_s = window_s
+        self.margin_s = margin_s
         self._clock = clock
         self._attempts: deque[float] = deque()
 
     def _expire(self, now: float) -> None:
-        while self._attempts and self._attempts[0] <= now - self.window_s:
+        while self._attempts and self._attempts[0] <= now - self.window_s - self.margin_s:
             self._attempts.popleft()
 
     def delay(self) -> float:
@@ -445,7 +451,7 @@ class ConnectionAttemptPacer:
         if len(self._attempts) < self.limit:
             return 0.0
         # The oldest attempt that must leave the window before a new one fits.
-        return max(0.0, self._attempts[len(self._attempts) - self.limit] + self.window_s - now)
+        return max(0.0, self._attempts[len(self._attempts) - self.limit] + self.window_s + self.margin_s - now)
 
     def record(self) -> None:
         """Count an attempt made now."""

@@ -1,4 +1,4 @@
-"""The ingest process: run one market source, publish what it produces, follow gateway demand.
+"""The ingest process: run one market source, publish what it produces, follow gateway demand, lead or stand by.
 
 Wanted streams = the configured always-on set plus the streams some gateway announced in the broker's demand set,
 kept for ``demand_linger_s`` after the last announcement so a client that reconnects does not make ingest
@@ -6,6 +6,10 @@ churn its upstream subscriptions. A heartbeat is published every second (gateway
 data is flowing), and the source's exchangeInfo is cached in the broker for gateways to validate symbols.
 With a candle recorder, every published batch also passes through it (closed candles go to the candle store)
 and its kline streams are part of the always-on set.
+
+With a leader lease (``pricegate ingest``) several processes run side by side: all of them follow demand and
+keep their upstream connections warm, only the lease holder publishes (and heartbeats, refreshes exchangeInfo,
+records candles); the others buffer the last seconds of the feed to publish on takeover (``ingest.publisher``).
 
 Stopping: every loop here checks, after each broker call, whether its task was asked to stop while the call ran
 (see ``_stop_if_cancel_was_lost``), so a cancellation lost inside a client library cannot keep ingest running.
@@ -18,9 +22,10 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-
 from ingest.candles import CandleRecorder
+from ingest.leader import LeaderLease
+from ingest.metrics import IngestMetrics
+from ingest.publisher import Publisher, TradeFetcher
 from ingest.sources import MarketSource
 from shared.broker import Broker, OutgoingMessage
 from shared.cancellation import raise_if_cancel_was_lost
@@ -28,10 +33,13 @@ from shared.errors import ConfigError, ProtocolError
 from shared.settings import Settings, env_name
 from shared.streams import parse_stream
 
+__all__ = ["IngestMetrics", "IngestService", "always_on_streams"]
+
 logger = logging.getLogger("pricegate.ingest")
 
 DEMAND_POLL_S = 0.5
 HEARTBEAT_S = 1.0
+STANDBY_POLL_S = 0.5  # how often leader-only loops look whether this process leads now
 
 
 def always_on_streams(names: Iterable[str]) -> frozenset[str]:
@@ -46,22 +54,6 @@ def always_on_streams(names: Iterable[str]) -> frozenset[str]:
     return frozenset(canonical)
 
 
-class IngestMetrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry or CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.published = Counter("pricegate_ingest_published_messages", "Messages published", ["kind"], registry=r)
-        self.publish_errors = Counter("pricegate_ingest_publish_errors", "Failed publish batches", registry=r)
-        self.publish_duration = Histogram(
-            "pricegate_ingest_publish_duration_seconds", "Time to publish one batch", registry=r
-        )
-        self.wanted_streams = Gauge("pricegate_ingest_wanted_streams", "Streams ingest keeps flowing", registry=r)
-        self.last_event = Gauge(
-            "pricegate_ingest_last_event_timestamp_seconds", "Wall clock of the last published message", registry=r
-        )
-        self.is_leader = Gauge("pricegate_ingest_is_leader", "1 while this process publishes", registry=r)
-
-
 class IngestService:
     def __init__(
         self,
@@ -71,47 +63,55 @@ class IngestService:
         metrics: IngestMetrics | None = None,
         *,
         candles: CandleRecorder | None = None,
+        lease: LeaderLease | None = None,
+        fetcher: TradeFetcher | None = None,
     ) -> None:
         self.settings = settings
         self.broker = broker
         self.source = source
         self.metrics = metrics or IngestMetrics()
         self.candles = candles
+        self.lease = lease
         self.always_on = always_on_streams(settings.always_on_streams)
         if candles is not None:
             self.always_on |= candles.streams
         self._last_demanded: dict[str, float] = {}
         self.wanted: frozenset[str] = self.always_on
-        self._kind_cache: dict[str, str] = {}
+        self.publisher = Publisher(
+            broker,
+            self.metrics,
+            leadership=lease,
+            fetcher=fetcher,
+            backfill_max_ids=settings.backfill_max_trades,
+            backfill_max_wait_s=settings.backfill_max_wait_s,
+            standby_window_s=settings.standby_buffer_s,
+            observe=candles.observe if candles is not None else None,
+        )
+
+    @property
+    def leading(self) -> bool:
+        return self.publisher.leads()
 
     async def run(self) -> None:
         self.source.set_wanted(self.wanted)
-        self.metrics.is_leader.set(1)
-        async with asyncio.TaskGroup() as group:
-            group.create_task(self._refresh_exchange_info_forever())
-            group.create_task(self._follow_demand_forever())
-            group.create_task(self._heartbeat_forever())
-            if self.candles is not None:
-                group.create_task(self.candles.run())
-            group.create_task(self.source.run(self.publish))
+        try:
+            async with asyncio.TaskGroup() as group:
+                if self.lease is not None:
+                    group.create_task(self.lease.run(self.publisher.take_over, self.publisher.step_down))
+                group.create_task(self._refresh_exchange_info_forever())
+                group.create_task(self._follow_demand_forever())
+                group.create_task(self._heartbeat_forever())
+                if self.candles is not None:
+                    group.create_task(self.candles.run())
+                group.create_task(self.source.run(self.publish))
+        finally:
+            self.publisher.step_down("stopped")
+            await self.publisher.aclose()
+            if self.lease is not None:
+                await self.lease.release()  # a standby takes over within one renewal period, not a TTL
 
     async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
-        if self.candles is not None:
-            # Before the broker: closed candles reach the store even while the broker is unreachable.
-            self.candles.observe(messages)
-        started = time.perf_counter()
-        try:
-            await self.broker.publish(messages)
-        except Exception:
-            self.metrics.publish_errors.inc()
-            raise
-        self.metrics.publish_duration.observe(time.perf_counter() - started)
-        self.metrics.last_event.set(time.time())
-        for message in messages:
-            kind = self._kind_cache.get(message.stream)
-            if kind is None:
-                kind = self._kind_cache[message.stream] = parse_stream(message.stream).kind.value
-            self.metrics.published.labels(kind=kind).inc()
+        await self.publisher.publish(messages)
         raise_if_cancel_was_lost()  # sources call publish in a loop
 
     def update_wanted(self, demanded: set[str], now: float) -> frozenset[str]:
@@ -143,27 +143,39 @@ class IngestService:
                     logger.info("wanted streams: +%d -%d (now %d)", len(added), len(removed), len(wanted))
                     self.wanted = wanted
                     self.source.set_wanted(wanted)
+                    self.publisher.forget(removed)
                 self.metrics.wanted_streams.set(len(self.wanted))
             raise_if_cancel_was_lost()
             await asyncio.sleep(DEMAND_POLL_S)
 
     async def _heartbeat_forever(self) -> None:
+        # Only the leader: a standby's heartbeat would tell gateways data flows while nobody publishes.
         while True:
-            try:
-                await self.broker.publish_heartbeat(int(time.time() * 1000))
-            except Exception as error:
-                logger.warning("heartbeat failed: %r", error)
-            raise_if_cancel_was_lost()
+            await self.publisher.until_leading()
+            if self.publisher.leads():
+                try:
+                    await self.broker.publish_heartbeat(int(time.time() * 1000))
+                except Exception as error:
+                    logger.warning("heartbeat failed: %r", error)
+                raise_if_cancel_was_lost()
             await asyncio.sleep(HEARTBEAT_S)
 
     async def _refresh_exchange_info_forever(self) -> None:
+        # Only the leader spends REST weight on it; the document stays in the broker across a failover, and a
+        # new leader refreshes it at once.
+        due = 0.0
+        takeovers = self.publisher.takeovers
         while True:
-            try:
-                document = await self.source.exchange_info()
-                await self.broker.put_exchange_info(document)
-                delay = self.settings.exchange_info_refresh_s
-            except Exception as error:
-                logger.warning("exchangeInfo refresh failed: %r", error)
-                delay = 5.0
-            raise_if_cancel_was_lost()
-            await asyncio.sleep(delay)
+            await self.publisher.until_leading()
+            if self.publisher.takeovers != takeovers:
+                takeovers, due = self.publisher.takeovers, 0.0
+            if self.publisher.leads() and time.monotonic() >= due:
+                try:
+                    document = await self.source.exchange_info()
+                    await self.broker.put_exchange_info(document)
+                    due = time.monotonic() + self.settings.exchange_info_refresh_s
+                except Exception as error:
+                    logger.warning("exchangeInfo refresh failed: %r", error)
+                    due = time.monotonic() + 5.0
+                raise_if_cancel_was_lost()
+            await asyncio.sleep(min(STANDBY_POLL_S, max(0.0, due - time.monotonic())))

@@ -129,6 +129,14 @@ def _make_source(settings: Settings) -> Any:
         settings.binance_rest_url,
         always_on=settings.always_on_streams,
         max_streams_per_connection=settings.upstream_max_streams,
+        control_rate_per_s=settings.upstream_control_rate_per_s,
+        stall_timeout_s=settings.upstream_stall_s,
+        rotate_after_s=settings.upstream_rotate_after_s,
+        overlap_timeout_s=settings.upstream_overlap_timeout_s,
+        malformed_limit=settings.upstream_malformed_limit,
+        connect_attempts=settings.upstream_connect_attempts,
+        connect_window_s=settings.upstream_connect_window_s,
+        rest_weight_limit=settings.upstream_rest_weight_limit,
     )
 
 
@@ -242,7 +250,11 @@ async def run_gateway(settings: Settings) -> None:
 async def run_ingest(settings: Settings) -> None:
     from prometheus_client import start_http_server
 
+    from ingest.backfill import TradeBackfiller
+    from ingest.leader import LeaderLease
+    from ingest.metrics import UpstreamCollector
     from ingest.service import IngestMetrics, IngestService
+    from ingest.upstream import BinanceSource
     from pricegate_cli.storage import candle_recorder, open_candle_store
 
     broker = _make_redis_broker(settings)
@@ -251,7 +263,15 @@ async def run_ingest(settings: Settings) -> None:
     await _start_broker(broker, settings)
     metrics = IngestMetrics()
     recorder = candle_recorder(settings, candles, metrics.registry) if candles is not None else None
-    service = IngestService(settings, broker, source, metrics, candles=recorder)
+    assert settings.redis_url is not None  # _make_redis_broker refused to go on without it
+    lease = LeaderLease(
+        settings.redis_url, broker.namer.leader_key, ttl_s=settings.leader_ttl_s, renew_s=settings.leader_renew_s
+    )
+    fetcher = None
+    if isinstance(source, BinanceSource):
+        metrics.registry.register(UpstreamCollector(source))
+        fetcher = TradeBackfiller(source.rest, trades=settings.backfill_trades)
+    service = IngestService(settings, broker, source, metrics, candles=recorder, lease=lease, fetcher=fetcher)
     metrics_server = None
     if settings.ingest_metrics_port:
         metrics_server, _ = start_http_server(
@@ -261,7 +281,11 @@ async def run_ingest(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, main.cancel if main else (lambda: None))
-    print(f"pricegate ingest: {settings.source} source publishing to {settings.redis_url}", flush=True)
+    print(
+        f"pricegate ingest: {settings.source} source publishing to {broker.safe_url} while it holds the leader lease "
+        f"{lease.key} (as {lease.token})",
+        flush=True,
+    )
     try:
         await service.run()
     except asyncio.CancelledError:

@@ -111,6 +111,74 @@ class Settings:
     ingest_metrics_port: int = _setting(
         9108, "int", "Port of ingest's own /metrics endpoint (0 = disabled).", min=0, max=65535
     )
+    # --- ingest: leadership, upstream limits, backfill ---
+    leader_ttl_s: float = _setting(
+        3.0,
+        "float",
+        "Lifetime of ingest's leader lease in Redis: a standby takes over at most about TTL + renew after the "
+        "leader died.",
+        min=0.2,
+    )
+    leader_renew_s: float = _setting(
+        1.0,
+        "float",
+        "How often the leader renews its lease (and a standby tries to take it); at most TTL / 2.",
+        min=0.05,
+    )
+    standby_buffer_s: float = _setting(
+        15.0, "float", "Seconds of feed a standby keeps to publish on takeover (must span a failover).", min=0
+    )
+    upstream_stall_s: float = _setting(
+        60.0, "float", "Replace an upstream connection that received nothing (no data, no ping) for this long.", min=0.1
+    )
+    upstream_rotate_after_s: float = _setting(
+        84600.0,
+        "float",
+        "Replace each upstream connection (make-before-break) after this long; Binance cuts them at 24 h.",
+        min=1,
+    )
+    upstream_overlap_timeout_s: float = _setting(
+        10.0, "float", "Longest a rotation waits for old and new connection to overlap before switching.", min=0.1
+    )
+    upstream_malformed_limit: int = _setting(
+        1, "int", "Malformed frames after which an upstream connection is replaced (each is skipped).", min=1
+    )
+    upstream_control_rate_per_s: float = _setting(
+        3.0,
+        "float",
+        "Control messages per second per upstream connection, pongs included (Binance: 5).",
+        min=0.1,
+        max=5,
+    )
+    upstream_connect_attempts: int = _setting(
+        250,
+        "int",
+        "Upstream connection attempts allowed per PRICEGATE_UPSTREAM_CONNECT_WINDOW_S (Binance: 300 per 5 min "
+        "per IP, shared by every process on the IP).",
+        min=1,
+        max=300,
+    )
+    upstream_connect_window_s: float = _setting(
+        300.0, "float", "Window of PRICEGATE_UPSTREAM_CONNECT_ATTEMPTS (Binance: 5 min).", min=1
+    )
+    upstream_rest_weight_limit: int = _setting(
+        3000,
+        "int",
+        "REST request weight per minute ingest allows itself on Binance (the IP's limit is 6000, shared with "
+        "gateways' exchange fallback).",
+        min=25,
+    )
+    backfill_trades: bool = _setting(
+        True,
+        "bool",
+        "Backfill @trade gaps from historicalTrades (weight 25 per 1000 trades); @aggTrade always.",
+    )
+    backfill_max_trades: int = _setting(
+        10000, "int", "Most trades fetched for one gap (the newest); older ones are counted as lost.", min=0
+    )
+    backfill_max_wait_s: float = _setting(
+        30.0, "float", "Longest a stream's live trades wait for its backfill (then the rest is counted lost).", min=0.1
+    )
     # --- candles (PostgreSQL) ---
     database_url: str | None = _setting(
         None,
@@ -233,6 +301,10 @@ class Settings:
                 raise ConfigError(env_name(url_field), value, "must start with ws:// or wss://")
         if not self.binance_rest_url.startswith(("http://", "https://")):
             raise ConfigError(env_name("binance_rest_url"), self.binance_rest_url, "must start with http(s)://")
+        if self.leader_renew_s > self.leader_ttl_s / 2:
+            raise ConfigError(
+                env_name("leader_renew_s"), self.leader_renew_s, "must be at most half of PRICEGATE_LEADER_TTL_S"
+            )
         self._validate_storage()
 
     def _validate_storage(self) -> None:

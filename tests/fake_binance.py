@@ -10,14 +10,24 @@ bookTicker update ids, …) and keeps the exact payload bytes it sent so tests c
 verbatim. ``GET /api/v3/ping``, ``/api/v3/time``, ``/api/v3/exchangeInfo``, ``/api/v3/klines`` (deterministic
 candles, see :func:`fake_kline_row`, with Binance's 12-element arrays and error codes), ``/api/v3/depth`` and
 ``/api/v3/ticker/price`` are answered over plain HTTP from websockets' ``process_request`` hook on the same port.
-REST faults: :meth:`FakeBinance.fail_next_rest` (an HTTP status, e.g. 500, or 429 with ``Retry-After``) and
+``GET /api/v3/aggTrades`` and ``/api/v3/historicalTrades`` (``fromId``, ``limit``) answer from the trades the fake
+generated, delivered or not. REST weight is enforced like Binance's: each endpoint's weight counts against
+``rest_weight_limit`` per wall-clock minute, reported in ``X-MBX-USED-WEIGHT-1M``; over it the answer is 429 with
+``Retry-After``, and a request during that 429 block is answered 418 (an IP ban of ``ban_s``).
+REST faults: :meth:`FakeBinance.fail_next_rest` (an HTTP status, e.g. 500, or 429 with ``Retry-After``),
+:meth:`~FakeBinance.script_rest` (a sequence of statuses, e.g. 429 then 418) and
 :attr:`FakeBinance.rest_delay_s` (every REST answer waits that long).
 
-Fault controls: :meth:`FakeBinance.drop_all`, :meth:`~FakeBinance.send_server_shutdown`,
-:meth:`~FakeBinance.send_garbage`, :meth:`~FakeBinance.stall`, :meth:`~FakeBinance.fail_next_connections`.
+Fault controls: :meth:`FakeBinance.drop_all`, :meth:`~FakeBinance.drop_mid_burst`,
+:meth:`~FakeBinance.send_server_shutdown`, :meth:`~FakeBinance.send_garbage`, :meth:`~FakeBinance.stall`,
+:meth:`~FakeBinance.fail_next_connections`. Connection attempts beyond ``max_connection_attempts`` per
+``attempt_window_s`` are refused with 429 (what Binance answers there is not documented) and recorded.
+With ``keep_trading`` the market goes on generating events for every stream that was ever subscribed even while
+no connection holds it, as a real exchange does during a reconnect, so missed events show up as gaps.
 Records: :attr:`~FakeBinance.connections` (per connection: path, control messages received, subscriptions
-now and at most, pings/pongs, why it closed), :attr:`~FakeBinance.connection_attempts`,
-:attr:`~FakeBinance.sent` and :attr:`~FakeBinance.rest_requests`.
+now and at most, pings/pongs, the most inbound messages in any second, why it closed),
+:attr:`~FakeBinance.connection_attempts` (and their times), :attr:`~FakeBinance.sent`,
+:attr:`~FakeBinance.rest_requests` and :attr:`~FakeBinance.rest_log` (time, path, status).
 """
 
 from __future__ import annotations
@@ -79,6 +89,9 @@ class FakeConnection:
     closed: bool = False
     last_pong_at: float = field(default_factory=time.monotonic)
     inbound_times: deque[float] = field(default_factory=deque)
+    max_inbound_per_s: int = 0  # the most inbound messages (text, binary, ping, pong) in any 1 s window
+    opened_at: float = field(default_factory=time.monotonic)
+    closed_at: float | None = None
     ws: ServerConnection | None = field(default=None, repr=False)
 
     @property
@@ -124,6 +137,11 @@ class FakeBinance:
         symbols: Sequence[str] = DEFAULT_SYMBOLS,
         spaced_payloads: bool = False,
         reject_unknown_symbols: bool = False,
+        keep_trading: bool = False,
+        max_connection_attempts: int = 300,
+        attempt_window_s: float = 300.0,
+        rest_weight_limit: int = 6000,
+        ban_s: float = 120.0,
     ) -> None:
         """``spaced_payloads`` writes payloads with spaces after separators (still valid JSON) so a test can
         tell a verbatim payload from a re-encoded one; ``reject_unknown_symbols`` answers a SUBSCRIBE that
@@ -136,8 +154,23 @@ class FakeBinance:
         self.symbols = tuple(symbol.upper() for symbol in symbols)
         self.spaced_payloads = spaced_payloads
         self.reject_unknown_symbols = reject_unknown_symbols
+        self.keep_trading = keep_trading
+        self.max_connection_attempts = max_connection_attempts
+        self.attempt_window_s = attempt_window_s
+        self.rest_weight_limit = rest_weight_limit
+        self.ban_s = ban_s
         self.connections: list[FakeConnection] = []
         self.connection_attempts = 0
+        self.attempt_times: list[float] = []  # monotonic time of every handshake attempt
+        self.attempts_refused = 0  # attempts over the limit (answered 429)
+        self.rest_log: list[tuple[float, str, int]] = []  # (monotonic time, path with query, status)
+        self._rest_script: list[tuple[int, float]] = []
+        self._rest_minute = -1
+        self._rest_used = 0
+        self._rest_blocked_until = 0.0  # wall clock: 429'd until then; a request before it is banned (418)
+        self._rest_banned_until = 0.0
+        self._traded: set[str] = set()  # with keep_trading: every stream ever subscribed
+        self.wall_clock: Callable[[], float] = time.time  # the REST weight minutes (tests may pin it)
         self.rest_requests: list[str] = []
         self.rest_delay_s = 0.0
         self._rest_failures = 0
@@ -231,6 +264,34 @@ class FakeBinance:
         self._rest_failures = count
         self._rest_failure_status = http.HTTPStatus(status)
 
+    def script_rest(self, *statuses: int, retry_after_s: float = 1.0) -> None:
+        """Answer the next REST calls with these statuses, in order (429/418 with ``Retry-After``), then normally."""
+        self._rest_script.extend((status, retry_after_s) for status in statuses)
+
+    @property
+    def rest_used_weight(self) -> int:
+        """Weight used in the current minute, as the fake counts it."""
+        return self._rest_used if self._rest_minute == int(self.wall_clock() // 60) else 0
+
+    def rest_statuses(self, endpoint: str) -> list[int]:
+        return [status for _, path, status in self.rest_log if urlsplit(path).path == f"/api/v3/{endpoint}"]
+
+    async def drop_mid_burst(self, streams: Iterable[str], count: int, delivered: int) -> None:
+        """A burst of ``count`` events on each of ``streams``: the first ``delivered`` reach the subscribed
+        connections, then every connection is aborted (no close frame) and the rest are generated but never sent
+        (they exist for REST, like trades that happened while a client was away)."""
+        connections = [c for c in self.open_connections if c.ws is not None and c.close_reason is None]
+        for index in range(count):
+            if index == delivered:
+                self.drop_all()
+            for stream in streams:
+                payload = self._generate(stream)
+                if index < delivered:
+                    for connection in connections:
+                        if stream in connection.subscriptions:
+                            frame = combined_frame(stream, payload) if connection.combined else payload
+                            await self._send(connection, frame)
+
     def rest_calls(self, endpoint: str) -> list[str]:
         """Recorded REST request paths (with query) of one endpoint, e.g. ``"klines"``."""
         return [path for path in self.rest_requests if urlsplit(path).path == f"/api/v3/{endpoint}"]
@@ -270,17 +331,20 @@ class FakeBinance:
             self.rest_requests.append(request.path)
             if self.rest_delay_s:
                 await asyncio.sleep(self.rest_delay_s)
-            if self._rest_failures > 0:
-                self._rest_failures -= 1
-                status = self._rest_failure_status
-                response = _json_response(status, {"code": -1003 if status in (418, 429) else -1000, "msg": "fake"})
-                if status in (418, 429):
-                    response.headers["Retry-After"] = "1"
-                return response
-            return self._rest(path, query)
+            response = self._rest_limited(path, query)
+            self.rest_log.append((time.monotonic(), request.path, response.status_code))
+            return response
         if path not in ("/ws", "/stream") and not path.startswith("/ws/"):
             return _json_response(http.HTTPStatus.NOT_FOUND, {"code": -1, "msg": f"no route {path}"})
         self.connection_attempts += 1
+        now = time.monotonic()
+        recent = [t for t in self.attempt_times if t > now - self.attempt_window_s]
+        self.attempt_times.append(now)
+        if len(recent) >= self.max_connection_attempts:
+            self.attempts_refused += 1
+            response = ws.respond(http.HTTPStatus.TOO_MANY_REQUESTS, "too many connection attempts\n")
+            response.headers["Retry-After"] = str(max(1, round(recent[0] + self.attempt_window_s - now)))
+            return response
         if self._fail_next > 0:
             self._fail_next -= 1
             return ws.respond(self._fail_status, "fake failure\n")
@@ -307,7 +371,73 @@ class FakeBinance:
         ws.record, ws.fake = record, self
         return None
 
+    def _rest_limited(self, path: str, query: dict[str, list[str]]) -> Response:
+        """Scripted faults first, then Binance's weight rules (429 over the limit, 418 for calling during a 429)."""
+        now = self.wall_clock()
+        if self._rest_failures > 0:
+            self._rest_failures -= 1
+            return self._rest_error(self._rest_failure_status, 1.0)
+        if self._rest_script:
+            status, retry_after = self._rest_script.pop(0)
+            return self._rest_error(http.HTTPStatus(status), retry_after)
+        if now < self._rest_banned_until:
+            return self._rest_error(http.HTTPStatus.IM_A_TEAPOT, self._rest_banned_until - now)
+        if now < self._rest_blocked_until:
+            self._rest_banned_until = now + self.ban_s
+            return self._rest_error(http.HTTPStatus.IM_A_TEAPOT, self.ban_s)
+        minute = int(now // 60)
+        if minute != self._rest_minute:
+            self._rest_minute, self._rest_used = minute, 0
+        weight = _REST_WEIGHTS.get(path, 1)
+        if self._rest_used + weight > self.rest_weight_limit:
+            self._rest_blocked_until = (minute + 1) * 60
+            return self._rest_error(http.HTTPStatus.TOO_MANY_REQUESTS, self._rest_blocked_until - now)
+        self._rest_used += weight
+        response = self._rest(path, query)
+        response.headers["X-MBX-USED-WEIGHT-1M"] = str(self._rest_used)
+        return response
+
+    def _rest_error(self, status: http.HTTPStatus, retry_after_s: float) -> Response:
+        response = _json_response(status, {"code": -1003 if status in (418, 429) else -1000, "msg": "fake"})
+        response.headers["X-MBX-USED-WEIGHT-1M"] = str(self.rest_used_weight)
+        if status in (418, 429):
+            response.headers["Retry-After"] = str(max(1, round(retry_after_s)))
+        return response
+
+    def _trades(self, query: dict[str, list[str]], kind: str) -> Response:
+        """aggTrades / historicalTrades from what the fake generated for ``<symbol>@aggTrade`` / ``@trade``."""
+        symbol = query.get("symbol", [""])[0]
+        if symbol not in self.symbols:
+            return _json_response(http.HTTPStatus.BAD_REQUEST, {"code": -1121, "msg": "Invalid symbol."})
+        limit = int(query.get("limit", ["500"])[0])
+        if not 1 <= limit <= 1000:
+            return _json_response(http.HTTPStatus.BAD_REQUEST, {"code": -1130, "msg": "Invalid limit."})
+        events = [orjson.loads(payload) for payload in self.sent.get(f"{symbol.lower()}@{kind}", [])]
+        key = "a" if kind == "aggTrade" else "t"
+        if "fromId" in query:
+            from_id = int(query["fromId"][0])
+            events = [event for event in events if event[key] >= from_id][:limit]
+        else:
+            events = events[-limit:]
+        if kind == "aggTrade":
+            fields = ("a", "p", "q", "f", "l", "T", "m", "M")
+            rows: list[dict[str, Any]] = [{key: event[key] for key in fields} for event in events]
+        else:
+            rows = [
+                {
+                    "id": event["t"], "price": event["p"], "qty": event["q"],
+                    "quoteQty": f"{float(event['p']) * float(event['q']):.8f}", "time": event["T"],
+                    "isBuyerMaker": event["m"], "isBestMatch": event["M"],
+                }
+                for event in events
+            ]  # fmt: skip
+        return _json_response(http.HTTPStatus.OK, rows)
+
     def _rest(self, path: str, query: dict[str, list[str]]) -> Response:
+        if path == "/api/v3/aggTrades":
+            return self._trades(query, "aggTrade")
+        if path == "/api/v3/historicalTrades":
+            return self._trades(query, "trade")
         if path == "/api/v3/ping":
             return _json_response(http.HTTPStatus.OK, {})
         if path == "/api/v3/time":
@@ -393,6 +523,7 @@ class FakeBinance:
             pass
         finally:
             record.closed = True
+            record.closed_at = time.monotonic()
             record.close_reason = record.close_reason or "client"
             pinger.cancel()
 
@@ -478,6 +609,7 @@ class FakeBinance:
         window.append(now)
         while window and window[0] <= now - 1.0:
             window.popleft()
+        record.max_inbound_per_s = max(record.max_inbound_per_s, len(window))
         if len(window) > self.max_messages_per_s:
             record.close_reason = "rate_limit"
             self._spawn(ws.close(1008, "Too many messages"))
@@ -507,16 +639,11 @@ class FakeBinance:
     async def tick(self) -> None:
         """Generate one payload per subscribed stream and send it to every subscriber."""
         connections = [c for c in self.open_connections if c.ws is not None and c.close_reason is None]
-        streams = sorted({stream for connection in connections for stream in connection.subscriptions})
-        payloads: dict[str, bytes] = {}
-        for stream in streams:
-            document = self._generator.payload(parse_stream(stream))
-            if self.spaced_payloads:
-                payload = json.dumps(document, separators=(", ", ": ")).encode()
-            else:
-                payload = orjson.dumps(document)
-            payloads[stream] = payload
-            self.sent.setdefault(stream, []).append(payload)
+        subscribed = {stream for connection in connections for stream in connection.subscriptions}
+        if self.keep_trading:
+            self._traded |= subscribed
+            subscribed = self._traded
+        payloads = {stream: self._generate(stream) for stream in sorted(subscribed)}
         for connection in connections:
             for stream in sorted(connection.subscriptions):
                 if stream not in payloads:
@@ -525,6 +652,16 @@ class FakeBinance:
                 frame = combined_frame(stream, payload) if connection.combined else payload
                 if not await self._send(connection, frame):
                     break
+
+    def _generate(self, stream: str) -> bytes:
+        """The next payload of ``stream``, recorded in :attr:`sent`."""
+        document = self._generator.payload(parse_stream(stream))
+        if self.spaced_payloads:
+            payload = json.dumps(document, separators=(", ", ": ")).encode()
+        else:
+            payload = orjson.dumps(document)
+        self.sent.setdefault(stream, []).append(payload)
+        return payload
 
     async def _send(self, connection: FakeConnection, frame: bytes) -> bool:
         if connection.ws is None or connection.closed:
@@ -562,13 +699,19 @@ def fake_kline_row(symbol: str, interval: str, open_time: int) -> list[Any]:
     ]  # fmt: skip
 
 
+# Request weights of the REST endpoints the fake serves (Binance's docs; depth and ticker simplified).
+_REST_WEIGHTS = {
+    "/api/v3/ping": 1, "/api/v3/time": 1, "/api/v3/exchangeInfo": 20, "/api/v3/klines": 2, "/api/v3/depth": 5,
+    "/api/v3/ticker/price": 2, "/api/v3/aggTrades": 4, "/api/v3/historicalTrades": 25,
+}  # fmt: skip
+
+
 def _json_response(status: http.HTTPStatus, document: object) -> Response:
     body = orjson.dumps(document)
     headers = Headers(
         [
             ("Content-Type", "application/json;charset=UTF-8"),
             ("Content-Length", str(len(body))),
-            ("X-MBX-USED-WEIGHT-1M", "20"),
             ("Connection", "close"),
         ]
     )

@@ -223,7 +223,7 @@ def test_historical_trades_rows_become_trade_events() -> None:
 
 def test_connection_attempts_stay_within_the_window_limit() -> None:
     clock = Clock(0.0)
-    pacer = ConnectionAttemptPacer(3, 10.0, clock=clock)
+    pacer = ConnectionAttemptPacer(3, 10.0, margin_s=0.0, clock=clock)
     for _ in range(3):
         assert pacer.delay() == 0
         pacer.record()
@@ -245,3 +245,7 @@ def test_connection_attempts_stay_within_the_window_limit() -> None:
         assert sum(1 for t in attempts if start <= t < start + 10.0) <= 3
     with pytest.raises(ValueError):
         ConnectionAttemptPacer(0)
+    # With a margin, an attempt stays counted that much longer than the exchange's window.
+    late = ConnectionAttemptPacer(1, 10.0, margin_s=0.5, clock=clock)
+    late.record()
+    assert late.delay() == pytest.approx(10.5)

@@ -16,8 +16,9 @@ from websockets.exceptions import ConnectionClosed
 from ingest.upstream import (
     REASON_CLOSED,
     REASON_CONNECT_FAILED,
-    REASON_SERVER_SHUTDOWN,
+    REASON_MALFORMED,
     REASON_STALL,
+    ROTATE_SERVER_SHUTDOWN,
     BinanceSource,
 )
 from shared.broker import OutgoingMessage
@@ -62,6 +63,13 @@ async def running(source: BinanceSource) -> AsyncIterator[Collector]:
 
 def source_for(fake: FakeBinance, **kwargs: object) -> BinanceSource:
     return BinanceSource(fake.ws_url, fake.rest_url, **kwargs)  # type: ignore[arg-type]
+
+
+def assert_run(received: Sequence[bytes], sent: Sequence[bytes]) -> None:
+    """``received`` is a contiguous run of what the exchange ``sent``: nothing lost, repeated or reordered."""
+    assert received, "nothing received"
+    start = list(sent).index(received[0])
+    assert list(received) == list(sent[start : start + len(received)])
 
 
 async def test_publishes_wanted_streams_verbatim_and_in_order() -> None:
@@ -142,12 +150,12 @@ async def test_reconnects_and_resubscribes_after_a_drop() -> None:
         assert fake.connections[0].close_reason == "dropped"
 
 
-async def test_server_shutdown_causes_an_immediate_reconnect() -> None:
-    async with FakeBinance() as fake:
+async def test_server_shutdown_replaces_the_connection_make_before_break() -> None:
+    async with FakeBinance(keep_trading=True, data_interval_s=0.02) as fake:
         source = source_for(fake)
-        source.set_wanted(frozenset({"btcusdt@bookTicker"}))
+        source.set_wanted(frozenset({"btcusdt@bookTicker", "btcusdt@aggTrade"}))
         async with running(source) as collector:
-            await eventually(lambda: collector.count("btcusdt@bookTicker") > 0, what="data")
+            await eventually(lambda: collector.count("btcusdt@aggTrade") > 5, what="data")
             loop = asyncio.get_running_loop()
             started = loop.time()
             assert await fake.send_server_shutdown() == 1
@@ -155,18 +163,25 @@ async def test_server_shutdown_causes_an_immediate_reconnect() -> None:
                 lambda: (
                     len(fake.open_connections) == 1
                     and fake.open_connections[0].number == 1
-                    and fake.open_connections[0].subscriptions == {"btcusdt@bookTicker"}
+                    and fake.open_connections[0].subscriptions == {"btcusdt@bookTicker", "btcusdt@aggTrade"}
                 ),
-                what="a new subscribed connection",
+                what="the successor alone, subscribed",
             )
-            assert loop.time() - started < 1.0
-        assert source.reconnects == {REASON_SERVER_SHUTDOWN: 1}
-        assert fake.connections[0].close_reason == "client"  # we closed it, Binance did not have to
+            assert loop.time() - started < 2.0
+            before = collector.count("btcusdt@aggTrade")
+            await eventually(lambda: collector.count("btcusdt@aggTrade") > before + 5, what="data after the switch")
+        assert source.rotations == {ROTATE_SERVER_SHUTDOWN: 1}
+        assert sum(source.reconnects.values()) == 0
+        old, new = fake.connections[0], fake.connections[1]
+        assert new.opened_at < (old.closed_at or 0), "the successor was not open before the old one closed"
+        assert old.close_reason == "client"  # we closed it, Binance did not have to
+        # Every aggregate trade exactly once, in order, across the switch (the fake kept trading throughout).
+        assert_run(collector.payloads("btcusdt@aggTrade"), fake.sent["btcusdt@aggTrade"])
         assert not any(m.stream == "!serverShutdown" for m in collector.messages)
 
 
-async def test_garbage_frames_are_skipped_and_counted() -> None:
-    async with FakeBinance() as fake:
+async def test_malformed_frames_are_skipped_counted_and_the_connection_replaced() -> None:
+    async with FakeBinance(keep_trading=True, data_interval_s=0.02) as fake:
         source = source_for(fake)
         source.set_wanted(frozenset({"btcusdt@trade"}))
         async with running(source) as collector:
@@ -174,12 +189,15 @@ async def test_garbage_frames_are_skipped_and_counted() -> None:
             sent = await fake.send_garbage()
             assert sent == 6
             await eventually(lambda: source.malformed_frames == sent, what="garbage counted")
+            await eventually(lambda: [c.number for c in fake.open_connections] == [1], what="replaced")
             before = collector.count("btcusdt@trade")
-            await eventually(lambda: collector.count("btcusdt@trade") > before, what="data after garbage")
+            await eventually(lambda: collector.count("btcusdt@trade") > before + 3, what="data after garbage")
         for message in collector.messages:
             assert message.stream == "btcusdt@trade"
             orjson.loads(message.payload)
+        assert source.rotations == {REASON_MALFORMED: 1}
         assert sum(source.reconnects.values()) == 0
+        assert_run(collector.payloads("btcusdt@trade"), fake.sent["btcusdt@trade"])
 
 
 async def test_stalled_connection_is_replaced() -> None:
@@ -231,8 +249,8 @@ async def test_streams_beyond_the_cap_spread_over_connections() -> None:
 
 async def test_never_exceeds_the_control_rate_limit() -> None:
     # 16 streams, 2 per SUBSCRIBE: 8 control messages plus pongs to pings every 0.5 s against the fake's
-    # 5 messages/s limit, which would disconnect us. Pongs are charged to the pacer's 4/s budget, so control
-    # messages go out at about 2/s here.
+    # 5 messages/s limit, which would disconnect us. Pongs are charged to the pacer's 3/s budget, so control
+    # messages go out at about 1/s here.
     streams = frozenset(f"s{i:02d}usdt@trade" for i in range(16))
     async with FakeBinance(ping_interval_s=0.5, data_interval_s=0.1) as fake:
         source = source_for(fake, max_params_per_message=2)
