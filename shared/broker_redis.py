@@ -46,11 +46,14 @@ logger = logging.getLogger(__name__)
 # are doubles: exact below 2^53, far above Binance's ids and millisecond times) survives a change of ingest
 # process, so the new leader's overlap with the old one is dropped here even though it never saw the old one's.
 # The leader key is not in the channel's hash slot: fenced publishing needs standalone Redis (as does the rest).
+# Called with only the first 4 keys and 7 arguments (the load generator, tests), it publishes unfenced and
+# without a duplicate filter, as before those two were added.
 PUBLISH_SCRIPT = """
-if ARGV[8] ~= '' and redis.call('GET', KEYS[6]) ~= ARGV[8] then
+local token = ARGV[8] or ''
+if token ~= '' and redis.call('GET', KEYS[6]) ~= token then
   return redis.error_reply('NOTLEADER this ingest does not hold the leader lease')
 end
-local eid = ARGV[9]
+local eid = ARGV[9] or ''
 if eid ~= '' then
   local previous = redis.call('GET', KEYS[5])
   if previous and tonumber(eid) <= tonumber(previous) then
