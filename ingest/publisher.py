@@ -150,8 +150,13 @@ class Publisher:
             self.metrics.leader_changes.labels(event="acquired").inc()
             buffered = self.standby.drain(self._clock())
             self.metrics.standby_buffered.set(0)
-            logger.info("leading: publishing %d buffered messages first", len(buffered))
+            started = time.perf_counter()
             await self._lead(buffered)
+            logger.info(
+                "leading: %d buffered messages judged and the new ones published in %.0f ms",
+                len(buffered),
+                (time.perf_counter() - started) * 1000,
+            )
 
     def step_down(self, reason: str) -> None:
         """Stop publishing at once (synchronous: nothing can be published between the decision and the stop)."""
