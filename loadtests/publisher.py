@@ -11,7 +11,8 @@ Two ways to send, the same Redis commands either way (``--via``):
 
 - ``packed`` (default): :class:`PackedScript` sends, per message, exactly the ``EVALSHA`` that
   ``RedisBroker.publish`` sends (RedisBroker's own ``PUBLISH_SCRIPT``, loaded by a started ``RedisBroker``; the
-  same KEYS and ARGV, byte for byte: ``tests/test_loadtests.py`` compares them with redis-py's packing),
+  same KEYS and ARGV, byte for byte: the templates are recorded from ``RedisBroker.publish`` itself and
+  ``tests/test_loadtests.py`` compares a packed command with what the broker hands redis-py),
   pipelined per batch on its own connection, with the constant parts of each command packed once. Redis does
   identical work and the gateway sees identical envelopes, but the publisher costs ~2 µs per message instead
   of redis-py's ~30 µs, which matters because it shares the load CPU with the load generator and Redis.
@@ -33,11 +34,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import random
 import resource
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 from shared.broker import OutgoingMessage
@@ -82,28 +83,76 @@ def publish_time_us(frame: bytes | str) -> int | None:
     return int(data[start + 4 : end]) if end > start + 4 else None
 
 
-class PackedScript:
-    """``RedisBroker.publish``'s commands, packed once per stream: only the publish time and payload vary."""
+class _Recorder:
+    """Stands in for the redis-py client inside ``RedisBroker.publish``: records each ``evalsha`` it is asked
+    to pipeline (and answers like the script would), so the exact commands can be taken from the broker."""
 
-    def __init__(self, broker: RedisBroker, streams: Sequence[str], candidate_epoch: int) -> None:
-        self.broker = broker
-        sha = broker._script_sha.encode()
-        ttl_ms = max(0, int(broker.history_max_age_s * 1000))
-        self.heads: list[bytes] = []
-        for stream in streams:
-            keys = broker.namer.keys(stream)
-            fixed = (keys.epoch, keys.seq, keys.history, keys.last, keys.channel, str(candidate_epoch))
-            # EVALSHA, sha, numkeys, 4 keys and 7 args: 14 items (5 of them are appended per message).
-            head = _pack(b"EVALSHA", sha, b"4", *(item.encode() for item in fixed))
-            self.heads.append(b"*14" + head[head.index(b"\r\n") :])
-        self.tail = b"".join(
-            b"$%d\r\n%b\r\n" % (len(a), a) for a in (b"1", b"%d" % broker.history_maxlen, b"%d" % ttl_ms)
-        )
+    def __init__(self) -> None:
+        self.commands: list[tuple[Any, ...]] = []
+
+    def pipeline(self, transaction: bool = False) -> _Recorder:
+        return self
+
+    def evalsha(self, *args: Any) -> None:
+        self.commands.append(args)
+
+    async def execute(self, raise_on_error: bool = True) -> list[list[int]]:
+        return [[1, index + 1] for index in range(len(self.commands))]
+
+
+async def record_publish(broker: RedisBroker, messages: Sequence[OutgoingMessage]) -> list[tuple[Any, ...]]:
+    """The ``EVALSHA`` arguments (sha, numkeys, keys..., args...) ``broker.publish(messages)`` sends to Redis."""
+    recorder = _Recorder()
+    client, broker._client = broker._client, recorder  # type: ignore[assignment]
+    try:
+        await broker.publish(messages)
+    finally:
+        broker._client = client
+    return recorder.commands
+
+
+_MARK = b"\x00pricegate-benchmark-payload\x00"
+
+
+class PackedScript:
+    """``RedisBroker.publish``'s commands, packed once per stream: only the publish time and payload vary.
+
+    The templates are taken from the broker itself (:func:`record_publish` with a marker payload, packed with
+    redis-py's own ``pack_command``), so they follow any change to the script's keys or arguments; they require
+    that the publish time is the argument just before the payload, and say so if that ever changes."""
+
+    def __init__(self, heads: list[bytes], tails: list[bytes]) -> None:
+        self.heads = heads
+        self.tails = tails
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
+    @classmethod
+    async def from_broker(cls, broker: RedisBroker, streams: Sequence[str]) -> PackedScript:
+        from redis.asyncio.connection import Connection
+
+        commands = await record_publish(broker, [OutgoingMessage(stream, _MARK, True) for stream in streams])
+        packer = Connection()
+        heads, tails = [], []
+        for command in commands:
+            where = [index for index, arg in enumerate(command) if arg is _MARK]
+            if len(where) != 1 or not isinstance(command[where[0] - 1], int):
+                raise SystemExit(
+                    "RedisBroker.publish changed shape (publish time not before the payload): --via broker"
+                )
+            published_ms = command[where[0] - 1]
+            packed = b"".join(packer.pack_command("EVALSHA", *command))
+            middle = b"$%d\r\n%d\r\n$%d\r\n%b\r\n" % (len(str(published_ms)), published_ms, len(_MARK), _MARK)
+            head, found, tail = packed.partition(middle)
+            if not found:
+                raise SystemExit("cannot find the publish time and payload in RedisBroker's command: --via broker")
+            heads.append(head)
+            tails.append(tail)
+        return cls(heads, tails)
+
     def command(self, index: int, published_ms: bytes, payload: bytes) -> bytes:
-        return b"%b%b$%d\r\n%b\r\n%b" % (self.heads[index], published_ms, len(payload), payload, self.tail)
+        """``published_ms`` is already RESP-encoded (``$13\\r\\n<ms>\\r\\n``): it is shared by a batch."""
+        return b"%b%b$%d\r\n%b\r\n%b" % (self.heads[index], published_ms, len(payload), payload, self.tails[index])
 
     async def connect(self, url: str) -> None:
         parts = urlsplit(url)
@@ -221,7 +270,7 @@ async def main_async(args: argparse.Namespace) -> None:
     await broker.start()
     packed = None
     if args.via == "packed":
-        packed = PackedScript(broker, STREAMS[: args.streams], random.randrange(1, 2**31))
+        packed = await PackedScript.from_broker(broker, STREAMS[: args.streams])
         await packed.connect(args.redis_url)
     publisher = Publisher(broker, args.streams, packed)
     loop = asyncio.get_running_loop()

@@ -82,20 +82,22 @@ def test_quick_mode_plumbing_at_tiny_scale(tmp_path: Path) -> None:
     assert report["machine"]["nproc"] >= 1 and report["command"].startswith("python -m loadtests.fanout")
 
 
-async def test_packed_publisher_sends_exactly_what_redis_broker_publish_sends() -> None:
+async def test_packed_publisher_sends_exactly_what_redis_broker_publish_sends(monkeypatch: pytest.MonkeyPatch) -> None:
     from redis.asyncio.connection import Connection
 
-    from loadtests.publisher import PackedScript
+    import shared.broker_redis
+    from loadtests.publisher import PackedScript, record_publish
+    from shared.broker import OutgoingMessage
     from shared.broker_redis import RedisBroker
 
+    # The candidate epoch (used only by a channel that has none) is drawn per publish call: fix it.
+    monkeypatch.setattr(shared.broker_redis.random, "randrange", lambda *_: 4242)
     broker = RedisBroker("redis://127.0.0.1:1/0", prefix="pgbench:test", history_maxlen=1000, history_max_age_s=300)
     broker._script_sha = "0123456789abcdef0123456789abcdef01234567"
-    packed = PackedScript(broker, STREAMS, candidate_epoch=4242)
+    packed = await PackedScript.from_broker(broker, STREAMS)
     payload = ticker_payload(5, 1_700_000_000_123_456)
-    ms = b"1700000000123"
-    ours = packed.command(5, b"$%d\r\n%b\r\n" % (len(ms), ms), payload)
-    keys = broker.namer.keys(STREAMS[5])
-    # The arguments RedisBroker.publish passes to evalsha, packed the way redis-py packs them.
-    args = (keys.epoch, keys.seq, keys.history, keys.last, keys.channel, 4242, 1700000000123, payload, 1, 1000, 300000)
-    theirs = b"".join(Connection().pack_command("EVALSHA", broker._script_sha, 4, *args))
-    assert ours == theirs
+    # What RedisBroker.publish itself hands redis-py for this message, packed the way redis-py packs it.
+    (command,) = await record_publish(broker, [OutgoingMessage(STREAMS[5], payload, True)])
+    theirs = b"".join(Connection().pack_command("EVALSHA", *command))
+    ms = b"%d" % command[command.index(payload) - 1]
+    assert packed.command(5, b"$%d\r\n%b\r\n" % (len(ms), ms), payload) == theirs
