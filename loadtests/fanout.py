@@ -50,7 +50,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from loadtests.loadgen import LineProcess, LoadGen, LoadGenError, build
+from loadtests.loadgen import LineProcess, LoadGen, LoadGenError, LoadGenGroup, build, fd_limit
 from loadtests.publisher import STREAMS, SYMBOLS
 
 TARGETS = ("pricegate", "naive", "picows")
@@ -177,7 +177,10 @@ def raise_nofile(need: int) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (need, max(hard, need)))
     except (ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        log(f"WARNING: RLIMIT_NOFILE capped at {hard} (needed {need}); run as root or raise `ulimit -n`")
+        log(
+            f"note: RLIMIT_NOFILE hard limit {hard} < {need} (no CAP_SYS_RESOURCE): "
+            "load generators and --scale gateways are split to fit"
+        )
         return hard
     return need
 
@@ -489,20 +492,36 @@ class Benchmark:
 
     def start_loadgen(
         self, ports: Sequence[int], clients: int, stall_fraction: float = 0.0
-    ) -> tuple[LoadGen, dict[str, Any]]:
-        loadgen = LoadGen(
-            self.pinning.load,
-            self.loadgen_binary,
-            clients=clients,
-            ports=",".join(map(str, ports)),
-            streams=",".join(self.streams),
-            per_src=self.options.per_src,
-            stall_fraction=stall_fraction or None,
-            # Stalled clients get a 4 KiB receive buffer so their stall reaches the server within a second
-            # (with default loopback buffers it takes megabytes, longer than a step).
-            stall_rcvbuf=4096 if stall_fraction else None,
+    ) -> tuple[LoadGen | LoadGenGroup, dict[str, Any]]:
+        """One load generator, or several when N exceeds what one process may open (its hard open-file limit,
+        which root cannot raise without CAP_SYS_RESOURCE), each on its own source addresses."""
+        options = self.options
+        per_process = max(len(self.streams), (fd_limit() - 256) // len(self.streams) * len(self.streams))
+        shares = [min(per_process, clients - start) for start in range(0, clients, per_process)]
+        members: list[LoadGen] = []
+        offset = 0
+        for share in shares:
+            member = LoadGen(
+                self.pinning.load,
+                self.loadgen_binary,
+                clients=share,
+                ports=",".join(map(str, ports)),
+                streams=",".join(self.streams),
+                per_src=options.per_src,
+                src_offset=offset or None,
+                stall_fraction=stall_fraction or None,
+                # Stalled clients get a 4 KiB receive buffer so their stall reaches the server within a second
+                # (with default loopback buffers it takes megabytes, longer than a step).
+                stall_rcvbuf=4096 if stall_fraction else None,
+            )
+            self.processes.add(member)
+            members.append(member)
+            offset += -(-share // options.per_src)
+        loadgen: LoadGen | LoadGenGroup = (
+            members[0] if len(members) == 1 else LoadGenGroup(members, shares, len(self.streams))
         )
-        self.processes.add(loadgen)
+        if len(members) > 1:
+            log(f"{clients} clients over {len(members)} load generators (open-file limit {fd_limit()} per process)")
         hello = loadgen.connected(timeout=60 + clients / 200)
         return loadgen, hello
 
@@ -545,7 +564,7 @@ class Benchmark:
         *,
         server: subprocess.Popen[Any],
         publisher: LineProcess,
-        loadgen: LoadGen,
+        loadgen: LoadGen | LoadGenGroup,
         reading_per_stream: list[int],
         p99_max_ms: float | None = None,
         delivered_min: float | None = None,
@@ -628,7 +647,7 @@ class Benchmark:
             load_core_busy_pct=busy_pct(cores0, cores1, options.load_cpu) if self.pinning.load else None,
         )
 
-    def settle(self, loadgen: LoadGen, server: subprocess.Popen[Any], cap_s: float = 20.0) -> None:
+    def settle(self, loadgen: LoadGen | LoadGenGroup, server: subprocess.Popen[Any], cap_s: float = 20.0) -> None:
         """After an overload step: wait until the server has flushed its backlog (frames stop arriving)."""
         deadline = time.monotonic() + cap_s
         frames = loadgen.stats()["frames"]
@@ -641,7 +660,7 @@ class Benchmark:
             elif time.monotonic() - quiet_since >= 0.5:
                 return
 
-    def warm_up(self, publisher: LineProcess, loadgen: LoadGen, server: subprocess.Popen[Any]) -> None:
+    def warm_up(self, publisher: LineProcess, loadgen: LoadGen | LoadGenGroup, server: subprocess.Popen[Any]) -> None:
         """Publish one message per stream per round until every reading client received a frame: proves every
         subscription is live before anything is measured."""
         for _ in range(20):
@@ -701,8 +720,9 @@ class Benchmark:
             self.processes.stop(server)
         return result
 
-    def stop_loadgen(self, loadgen: LoadGen) -> None:
-        self.processes.stop(loadgen, timeout=30)
+    def stop_loadgen(self, loadgen: LoadGen | LoadGenGroup) -> None:
+        for member in loadgen.members if isinstance(loadgen, LoadGenGroup) else [loadgen]:
+            self.processes.stop(member, timeout=30)
 
     def ramp(
         self,
@@ -710,7 +730,7 @@ class Benchmark:
         *,
         server: subprocess.Popen[Any],
         publisher: LineProcess,
-        loadgen: LoadGen,
+        loadgen: LoadGen | LoadGenGroup,
         reading: list[int],
     ) -> None:
         options = self.options
@@ -844,7 +864,9 @@ class Benchmark:
         """``--scale N``: N clients over ``--scale-processes`` pricegate gateways on separate ports, every client
         receiving one ticker per second (20 messages/s over 20 channels) for ``--scale-seconds``."""
         options = self.options
-        clients, count = options.scale, options.scale_processes
+        clients = options.scale
+        # Each gateway holds at most its open-file limit of connections: use enough processes.
+        count = max(options.scale_processes, -(-clients // max(1, fd_limit() - 1000)))
         prefix = f"pgbench:{self.run_id}:scale"
         ports = [free_port() for _ in range(count)]
         servers = []
@@ -1027,7 +1049,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     parser.add_argument("--idle-rss", action="store_true", help="only connect N idle clients and report memory")
     parser.add_argument("--scale", type=int, default=0, help="scale test: this many clients, 1 ticker/s each")
-    parser.add_argument("--scale-processes", type=int, default=2, help="gateway processes for --scale")
+    parser.add_argument(
+        "--scale-processes", type=int, default=2, help="gateway processes for --scale (more if the fd limit needs)"
+    )
     parser.add_argument("--scale-seconds", type=float, default=30.0, help="publishing time of --scale")
     parser.add_argument(
         "--retry-disturbed",

@@ -14,6 +14,7 @@
  *
  * Control: one command per line on stdin, one JSON object per line on stdout.
  *   stats      counters since the last reset, the latency percentiles, and our own CPU time (getrusage)
+ *   histogram  the latency histogram's non-empty buckets (to merge several generators)
  *   reset      zero the frame, byte and latency counters
  *   reconnect  reopen every client that was lost
  *   quit       close everything and exit
@@ -78,6 +79,8 @@ static int *ports;
 static const char *host = "127.0.0.1";
 static const char *path_prefix = "/ws/";
 static int per_src = 10000;
+static int src_offset = 0; /* first source address index: several generators use disjoint addresses */
+static uint64_t socket_errors;
 static int concurrency = 256;
 static double connect_timeout_s = 120.0;
 static double stall_fraction = 0.0;
@@ -180,7 +183,7 @@ static int open_client(int i) {
     client_t *c = &clients[i];
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0) {
-        perror("loadgen: socket");
+        if (socket_errors++ == 0) perror("loadgen: socket (further errors are only counted)");
         c->state = ST_CLOSED;
         connect_failures++;
         return -1;
@@ -192,7 +195,7 @@ static int open_client(int i) {
     /* Source address 127.0.0.(1 + i / per_src): the whole 127/8 is local on Linux. */
     struct sockaddr_in src = {0};
     src.sin_family = AF_INET;
-    uint32_t k = (uint32_t)(i / per_src);
+    uint32_t k = (uint32_t)(i / per_src + src_offset);
     src.sin_addr.s_addr = htonl(0x7F000001u + k);
     setsockopt(fd, IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, &one, sizeof one);
     if (bind(fd, (struct sockaddr *)&src, sizeof src) != 0) {
@@ -450,6 +453,20 @@ static void print_stats(void) {
     fflush(stdout);
 }
 
+/* The latency histogram as [[bucket upper bound in us, count], ...] for non-empty buckets, so an orchestrator
+   driving several generators can merge them into exact-bucket percentiles. */
+static void print_histogram(void) {
+    printf("{\"event\":\"histogram\",\"max_us\":%llu,\"buckets\":[", (unsigned long long)hist_max);
+    int first = 1;
+    for (int b = 0; b < HIST_SIZE; b++) {
+        if (!hist[b]) continue;
+        printf("%s[%llu,%llu]", first ? "" : ",", (unsigned long long)bucket_high(b), (unsigned long long)hist[b]);
+        first = 0;
+    }
+    printf("]}\n");
+    fflush(stdout);
+}
+
 static void reset_stats(void) {
     memset(hist, 0, sizeof hist);
     hist_count = hist_max = hist_unparsed = 0;
@@ -472,7 +489,7 @@ static char **split_csv(const char *s, int *count) {
 static void usage(void) {
     fprintf(stderr,
             "usage: loadgen --clients N --ports P[,P2...] --streams s1,s2,... [--host 127.0.0.1] [--path-prefix /ws/]\n"
-            "               [--per-src 10000] [--concurrency 256] [--connect-timeout 120] [--stall-fraction 0]\n"
+            "               [--per-src 10000] [--src-offset 0] [--concurrency 256] [--connect-timeout 120] [--stall-fraction 0]\n"
             "               [--rcvbuf BYTES] [--stall-rcvbuf BYTES]\n");
     exit(2);
 }
@@ -489,6 +506,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--host")) host = v;
         else if (!strcmp(k, "--path-prefix")) path_prefix = v;
         else if (!strcmp(k, "--per-src")) per_src = atoi(v);
+        else if (!strcmp(k, "--src-offset")) src_offset = atoi(v);
         else if (!strcmp(k, "--concurrency")) concurrency = atoi(v);
         else if (!strcmp(k, "--connect-timeout")) connect_timeout_s = atof(v);
         else if (!strcmp(k, "--stall-fraction")) stall_fraction = atof(v);
@@ -548,6 +566,7 @@ int main(int argc, char **argv) {
         while ((nl = memchr(line_start, '\n', cmd_len - (size_t)(line_start - cmd)))) {
             *nl = 0;
             if (!strcmp(line_start, "stats")) print_stats();
+            else if (!strcmp(line_start, "histogram")) print_histogram();
             else if (!strcmp(line_start, "reset")) { reset_stats(); printf("{\"event\":\"reset\"}\n"); fflush(stdout); }
             else if (!strcmp(line_start, "reconnect")) connect_all("reconnected");
             else if (!strcmp(line_start, "quit")) goto done;

@@ -161,3 +161,106 @@ class LoadGen(LineProcess):
             except LoadGenError:
                 pass
         super().stop(timeout)
+
+
+def fd_limit() -> int:
+    """Open files one process may have (the hard limit: raising it needs CAP_SYS_RESOURCE, which even root may
+    lack in a container)."""
+    import resource
+
+    return int(resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+
+
+class LoadGenGroup:
+    """Several load generators acting as one (when N exceeds one process's open-file limit): clients are split
+    into contiguous shares, each generator on its own source addresses; stats are summed and the latency
+    histograms merged, so percentiles are exact to the bucket as with one generator."""
+
+    def __init__(self, members: list[LoadGen], shares: list[int], streams: int) -> None:
+        self.members = members
+        self.shares = shares
+        self.streams = streams
+
+    @property
+    def pid(self) -> int:
+        return self.members[0].pid
+
+    @property
+    def pids(self) -> list[int]:
+        return [member.pid for member in self.members]
+
+    def connected(self, timeout: float) -> dict[str, Any]:
+        hellos = [member.connected(timeout) for member in self.members]
+        reading = [0] * self.streams
+        for hello in hellos:
+            for index, count in enumerate(hello["reading_per_stream"]):
+                reading[index] += count
+        return {
+            "event": "connected",
+            "open": sum(h["open"] for h in hellos),
+            "clients": sum(h["clients"] for h in hellos),
+            "failed": sum(h["failed"] for h in hellos),
+            "elapsed_s": max(h["elapsed_s"] for h in hellos),
+            "reading_per_stream": reading,
+        }
+
+    def reset(self) -> None:
+        for member in self.members:
+            member.send("reset")
+        for member in self.members:
+            member.expect("reset", 30)
+
+    def stats(self) -> dict[str, Any]:
+        for member in self.members:
+            member.send("stats")
+        parts = [member.expect("stats", 30) for member in self.members]
+        for member in self.members:
+            member.send("histogram")
+        histograms = [member.expect("histogram", 30) for member in self.members]
+        merged: dict[int, int] = {}
+        for histogram in histograms:
+            for bound, count in histogram["buckets"]:
+                merged[bound] = merged.get(bound, 0) + count
+        total = sum(merged.values())
+        max_us = max(h["max_us"] for h in histograms)
+
+        def percentile(q: float) -> int:
+            if not total:
+                return 0
+            rank = min(int(q * total), total - 1)
+            seen = 0
+            for bound in sorted(merged):
+                seen += merged[bound]
+                if seen > rank:
+                    return min(bound, max_us)
+            return max_us
+
+        summed = {key: sum(p[key] for p in parts) for key in ("frames", "bytes", "latency_count", "unparsed")}
+        summed.update({key: sum(p[key] for p in parts) for key in ("open", "reading", "zero_frame_clients")})
+        summed.update({key: sum(p[key] for p in parts) for key in ("lost", "lost_total", "close_frames", "pings")})
+        return {
+            "event": "stats",
+            **summed,
+            "p50_us": percentile(0.50),
+            "p90_us": percentile(0.90),
+            "p99_us": percentile(0.99),
+            "p999_us": percentile(0.999),
+            "max_us": max_us,
+            "min_frames": min(p["min_frames"] for p in parts),
+            "max_frames": max(p["max_frames"] for p in parts),
+            "last_close_code": max(p["last_close_code"] for p in parts),
+            # CPU summed over the generators: above 100 % means more than one core's worth.
+            "cpu_user_s": sum(p["cpu_user_s"] for p in parts),
+            "cpu_sys_s": sum(p["cpu_sys_s"] for p in parts),
+            "monotonic_s": max(p["monotonic_s"] for p in parts),
+        }
+
+    def reconnect(self, timeout: float) -> dict[str, Any]:
+        for member in self.members:
+            member.send("reconnect")
+        hellos = [member.expect("reconnected", timeout) for member in self.members]
+        return {"event": "reconnected", "open": sum(h["open"] for h in hellos)}
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for member in self.members:
+            member.stop(timeout)
