@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Protocol
 
 import orjson
 
-from gateway.flushpacer import FlushPacer
 from gateway.hub import Hub
 from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay
@@ -51,7 +50,6 @@ class GatewayNode:
         self.draining = False
         self.started_at = time.time()
         self._flush_scheduled = False
-        self.flush_pacer = FlushPacer(settings.fanout_busy_share, settings.fanout_max_delay_ms / 1000)
         self._closed_conflated = 0
         self._closed_dropped = 0
         self.sent_bytes = 0  # plain int: sessions add to it per write; exported at scrape time
@@ -62,21 +60,16 @@ class GatewayNode:
     def schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            loop = asyncio.get_running_loop()
-            delay = self.flush_pacer.delay(loop.time())
-            if delay > 0:
-                loop.call_later(delay, self._flush)
-            else:
-                loop.call_soon(self._flush)
+            # Next loop turn: under load a turn takes longer, more messages arrive meanwhile and each client's
+            # write carries more of them (measured: spacing flushes further only added latency; BENCHMARKS.md).
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        # perf_counter, not loop.time(): uvloop's loop clock is cached per iteration and would read 0 here.
+        started = time.perf_counter()
         self.hub.flush()
-        finished = loop.time()
-        self.flush_pacer.record(started, finished)
-        self.metrics.broadcast_duration.observe(finished - started)
+        self.metrics.broadcast_duration.observe(time.perf_counter() - started)
 
     # ---- symbols ----
     def is_known_symbol(self, symbol: str) -> bool:

@@ -245,13 +245,6 @@ class Settings:
     ping_interval_s: float = _setting(20.0, "float", "Server ping interval (Binance: 20 s).", min=0.05)
     ping_timeout_s: float = _setting(60.0, "float", "Close a client whose pong is this late (Binance: 60 s).", min=0.05)
     max_connections: int = _setting(50000, "int", "Open WebSockets per gateway process (beyond: HTTP 503).", min=1)
-    fanout_busy_share: float = _setting(
-        0.6, "float", "Largest share of the event loop fan-out flushes may take; under heavy load flushes are "
-        "spaced so each socket write carries more messages.", min=0.05, max=1.0,
-    )
-    fanout_max_delay_ms: float = _setting(
-        100.0, "float", "Longest a flush may be deferred by that spacing (bounds the added latency).", min=0,
-    )
     demand_ttl_s: float = _setting(5.0, "float", "Lifetime of a gateway's demand announcement in Redis.", min=1)
     shutdown_drain_s: float = _setting(
         5.0, "float", "On SIGTERM, spread client closes (1001) over this many seconds.", min=0

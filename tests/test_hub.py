@@ -162,15 +162,3 @@ def test_outbox_memory_is_bounded_under_endless_state_traffic() -> None:
         assert outbox.size <= 4096
     assert not outbox.overflowed
 
-
-def test_flush_pacer_spaces_expensive_flushes_and_not_cheap_ones() -> None:
-    from gateway.flushpacer import FlushPacer
-
-    pacer = FlushPacer(busy_share=0.5, max_delay_s=0.1)
-    assert pacer.delay(10.0) == 0.0
-    pacer.record(10.0, 10.000_01)  # a 10 µs flush: the next one may run right away (10 µs later)
-    assert pacer.delay(10.000_02) == 0.0
-    pacer.record(11.0, 11.04)  # a 40 ms flush at 50 % busy share: wait another 40 ms
-    assert abs(pacer.delay(11.04) - 0.04) < 1e-9
-    pacer.record(12.0, 12.5)  # very expensive: capped at max_delay_s
-    assert abs(pacer.delay(12.5) - 0.1) < 1e-9
