@@ -38,6 +38,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from shared.broker_redis import redact_url
+from shared.cancellation import raise_if_cancel_was_lost
 from shared.errors import ConfigError
 
 logger = logging.getLogger("pricegate.ingest.leader")
@@ -145,6 +146,8 @@ class LeaderLease:
                         await self._renew(ttl_ms, started, on_lost)
                 if not self._leader:
                     await self._try_acquire(ttl_ms, started, on_acquired, on_lost)
+                # redis-py calls can swallow a cancellation (see shared.cancellation): stopping must not hang here.
+                raise_if_cancel_was_lost()
                 delay = self.renew_s - (self._clock() - started)
                 await asyncio.sleep(max(0.0, delay))
         finally:

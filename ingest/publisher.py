@@ -166,7 +166,8 @@ class Publisher:
         self._leading.clear()
         self.metrics.is_leader.set(0)
         self.metrics.leader_changes.labels(event=reason if reason in ("fenced", "stopped") else f"lost_{reason}").inc()
-        logger.warning("no longer leading (%s): publishing stopped, buffering as a standby", reason)
+        log = logger.info if reason == "stopped" else logger.warning
+        log("no longer leading (%s): publishing stopped, buffering as a standby", reason)
         now = self._clock()
         for stream, task in list(self._backfills.items()):
             task.cancel()

@@ -14,9 +14,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import httpx
 import orjson
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.backfill import TradeBackfiller
-from ingest.metrics import IngestMetrics
+from ingest.metrics import IngestMetrics, UpstreamCollector
 from ingest.rest import BinanceRest, RestUnavailable
 from ingest.service import IngestService
 from ingest.upstream import BinanceSource
@@ -50,6 +52,7 @@ async def ingest(
     broker = RedisBroker(redis_url, prefix=key_prefix)
     await broker.start()
     metrics = IngestMetrics()
+    metrics.registry.register(UpstreamCollector(source))
     config = Settings(always_on_streams=(AGG, TRADE)).with_overrides(settings)
     service = IngestService(
         config, broker, source, metrics, fetcher=TradeBackfiller(source.rest, trades=config.backfill_trades)
@@ -107,6 +110,29 @@ async def test_a_drop_mid_burst_is_backfilled_in_order_through_429_and_418(redis
         # Weight as the exchange reports it (X-MBX-USED-WEIGHT-1M), never past our share.
         assert service.source.rest.budget.used >= 4 + 25  # type: ignore[attr-defined]
         assert service.source.rest.rate_limited == {429: 1, 418: 1}  # type: ignore[attr-defined]
+        # All of it is visible on ingest's /metrics.
+        scraped = scrape(metrics)
+        assert scraped[("pricegate_ingest_is_leader", ())] == 1
+        assert scraped[("pricegate_ingest_upstream_connections", ())] == 1
+        assert scraped[("pricegate_ingest_upstream_connection_streams", (("connection", "0"),))] == 2
+        assert scraped[("pricegate_ingest_upstream_messages_total", (("kind", "aggTrade"),))] > 10
+        assert scraped[("pricegate_ingest_upstream_reconnects_total", (("reason", "closed"),))] == 1
+        assert scraped[("pricegate_ingest_backfilled_trades_total", (("kind", "aggTrade"),))] >= 30
+        assert scraped[("pricegate_ingest_sequence_gaps_total", (("kind", "trade"),))] == 1
+        assert scraped[("pricegate_ingest_rest_weight_used", ())] >= 29
+        assert scraped[("pricegate_ingest_rest_requests_total", (("status", "429"),))] == 1
+        assert scraped[("pricegate_ingest_event_lag_seconds_count", (("kind", "trade"),))] > 10
+        assert scraped[("pricegate_ingest_published_messages_total", (("kind", "aggTrade"),))] > 40
+
+
+def scrape(metrics: IngestMetrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a Prometheus text scrape of ``metrics``, by (name, sorted labels)."""
+    text = generate_latest(metrics.registry).decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 async def _has(broker: RedisBroker, count: int) -> bool:

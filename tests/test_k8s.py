@@ -518,7 +518,7 @@ def test_gateway_deployment_matches_the_app(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
-def test_ingest_deployment_is_a_single_publisher_with_its_metrics_port(name: str) -> None:
+def test_ingest_runs_a_leader_and_a_hot_standby_with_its_metrics_port(name: str) -> None:
     docs = objects(name)
     deployment = component(docs, "ingest")
     settings = Settings.from_env(config_map(docs)["data"])
@@ -526,11 +526,20 @@ def test_ingest_deployment_is_a_single_publisher_with_its_metrics_port(name: str
     container = template["spec"]["containers"][0]
     build_parser().parse_args(container["args"])
     assert container["args"] == ["ingest"]
-    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"]["type"] == "Recreate"
+    # The leader lease makes a second replica safe (one publisher) and useful (it takes over in seconds); a rollout
+    # starts the new pod before stopping an old one, whose SIGTERM hands the lease over at once.
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     assert settings.ingest_metrics_port != 0
     assert container_ports(template) == {"metrics": settings.ingest_metrics_port}
     assert container["livenessProbe"]["tcpSocket"]["port"] == "metrics"
-    assert not [p for p in by_kind(docs, "PodDisruptionBudget") if "ingest" in p["metadata"]["name"]]
+    (pdb,) = [p for p in by_kind(docs, "PodDisruptionBudget") if "ingest" in p["metadata"]["name"]]
+    assert pdb["spec"]["maxUnavailable"] == 1
+    # Every ingest pod that may run at once (replicas + surge) stays within Binance's 300 attempts per 5 minutes.
+    assert settings.upstream_connect_attempts * (2 + 1) <= 300
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)

@@ -246,3 +246,26 @@ async def test_a_paused_ex_leader_cannot_publish_even_once(
         assert publisher.standby.drain(publisher._clock()) == [agg(2)]
         await publisher.publish([agg(3)])  # a standby buffers from then on
         assert int(await plain.get(namer.keys(TRADE).seq)) == 1
+
+
+async def test_the_lease_loop_stops_even_when_a_redis_call_loses_the_cancellation(redis_url: str) -> None:
+    """redis-py wraps socket I/O in Python 3.11's ``asyncio.wait_for``, which can return normally from a call that
+    was cancelled: the lease loop must still stop (SIGTERM would otherwise hang ingest)."""
+
+    class Swallowing(LeaderLease):
+        inside = asyncio.Event()
+
+        async def _try_acquire(self, *args: object) -> None:  # type: ignore[override]
+            self.inside.set()
+            try:
+                await asyncio.sleep(0.2)
+            except asyncio.CancelledError:
+                pass  # lost, as in wait_for
+
+    lease = Swallowing(redis_url, "unused", ttl_s=TTL_S, renew_s=RENEW_S)
+    seen = Seen()
+    task = asyncio.create_task(lease.run(seen.acquired, seen.lost))
+    await asyncio.wait_for(lease.inside.wait(), 2)
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=1)
+    assert task in done and task.cancelled(), "the lease loop kept running after its cancellation was lost"
