@@ -661,13 +661,14 @@ class Benchmark:
                 return
 
     def warm_up(self, publisher: LineProcess, loadgen: LoadGen | LoadGenGroup, server: subprocess.Popen[Any]) -> None:
-        """Publish one message per stream per round until every reading client received a frame: proves every
-        subscription is live before anything is measured."""
-        for _ in range(20):
-            loadgen.reset()
+        """Publish one message per stream per round until every reading client has received a frame (counted
+        across rounds): proves every subscription is live before anything is measured."""
+        loadgen.reset()
+        stats: dict[str, Any] = {}
+        for _ in range(30):
             publisher.send(json.dumps({"cmd": "run", "rate": len(self.streams) * 4, "duration": 0.25}))
             publisher.expect("ran", 30)
-            time.sleep(0.2)
+            time.sleep(0.2 + stats.get("reading", 0) / 50_000)
             stats = loadgen.stats()
             if stats["zero_frame_clients"] == 0 and stats["reading"] > 0:
                 return
