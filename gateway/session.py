@@ -78,6 +78,11 @@ class Session:
         self.stale: set[str] = set()  # state streams skipped while the socket was full
         self.conflated = 0  # state messages skipped for a full socket (native)
         self._parts: list[bytes] | None = None  # blocks of this flush, for clients on several streams
+        # Hot-path flags, kept current by the events that change them so deliver() tests one attribute:
+        self.paused = False  # the socket buffer passed client_buffer_bytes (transport's pause_writing)
+        self.blocked = self.transport is None  # closing, paused, or no direct writes (ASGI fallback)
+        self.multi = False  # subscribed to more than one stream: coalesce this flush's blocks in finish()
+        self._write: Any = self.transport.write if self.transport is not None else None
 
     # ---- lifecycle (called by the connection) ----
     def start(self, connect: ConnectRequest) -> None:
@@ -117,7 +122,7 @@ class Session:
         if self.ended:
             return
         self.ended = True
-        self.closing = True
+        self.closing = self.blocked = True
         if self.close_code is None:
             self.close_code = code or 1000
         self._unsubscribe(list(self.control.subscriptions))
@@ -128,42 +133,49 @@ class Session:
 
     # ---- Subscriber: the hub's once-per-flush delivery ----
     def deliver(self, batch: StreamBatch) -> bool:
-        if self.closing:
-            return False
-        transport = self.transport
-        if transport is None:
-            return self._deliver_to_outbox(batch)
-        if transport.is_closing():
-            return False
-        if transport.get_write_buffer_size() > self.buffer_limit:
-            if batch.is_state:
-                self.stale.add(batch.stream)
-                self.conflated += len(batch.payloads)
-            else:
-                self._close_slow_consumer()
-            return False
-        if self.stale:
-            self.stale.discard(batch.stream)  # this batch carries a newer value than the one we skipped
+        # The hot path: one attribute test, one cached block, one socket write.
+        if self.blocked:
+            return self._deliver_blocked(batch)
         block = batch.block(self.combined)
-        if len(self.control.subscriptions) > 1:
+        if self.multi:
             if self._parts is None:
                 self._parts = [block]
                 return True
             self._parts.append(block)
             return False
-        transport.write(block)
+        self._write(block)
         self.node.sent_bytes += len(block)
+        return False
+
+    def _deliver_blocked(self, batch: StreamBatch) -> bool:
+        if self.closing:
+            return False
+        if self.transport is None:
+            return self._deliver_to_outbox(batch)
+        # Paused: more than client_buffer_bytes wait in the socket buffer.
+        if batch.is_state:
+            self.stale.add(batch.stream)
+            self.conflated += len(batch.payloads)
+        else:
+            self._close_slow_consumer()
         return False
 
     def finish(self) -> None:
         parts, self._parts = self._parts, None
-        if parts and not self.closing and not self.transport.is_closing():
+        if parts and not self.closing:
             data = b"".join(parts)
-            self.transport.write(data)
+            self._write(data)
             self.node.sent_bytes += len(data)
 
+    def on_pause(self) -> None:
+        """The socket buffer passed its high-water mark (client_buffer_bytes): stop writing data."""
+        self.paused = self.blocked = True
+
     def on_writable(self) -> None:
-        """The socket drained below its low-water mark: send the newest value of every skipped state stream."""
+        """The socket drained below its low-water mark: write again, starting with the newest value of every
+        state stream skipped meanwhile."""
+        self.paused = False
+        self.blocked = self.closing or self.transport is None
         if not self.stale or self.closing:
             return
         stale, self.stale = self.stale, set()
@@ -194,7 +206,7 @@ class Session:
         """Close from our side; :meth:`closed` follows when the connection reports the end."""
         if self.closing:
             return
-        self.closing = True
+        self.closing = self.blocked = True
         self.close_code = code
         self.connection.close_now(code, reason)
 
@@ -215,11 +227,13 @@ class Session:
         for stream in streams:
             if hub.add(stream, self):
                 relay.want(stream.name)
+        self.multi = len(self.control.subscriptions) > 1
 
     def _unsubscribe(self, names: list[str]) -> None:
         for name in self.node.hub.remove_all(names, self):
             self.node.relay.unwant(name)
         self.stale.difference_update(names)
+        self.multi = len(self.control.subscriptions) > 1
 
     def _apply(self, outcome: ControlOutcome) -> None:
         self._unsubscribe(outcome.unsubscribe)

@@ -219,6 +219,11 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.session is not None:
             self.session.closed(1006)
 
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.session is not None:
+            self.session.on_pause()
+
     def resume_writing(self) -> None:
         super().resume_writing()
         if self.session is not None:
