@@ -887,6 +887,8 @@ class Benchmark:
             report["kib_per_conn"] = round((sum(idle) - sum(base)) / max(hello["open"], 1), 2)
             report["rss_mib_idle"] = [round(kib / 1024, 1) for kib in idle]
             self.warm_up(publisher, loadgen, servers[0])
+            cpu0 = [cpu_seconds(server.pid) for server in servers]
+            wall0 = time.monotonic()
             step = self.run_step(
                 float(len(self.streams)),
                 options.scale_seconds,
@@ -898,6 +900,12 @@ class Benchmark:
                 delivered_min=1.0,
             )
             log(f"scale: {step.brief()}")
+            wall = time.monotonic() - wall0
+            report["gateway_cpu_pct"] = [
+                round((cpu_seconds(server.pid) - before) / wall * 100, 1) if server.poll() is None else None
+                for server, before in zip(servers, cpu0, strict=True)
+            ]
+            report["foreign_cpu_pct"] = step.foreign_cpu_pct
             report.update(
                 p50_ms=step.p50_ms,
                 p99_ms=step.p99_ms,
