@@ -2,9 +2,10 @@
 
 The source hands every batch to :meth:`Publisher.publish` (one caller, in arrival order). What happens to it:
 
-- **Standby** (this process does not hold the leader lease): the batch goes into a
+- **Standby** (this process does not hold the leader lease): the batch's exchange events go into a
   :class:`~ingest.standby.StandbyBuffer` (the last few seconds of events, the newest value of state streams), and
-  nothing is published.
+  nothing is published. (Messages without an exchange identity — a synthetic or replayed market, different in
+  each process — are not kept: they could not be told apart from what the old leader published.)
 - **Leader**: events carrying an exchange identity are judged by :class:`~ingest.continuity.Continuity`:
   duplicates are dropped; on trade and aggTrade streams a jump in ids is a gap, and that stream's events are
   held back while the missed ids are fetched over REST (through a :class:`TradeFetcher`, within the REST budget
@@ -117,7 +118,9 @@ class Publisher:
                 # The lease lapsed by our own clock before the lease loop could say so (a paused process).
                 self.step_down("expired")
             if not self.active:
-                self.standby.add(batch, self._clock())
+                # Only events with an exchange identity: on takeover the broker drops those the old leader already
+                # published. A synthetic or replayed feed has none and differs per process, so nothing is kept.
+                self.standby.add([m for m in batch if m.event is not None], self._clock())
                 self.metrics.standby_buffered.set(len(self.standby))
                 return
             await self._lead(batch)

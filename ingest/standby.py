@@ -44,14 +44,19 @@ class StandbyBuffer:
         for _ in range(max(0, overflow)):
             events.popleft()
             self.evicted += 1
-        self._expire(now)
+        self._expire_events(now)
 
-    def _expire(self, now: float) -> None:
+    def _expire_events(self, now: float) -> None:
         oldest = now - self.window_s
         events = self._events
         while events and events[0][0] < oldest:
             events.popleft()
             self.evicted += 1
+
+    def _expire(self, now: float) -> None:
+        # State values are at most one per stream, so they are only aged out when drained, not on every batch.
+        self._expire_events(now)
+        oldest = now - self.window_s
         for stream in [stream for stream, (at, _) in self._states.items() if at < oldest]:
             del self._states[stream]
 

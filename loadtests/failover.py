@@ -30,6 +30,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import signal
 import statistics
 import sys
@@ -197,12 +198,15 @@ async def run_failover(args: argparse.Namespace) -> list[dict[str, Any]]:
                     return any(lease_lines(p) > counts[id(p)] for p in standbys)
 
                 run_start = time.monotonic()
-                await asyncio.sleep(args.settle)
+                # A random moment of the renewal cycle: the takeover time depends on it (TTL - renew .. TTL + renew).
+                await asyncio.sleep(args.settle + random.uniform(0.0, args.renew))
                 killed_at = time.monotonic()
                 os.kill(leader.process.pid, signal.SIGKILL)
                 await wait_for(taken, 30, "a standby took over")
                 took_over_at = time.monotonic()
                 await asyncio.sleep(args.settle)
+                new_leader = next(p for p in standbys if lease_lines(p) > counts[id(p)])
+                flush = [line for line in new_leader.output if "buffered messages judged" in line]
                 around = [e for e in feed.since(killed_at - 1.0) if e[0] <= took_over_at + 1.0]
                 after_kill = feed.since(killed_at)
                 first_after = next((e[0] for e in after_kill if e[0] > took_over_at - 0.5), None)
@@ -214,6 +218,7 @@ async def run_failover(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "takeover_s": round(took_over_at - killed_at, 3),
                     "first_message_after_kill_s": None if first_after is None else round(first_after - killed_at, 3),
                     "delivery_pause_s": round(longest_pause(around), 3),
+                    "takeover_flush": flush[-1].split("leading: ", 1)[-1].strip() if flush else None,
                     "steady_pause_s": round(
                         longest_pause([e for e in feed.entries if run_start <= e[0] < killed_at]), 3
                     ),
