@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Protocol
 
+from prometheus_client import Counter, Histogram
+
 from ingest.backfill import Backfilled
 from ingest.continuity import BackfillPlan, Continuity, IdRange, Verdict, plan_backfill
 from ingest.identity import BACKFILL_KINDS, CONTIGUOUS_KINDS
@@ -91,6 +93,7 @@ class Publisher:
         self._backfills: dict[str, asyncio.Task[None]] = {}
         self._failure: BaseException | None = None
         self._streams: dict[str, tuple[StreamKind, str | None]] = {}
+        self._kind_metrics: dict[StreamKind, tuple[Counter, Histogram]] = {}
         self._leading = asyncio.Event()
         if self.active:
             self._leading.set()
@@ -249,10 +252,21 @@ class Publisher:
         now_ms = now * 1000
         for message in messages:
             kind, _ = self._describe(message.stream)
-            metrics.published.labels(kind=kind.value).inc()
+            published, lag = self._per_kind(kind)
+            published.inc()
             event = message.event
             if event is not None and event.time_ms is not None and not backfilled:
-                metrics.event_lag.labels(kind=kind.value).observe(max(0.0, now_ms - event.time_ms) / 1000)
+                lag.observe(max(0.0, now_ms - event.time_ms) / 1000)
+
+    def _per_kind(self, kind: StreamKind) -> tuple[Counter, Histogram]:
+        """The kind's published counter and lag histogram children (a labels() lookup per message is not free)."""
+        children = self._kind_metrics.get(kind)
+        if children is None:
+            children = self._kind_metrics[kind] = (
+                self.metrics.published.labels(kind=kind.value),
+                self.metrics.event_lag.labels(kind=kind.value),
+            )
+        return children
 
     # ---- backfill ----
 
