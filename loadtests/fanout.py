@@ -302,8 +302,11 @@ class Step:
             f"rate {self.rate:8.1f} msg/s = {self.deliveries_per_s / 1000:8.1f}k deliveries/s: "
             f"{'OK  ' if self.sustained else 'FAIL'} delivered {self.delivered_ratio * 100:6.2f}% "
             f"p50 {self.p50_ms:7.2f} p99 {self.p99_ms:8.2f} max {self.max_ms:8.1f} ms  lost {self.lost}  "
-            f"server CPU {self.server_cpu_pct:5.1f}% (core {self.server_core_busy_pct}%)  "
-            f"loadgen CPU {self.loadgen_cpu_pct:5.1f}% (load core {self.load_core_busy_pct}%)  "
+            f"server CPU {self.server_cpu_pct:5.1f}%"
+            + ("" if self.server_core_busy_pct is None else f" (core {self.server_core_busy_pct}%)")
+            + f"  loadgen CPU {self.loadgen_cpu_pct:5.1f}%"
+            + ("" if self.load_core_busy_pct is None else f" (load core {self.load_core_busy_pct}%)")
+            + "  "
             f"publisher {self.publisher.get('achieved_per_s', 0):.0f}/s"
             + (f"  OTHER PROCESSES {self.foreign_cpu_pct:.0f}% CPU" if self.foreign_cpu_pct >= 5 else "")
             + ("" if self.sustained else f"  ({self.why})")
