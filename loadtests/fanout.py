@@ -1125,10 +1125,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
 @contextlib.contextmanager
 def _sigterm_as_exit() -> Iterator[None]:
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    # Ctrl-C stops the run even when started from a shell that ignores SIGINT for background jobs.
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
