@@ -959,10 +959,11 @@ def per_n_line(clients: int, results: dict[str, TargetResult]) -> dict[str, Any]
         "p50_ms": ours.half_rate.p50_ms if ours and ours.half_rate else None,
         "p99_ms": ours.half_rate.p99_ms if ours and ours.half_rate else None,
         "kib_per_conn": ours.kib_per_conn if ours else None,
+        "max_ms": ours.half_rate.max_ms if ours and ours.half_rate else None,
     }
     for name, result in results.items():
         summary = result.summary()
-        for key in ("p50_ms", "p99_ms", "kib_per_conn"):
+        for key in ("p50_ms", "p99_ms", "max_ms", "kib_per_conn"):
             if name != "pricegate":
                 line[f"{name}_{key}"] = summary[key]
         for key in ("server_cpu_pct_at_max", "server_rss_mib_at_max", "loadgen_cpu_pct_peak", "publisher_limited"):
