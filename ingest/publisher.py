@@ -75,8 +75,11 @@ class Publisher:
         backfill_max_wait_s: float = 30.0,
         standby_window_s: float = 15.0,
         observe: Callable[[Sequence[OutgoingMessage]], None] | None = None,
+        carried: Callable[[], Collection[str]] = frozenset,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``carried`` says which streams are flowing upstream now: at a takeover their last published identities
+        are read too, so a gap is found even on a stream the standby buffer holds nothing of (a cold start)."""
         self.broker = broker
         self.metrics = metrics
         self.leadership = leadership
@@ -84,6 +87,7 @@ class Publisher:
         self.backfill_max_ids = backfill_max_ids
         self.backfill_max_wait_s = backfill_max_wait_s
         self.observe = observe  # sees every batch about to be published (the candle recorder)
+        self.carried = carried
         self._clock = clock
         self.active = leadership is None
         self._lock = asyncio.Lock()
@@ -145,7 +149,7 @@ class Publisher:
         async with self._lock:
             if self.active:
                 return
-            streams = self.standby.streams()
+            streams = self.standby.streams() | set(self.carried())
             # What the previous leader published last: its duplicates are dropped, its gaps found.
             self._continuity.clear()
             self._continuity.prime(await self.broker.last_event_ids(streams))

@@ -86,6 +86,7 @@ class IngestService:
             backfill_max_wait_s=settings.backfill_max_wait_s,
             standby_window_s=settings.standby_buffer_s,
             observe=candles.observe if candles is not None else None,
+            carried=lambda: self.wanted,
         )
 
     @property
