@@ -23,8 +23,8 @@ from tests.fake_binance import eventually
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.integration]
 
-TTL_S = 0.6
-RENEW_S = 0.15
+TTL_S = 1.0
+RENEW_S = 0.2
 TRADE = "btcusdt@aggTrade"
 
 
@@ -160,11 +160,11 @@ async def test_one_holder_and_takeover_after_the_holder_dies(
     seen_first, seen_second = Seen(), Seen()
     async with lease_running(first, seen_first) as first_task:
         await eventually(lambda: first.is_leader, what="the first lease")
-        async with lease_running(second, seen_second):
-            await asyncio.sleep(3 * TTL_S)  # renewed all along: the second never gets it
+        async with lease_running(second, seen_second) as second_task:
+            await asyncio.sleep(2 * TTL_S)  # renewed all along: the second never gets it
             assert first.holds() and not second.is_leader and seen_second.events == []
             assert second.holder == first.token and (await plain.get(key)).decode() == first.token
-            assert first.renewals >= 5
+            assert first.renewals >= 7
             # The holder dies without releasing (kill -9): the key expires, the standby takes it.
             first._leader = False  # so cancelling it does not count as a clean stop
             first_task.cancel()
@@ -173,16 +173,21 @@ async def test_one_holder_and_takeover_after_the_holder_dies(
             died = asyncio.get_running_loop().time()
             await eventually(lambda: second.is_leader, within_s=TTL_S + RENEW_S + 1, what="takeover")
             took = asyncio.get_running_loop().time() - died
-            assert took <= TTL_S + RENEW_S + 0.2, took
+            assert took <= TTL_S + RENEW_S + 0.4, took  # (the margin: scheduling on a busy machine)
             assert seen_second.events == ["acquired"]
-            # A clean stop releases the key: a standby takes over within one renewal period.
+            # A clean stop (what ingest does on SIGTERM: stop the loop, then release the key): a standby takes
+            # over within one renewal period.
             async with lease_running(first, seen_first):
                 await asyncio.sleep(RENEW_S)
                 assert not first.is_leader
                 stopped = asyncio.get_running_loop().time()
+                second_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await second_task
                 await second.release()
                 await eventually(lambda: first.is_leader, within_s=1, what="takeover after release")
-                assert asyncio.get_running_loop().time() - stopped <= RENEW_S + 0.15
+                assert asyncio.get_running_loop().time() - stopped <= RENEW_S + 0.4  # well under the TTL
+                assert seen_second.events == ["acquired", "lost:stopped"]
 
 
 async def test_a_holder_that_cannot_renew_stops_at_once(redis_url: str, key_prefix: str, plain: aioredis.Redis) -> None:
@@ -199,7 +204,8 @@ async def test_a_holder_that_cannot_renew_stops_at_once(redis_url: str, key_pref
         # Redis stops answering in time: the holder steps down at the first failed renewal...
         await plain.delete(key)
         await eventually(lambda: lease.is_leader, within_s=1, what="lease again")
-        await plain.execute_command("CLIENT", "PAUSE", int(TTL_S * 1000), "WRITE")
+        # (Server-wide, so kept short: just longer than the lease's own socket timeout, min(renew, TTL / 3).)
+        await plain.execute_command("CLIENT", "PAUSE", 400, "WRITE")
         await eventually(lambda: not lease.is_leader, within_s=TTL_S, what="stepping down on a failed renewal")
         assert seen.events[-1] == "lost:error"
         # ... and, still owning the key, takes it back once Redis answers again.
