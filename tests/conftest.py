@@ -15,8 +15,9 @@ REDIS_URL = os.environ.get("PRICEGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/9
 POSTGRES_DSN = os.environ.get("PRICEGATE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def _service_missing(what: str, error: BaseException) -> None:
-    message = f"{what} is not reachable ({error!r}); start it (see README 'Running the tests')"
+def service_missing(what: str, error: BaseException) -> None:
+    """Fail under CI=true, otherwise skip loudly with the reason: a missing service is never silent."""
+    message = f"{what} is not reachable ({error!r}); start it (README, \"Two commands\": ./run-tests starts Redis and PostgreSQL when it can)"
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI=true and {message}", pytrace=False)
     pytest.skip(message)
@@ -29,7 +30,7 @@ async def redis_url() -> AsyncIterator[str]:
     try:
         await client.ping()
     except Exception as error:  # any failure to reach the service means the same thing
-        _service_missing(f"Redis at {REDIS_URL}", error)
+        service_missing(f"Redis at {REDIS_URL}", error)
     finally:
         await client.aclose()
     yield REDIS_URL
@@ -41,7 +42,7 @@ async def postgres_dsn() -> AsyncIterator[str]:
     try:
         connection = await asyncpg.connect(POSTGRES_DSN, timeout=5)
     except Exception as error:  # any failure to reach the service means the same thing
-        _service_missing(f"PostgreSQL at {POSTGRES_DSN}", error)
+        service_missing(f"PostgreSQL at {POSTGRES_DSN}", error)
     await connection.close()
     yield POSTGRES_DSN
 

@@ -24,6 +24,7 @@ from shared.broker_redis import RedisBroker, _parse_reply, redact_url
 from shared.errors import BrokerError
 from shared.frames import Publication, encode_publication
 from shared.streams import ChannelNamer
+from tests.conftest import service_missing
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -620,7 +621,7 @@ class PrivateRedis:
     async def start(self) -> None:
         executable = shutil.which("redis-server")
         if executable is None:
-            pytest.skip("redis-server is not installed")
+            service_missing("redis-server (to run a private server)", FileNotFoundError("redis-server"))
         self._process = await asyncio.create_subprocess_exec(
             executable, "--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "700",
             "--save", "", "--appendonly", "no",
