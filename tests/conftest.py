@@ -17,7 +17,10 @@ POSTGRES_DSN = os.environ.get("PRICEGATE_TEST_DATABASE_URL", "postgresql://postg
 
 def service_missing(what: str, error: BaseException) -> None:
     """Fail under CI=true, otherwise skip loudly with the reason: a missing service is never silent."""
-    message = f"{what} is not reachable ({error!r}); start it (README, \"Two commands\": ./run-tests starts Redis and PostgreSQL when it can)"
+    message = (
+        f"{what} is not reachable ({error!r}); start it "
+        "(README, 'Two commands': ./run-tests starts Redis and PostgreSQL when it can)"
+    )
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI=true and {message}", pytrace=False)
     pytest.skip(message)
