@@ -25,6 +25,7 @@ from shared.errors import BrokerError
 from shared.frames import Publication, encode_publication
 from shared.streams import ChannelNamer
 from tests.conftest import service_missing
+from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -291,52 +292,33 @@ async def test_published_envelope_bytes_equal_encode_publication(
         await pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
-class LatencyProxy:
+class LatencyProxy(TcpProxy):
     """A TCP proxy to Redis that delays every chunk by ``delay_s`` in each direction without serialising
     chunks (like a long link: many chunks can be in flight), and can freeze its current connections to make
     them half-open (bytes stop flowing, sockets stay open) while new connections still pass."""
 
     def __init__(self, target_port: int, delay_s: float = 0.0) -> None:
-        self.target_port = target_port
+        super().__init__(target_port)
         self.delay_s = delay_s
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
         self._frozen_gates: list[asyncio.Event] = []
-
-    async def __aenter__(self) -> LatencyProxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for writer in self._writers:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-        await self._server.wait_closed()
 
     def freeze(self) -> None:
         """Stop forwarding on every connection opened so far."""
         for gate in self._frozen_gates:
             gate.clear()
 
-    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers += [client_writer, server_writer]
+    def connect(
+        self,
+        client_reader: asyncio.StreamReader,
+        client_writer: asyncio.StreamWriter,
+        server_reader: asyncio.StreamReader,
+        server_writer: asyncio.StreamWriter,
+    ) -> None:
         gate = asyncio.Event()
         gate.set()
         self._frozen_gates.append(gate)
         for source, sink in ((client_reader, server_writer), (server_reader, client_writer)):
-            task = asyncio.create_task(self._pump(source, sink, gate))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._pump(source, sink, gate))
 
     async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, gate: asyncio.Event) -> None:
         queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()

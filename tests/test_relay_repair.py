@@ -31,6 +31,7 @@ from shared.broker_redis import PUBLISH_SCRIPT, RedisBroker
 from shared.errors import BrokerError
 from shared.streams import ChannelNamer
 from tests.harness import RunningGateway, running_gateway, wait_for
+from tests.tcp_proxy import TcpProxy
 from tests.test_broker_redis import PrivateRedis
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
@@ -130,37 +131,16 @@ async def delete_keys(client: aioredis.Redis, prefix: str) -> None:
         await client.delete(*keys)
 
 
-class SubscriptionValve:
+class SubscriptionValve(TcpProxy):
     """A TCP proxy to Redis that can hold back what Redis sends on the *subscription* connection (recognised by
     the SUBSCRIBE it sends) while every other connection flows: a pub/sub link lagging behind the command link,
     so a history read can overtake live messages that were published before it."""
 
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = 0
+        super().__init__(target_port)
         self.holding = False
         self.held: list[bytes] = []
         self._subscription: asyncio.StreamWriter | None = None
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def __aenter__(self) -> SubscriptionValve:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for writer in self._writers:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-        await self._server.wait_closed()
 
     def url(self, redis_url: str) -> str:
         parts = urlsplit(redis_url)
@@ -179,16 +159,15 @@ class SubscriptionValve:
         for data in release:
             self._subscription.write(data)
 
-    async def _accept(self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter) -> None:
-        server_reader, server_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers += [client_writer, server_writer]
-        for coroutine in (
-            self._upstream(client_reader, server_writer, client_writer),
-            self._downstream(server_reader, client_writer),
-        ):
-            task = asyncio.create_task(coroutine)
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+    def connect(
+        self,
+        client_reader: asyncio.StreamReader,
+        client_writer: asyncio.StreamWriter,
+        server_reader: asyncio.StreamReader,
+        server_writer: asyncio.StreamWriter,
+    ) -> None:
+        self._spawn(self._upstream(client_reader, server_writer, client_writer))
+        self._spawn(self._downstream(server_reader, client_writer))
 
     async def _upstream(
         self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, client: asyncio.StreamWriter
