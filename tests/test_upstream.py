@@ -47,6 +47,9 @@ class Collector:
     def count(self, stream: str) -> int:
         return len(self.payloads(stream))
 
+    def streams(self) -> set[str]:
+        return {message.stream for message in self.messages}
+
 
 @contextlib.asynccontextmanager
 async def running(source: BinanceSource) -> AsyncIterator[Collector]:

@@ -6,46 +6,20 @@ with every event delivered exactly once, in order."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 
 import orjson
 import pytest
 
 from ingest.rotation import REASON_AGE
 from ingest.upstream import BinanceSource
-from shared.broker import OutgoingMessage
 from tests.fake_binance import FakeBinance, eventually
+from tests.test_upstream import running
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class Collector:
-    def __init__(self) -> None:
-        self.messages: list[OutgoingMessage] = []
-
-    async def publish(self, batch: Sequence[OutgoingMessage]) -> None:
-        self.messages.extend(batch)
-
-    def payloads(self, stream: str) -> list[bytes]:
-        return [message.payload for message in self.messages if message.stream == stream]
-
-    def streams(self) -> set[str]:
-        return {message.stream for message in self.messages}
-
-
-@contextlib.asynccontextmanager
-async def running(source: BinanceSource) -> AsyncIterator[Collector]:
-    collector = Collector()
-    task = asyncio.create_task(source.run(collector.publish))
-    try:
-        yield collector
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
 
 
 def fast_backoff() -> AsyncIterator[float]:
