@@ -1,13 +1,19 @@
 """Local fan-out: which subscribers want which stream, and the per-flush batch each of them receives.
 
 Pure: no I/O and no event loop. The relay calls :meth:`Hub.broadcast` once per broker message, which only
-appends the payload to that stream's pending list — O(1), whatever the number of subscribers. Once per event
-loop turn the node calls :meth:`Hub.flush`: for each stream with pending messages it makes one
-:class:`StreamBatch`, whose frame variants (raw payloads, combined envelopes) and WebSocket-encoded byte blocks
-are built at most once and shared by every subscriber, then hands it to each subscriber. A direct-mode
-subscriber writes the block with one socket write; one subscribed to several streams collects its blocks and
-writes them together in :meth:`Subscriber.finish`. So the cost per message is constant and the cost per client
-is one call and one write per flush, not per message.
+appends the payload to that stream's pending list — O(1), whatever the number of subscribers. The node then
+calls :meth:`Hub.flush`: for each stream with pending messages it makes one :class:`StreamBatch`, whose frame
+variants (raw payloads, combined envelopes) and WebSocket-encoded byte blocks are built at most once and shared
+by every subscriber, then hands it to each subscriber. A direct-mode subscriber writes the block with one
+socket write; one subscribed to several streams collects its blocks and writes them together in
+:meth:`Subscriber.finish`. So the cost per message is constant and the cost per client is one call and one
+write per flush, not per message.
+
+Streams are served oldest-pending first, and a flush may stop after a budget of subscribers, leaving the rest
+queued: the node flushes in chunks and lets the event loop read the broker between them, so messages that
+arrive meanwhile join their stream's batch before its turn instead of waiting for a whole pass over every
+client (under load a pass takes N x one socket write; round-robin halves the worst wait, measured in
+BENCHMARKS.md).
 
 Slow clients are the subscriber's business (see gateway.session): it sees its socket's buffered bytes and
 either skips a state-stream batch (to resend the newest value from :meth:`Hub.latest_frame` once it drains)
@@ -77,6 +83,9 @@ class Hub:
         self._subscribers: dict[str, dict[Subscriber, None]] = {}  # dict as an ordered set
         self._kinds: dict[str, StreamKind] = {}
         self._pending: dict[str, list[bytes]] = {}
+        # Streams with pending messages, oldest first (a deque: a dict cannot pop its first key in O(1)). A name
+        # may be left here after its stream lost its last subscriber; flush skips names without pending messages.
+        self._queue: deque[str] = deque()
         self._latest: dict[str, bytes] = {}  # newest payload of each state stream, for slow-client resync
         # Counters read by the metrics collector at scrape time (no metric calls on the hot path).
         self.deliveries: dict[StreamKind, int] = dict.fromkeys(StreamKind, 0)
@@ -134,6 +143,7 @@ class Hub:
             if kind is None:
                 return False
             self._pending[stream_name] = [payload]
+            self._queue.append(stream_name)
         else:
             pending.append(payload)
             kind = self._kinds[stream_name]
@@ -146,12 +156,20 @@ class Hub:
     def has_pending(self) -> bool:
         return bool(self._pending)
 
-    def flush(self) -> int:
-        """Hand every pending batch to its subscribers; returns the number of frames delivered."""
-        pending, self._pending = self._pending, {}
+    def flush(self, budget: int = 0) -> int:
+        """Hand pending batches to their subscribers, the stream waiting longest first, until ``budget``
+        subscribers have been served (0: every pending stream); returns the number of frames delivered. A stream
+        is never split: the budget is checked between streams."""
+        pending = self._pending
+        queue = self._queue
         finishing: list[Subscriber] = []
         delivered = 0
-        for stream_name, payloads in pending.items():
+        served = 0
+        while queue:
+            stream_name = queue.popleft()
+            payloads = pending.pop(stream_name, None)
+            if payloads is None:
+                continue
             subscribers = self._subscribers.get(stream_name)
             if not subscribers:
                 continue
@@ -163,6 +181,9 @@ class Hub:
             count = len(payloads) * len(subscribers)
             self.deliveries[kind] += count
             delivered += count
+            served += len(subscribers)
+            if budget and served >= budget:
+                break
         for subscriber in finishing:
             subscriber.finish()
         self.flushes += 1

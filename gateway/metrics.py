@@ -65,7 +65,9 @@ class HubCollector(Collector):
         sent_bytes = CounterMetricFamily("pricegate_gateway_sent_bytes", "Bytes written to client sockets")
         sent_bytes.add_metric([], self.sent_bytes())
         yield sent_bytes
-        flushes = CounterMetricFamily("pricegate_gateway_flushes", "Fan-out flushes (one per busy loop turn)")
+        flushes = CounterMetricFamily(
+            "pricegate_gateway_flushes", "Fan-out flush chunks (at most one per busy loop turn)"
+        )
         flushes.add_metric([], self.hub.flushes)
         yield flushes
 
@@ -134,7 +136,7 @@ class GatewayMetrics:
         )
         self.broadcast_duration = Histogram(
             "pricegate_gateway_broadcast_duration_seconds",
-            "Time of one fan-out flush: every pending message handed to every local subscriber",
+            "Time of one fan-out flush chunk: pending streams handed to up to flush_chunk_clients subscribers",
             buckets=FANOUT_BUCKETS,
             registry=r,
         )

@@ -1,7 +1,8 @@
 """One gateway process's shared state: hub, relay, metrics, known symbols, open sessions and draining.
 
 Sessions come and go; the node outlives them. It schedules at most one hub flush per event-loop turn (every
-frame queued during that turn goes out in one write per client), keeps the set of symbols clients may ask for
+frame queued during that turn goes out in one write per client; a flush serves ``flush_chunk_clients`` clients
+and continues on the next turn, after the loop has read the broker again), keeps the set of symbols clients may ask for
 (from the exchangeInfo ingest caches in the broker), and closes every session with 1001, spread over a few
 seconds, when the process is asked to stop.
 """
@@ -65,11 +66,16 @@ class GatewayNode:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        self._flush_scheduled = False
         # perf_counter, not loop.time(): uvloop's loop clock is cached per iteration and would read 0 here.
         started = time.perf_counter()
-        self.hub.flush()
+        self.hub.flush(self.settings.flush_chunk_clients)
         self.metrics.broadcast_duration.observe(time.perf_counter() - started)
+        if self.hub.has_pending:
+            # More streams wait: serve them on the next loop turn, after the loop has read the broker (new
+            # messages join their stream's batch before its turn) and the clients.
+            asyncio.get_running_loop().call_soon(self._flush)
+        else:
+            self._flush_scheduled = False
 
     # ---- symbols ----
     def is_known_symbol(self, symbol: str) -> bool:

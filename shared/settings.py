@@ -242,6 +242,13 @@ class Settings:
         "Per-client outbound buffer; beyond it state streams conflate, event streams close 4000.",
         min=1024,
     )
+    flush_chunk_clients: int = _setting(
+        256,
+        "int",
+        "Fan-out writes per event-loop turn before the gateway reads the broker again (streams are not split; "
+        "0: one pass over every pending stream).",
+        min=0,
+    )
     ping_interval_s: float = _setting(20.0, "float", "Server ping interval (Binance: 20 s).", min=0.05)
     ping_timeout_s: float = _setting(60.0, "float", "Close a client whose pong is this late (Binance: 60 s).", min=0.05)
     max_connections: int = _setting(50000, "int", "Open WebSockets per gateway process (beyond: HTTP 503).", min=1)

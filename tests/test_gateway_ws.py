@@ -179,3 +179,41 @@ async def test_live_ticker_page_is_served(gateway) -> None:  # type: ignore[no-u
     assert page.headers["content-type"].startswith("text/html")
     # The page reads the market from exchangeInfo and streams tickers over the combined endpoint.
     assert "/api/v3/exchangeInfo" in page.text and "/stream?streams=" in page.text
+
+
+async def expect_rounds(single, combined, streams: list[str], rounds: range) -> None:  # type: ignore[no-untyped-def]
+    for stream, clients in single.items():
+        for client in clients:
+            assert [(await recv_json(client))["t"] for _ in rounds] == list(rounds), stream
+    received: dict[str, list[int]] = {stream: [] for stream in streams}
+    for _ in range(len(rounds) * len(streams)):
+        frame = await recv_json(combined)
+        received[frame["stream"]].append(frame["data"]["t"])
+    assert received == {stream: list(rounds) for stream in streams}
+
+
+async def test_chunked_flushes_deliver_every_message_in_order() -> None:
+    """One client per flush chunk: streams are served in turns across loop iterations, with the broker read in
+    between; every client still gets every message of its streams, in order, and combined clients all of theirs."""
+    broker = MemoryBroker()
+    streams = ["btcusdt@trade", "ethusdt@trade", "btcusdt@aggTrade"]
+    async with running_gateway(broker, flush_chunk_clients=1) as gw:
+        await broker.put_exchange_info(EXCHANGE_INFO)
+        gw.node.set_exchange_info(EXCHANGE_INFO)
+        single = {stream: [await connect(f"{gw.ws_base}/ws/{stream}") for _ in range(4)] for stream in streams}
+        combined = await connect(f"{gw.ws_base}/stream?streams={'/'.join(streams)}")
+        try:
+            await wait_for(lambda: all(gw.node.hub.subscriber_count(stream) == 5 for stream in streams))
+            # All at once: one pass would serve the three streams in one flush; chunks of one client take three.
+            flushes_before = gw.node.hub.flushes
+            await broker.publish([message(stream, {"e": "trade", "t": 0}) for stream in streams])
+            await expect_rounds(single, combined, streams, range(1))
+            assert gw.node.hub.flushes - flushes_before >= len(streams)
+            # Rounds published while earlier chunks are still going out: order and completeness hold.
+            for round_ in range(1, 11):
+                await broker.publish([message(stream, {"e": "trade", "t": round_}) for stream in streams])
+                await asyncio.sleep(0)
+            await expect_rounds(single, combined, streams, range(1, 11))
+        finally:
+            for client in [*(c for clients in single.values() for c in clients), combined]:
+                await client.close()

@@ -162,3 +162,61 @@ def test_outbox_memory_is_bounded_under_endless_state_traffic() -> None:
         assert outbox.size <= 4096
     assert not outbox.overflowed
 
+
+
+def test_a_budgeted_flush_serves_the_longest_waiting_streams_and_keeps_the_rest_queued() -> None:
+    hub = Hub()
+    trade = [Recorder() for _ in range(3)]
+    ticker = [Recorder() for _ in range(3)]
+    eth = [Recorder() for _ in range(3)]
+    for stream, group in ((TRADE, trade), (TICKER, ticker), (ETH_TICKER, eth)):
+        for subscriber in group:
+            hub.add(stream, subscriber)
+    hub.broadcast(TICKER.name, b"b1")
+    hub.broadcast(TRADE.name, b"t1")
+    hub.broadcast(ETH_TICKER.name, b"e1")
+    # Budget 2 < 3 subscribers of the first stream: a stream is never split, so exactly one stream is served.
+    assert hub.flush(budget=2) == 3
+    assert [len(s.batches) for s in ticker + trade + eth] == [1, 1, 1, 0, 0, 0, 0, 0, 0]
+    assert hub.has_pending
+    # Messages arriving before a queued stream's turn join its batch; a stream served already queues at the back.
+    hub.broadcast(TRADE.name, b"t2")
+    hub.broadcast(TICKER.name, b"b2")
+    assert hub.flush(budget=3) == 6
+    assert trade[0].batches[0].payloads == [b"t1", b"t2"]
+    assert not eth[0].batches
+    assert hub.flush(budget=3) == 3
+    assert eth[0].batches[0].payloads == [b"e1"]
+    assert hub.flush(budget=3) == 3
+    assert [batch.payloads for batch in ticker[0].batches] == [[b"b1"], [b"b2"]]
+    assert not hub.has_pending
+    assert hub.flush(budget=3) == 0
+
+
+def test_a_stream_that_loses_its_subscribers_while_queued_is_skipped() -> None:
+    hub = Hub()
+    gone, kept = Recorder(), Recorder()
+    hub.add(TRADE, gone)
+    hub.add(TICKER, kept)
+    hub.broadcast(TRADE.name, b"t")
+    hub.broadcast(TICKER.name, b"b")
+    assert hub.remove(TRADE.name, gone) is True
+    hub.add(TRADE, gone)  # back again: only messages published from now on are its
+    assert hub.flush(budget=1) == 1
+    assert [batch.payloads for batch in kept.batches] == [[b"b"]] and not gone.batches
+    hub.broadcast(TRADE.name, b"t2")
+    assert hub.flush(budget=1) == 1
+    assert [batch.payloads for batch in gone.batches] == [[b"t2"]]
+
+
+def test_coalescing_subscribers_are_finished_at_the_end_of_each_chunk() -> None:
+    hub = Hub()
+    multi = Recorder(coalesce=True)
+    hub.add(TRADE, multi)
+    hub.add(TICKER, multi)
+    hub.broadcast(TRADE.name, b"t")
+    hub.broadcast(TICKER.name, b"b")
+    hub.flush(budget=1)
+    assert multi.finished == 1 and [batch.stream for batch in multi.batches] == [TRADE.name]
+    hub.flush(budget=1)
+    assert multi.finished == 2 and [batch.stream for batch in multi.batches] == [TRADE.name, TICKER.name]
