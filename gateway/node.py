@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import orjson
 
 from gateway.hub import Hub
+from gateway.keepalive import KeepaliveSchedule
 from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay
 from shared.broker import Broker
@@ -34,6 +35,16 @@ EXCHANGE_INFO_POLL_S = 30.0
 
 class DrainableSession(Protocol):
     def close_going_away(self) -> None: ...
+
+
+class KeptAlive(Protocol):
+    """A connection the node pings (gateway.wsprotocol's native sessions)."""
+
+    ping_deadline: float
+
+    def send_ping(self) -> None: ...
+
+    def keepalive_timeout(self) -> None: ...
 
 
 class GatewayNode:
@@ -55,6 +66,10 @@ class GatewayNode:
         self._closed_dropped = 0
         self.sent_bytes = 0  # plain int: sessions add to it per write; exported at scrape time
         self._drain_task: asyncio.Task[None] | None = None
+        self.keepalive: KeepaliveSchedule[KeptAlive] = KeepaliveSchedule(
+            settings.ping_interval_s, settings.ping_timeout_s
+        )
+        self._keepalive_timer: asyncio.TimerHandle | None = None
         self.metrics.attach(self.hub, self.buffer_drops, broker, lambda: self.sent_bytes)
 
     # ---- flushing ----
@@ -76,6 +91,30 @@ class GatewayNode:
             asyncio.get_running_loop().call_soon(self._flush)
         else:
             self._flush_scheduled = False
+
+    # ---- keepalive: one timer pings every connection, a slice per tick ----
+    def keep_alive(self, connection: KeptAlive) -> None:
+        self.keepalive.add(connection)
+        if self._keepalive_timer is None:
+            self._keepalive_timer = asyncio.get_running_loop().call_later(
+                self.keepalive.tick_s, self._keepalive_tick
+            )
+
+    def stop_keeping_alive(self, connection: KeptAlive) -> None:
+        self.keepalive.remove(connection)
+
+    def _keepalive_tick(self) -> None:
+        due, overdue = self.keepalive.tick(time.monotonic())
+        for connection in overdue:
+            connection.keepalive_timeout()
+        for connection in due:
+            connection.send_ping()
+        if len(self.keepalive):
+            self._keepalive_timer = asyncio.get_running_loop().call_later(
+                self.keepalive.tick_s, self._keepalive_tick
+            )
+        else:
+            self._keepalive_timer = None
 
     # ---- symbols ----
     def is_known_symbol(self, symbol: str) -> bool:

@@ -10,7 +10,9 @@ Every other WebSocket path goes through the ASGI app as usual. Changes from uvic
    (binance-connector) answer pings with an empty payload; uvicorn would ignore those and drop the client.
 2. **Stuck clients are closed without waiting for them**: :meth:`close_now` sends the close frame and aborts
    the socket if it has not drained within a few seconds (a client that does not read cannot receive it).
-3. **Drain on shutdown.** On server shutdown uvicorn closes every socket with 1012 at once; instead we ask
+3. **One keepalive timer per process** (:mod:`gateway.keepalive`): native sessions are pinged by the node in
+   slices with one pre-encoded frame, instead of two timer handles per connection; a missed pong closes 1011.
+4. **Drain on shutdown.** On server shutdown uvicorn closes every socket with 1012 at once; instead we ask
    the gateway to close its clients with 1001 spread over a few seconds.
 
 Selected with ``uvicorn.Config(ws=PricegateWebSocketProtocol)``; it finds the gateway in the lifespan state
@@ -33,6 +35,7 @@ from gateway.wsframe import encode_text_frames
 
 NODE_STATE_KEY = "pricegate.node"
 DRAIN_STATE_KEY = "pricegate.drain"
+PING_FRAME = b"\x89\x00"  # FIN + ping, unmasked, empty payload: the same bytes for every connection
 ABORT_AFTER_CLOSE_S = 5.0  # a client that does not read cannot receive our close frame either
 STREAM_PREFIXES = ("/ws/", "/stream/")
 STREAM_PATHS = ("/ws", "/stream")
@@ -65,6 +68,7 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
     session: Session | None = None
     outbox: Outbox | None = None  # native sessions write directly
     _text_fragments: list[bytes] | None = None
+    ping_deadline = 0.0  # the node's keepalive schedule: unanswered ping's deadline, 0.0 when none
 
     # ---- Connection (what a Session needs) ----
     @property
@@ -195,6 +199,9 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def handle_pong(self, event: Frame) -> None:
         # Any pong answers the outstanding ping (see the module docstring).
+        if self.session is not None:
+            self.ping_deadline = 0.0
+            return
         if self.pending_ping_payload is not None:
             self.pending_ping_payload = bytes(event.data)
         super().handle_pong(event)
@@ -209,10 +216,27 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.session is not None and self.conn.close_sent is not None:
             self.session.closed(self.conn.close_sent.code)
 
-    def keepalive_timeout(self) -> None:
-        super().keepalive_timeout()
+    # ---- keepalive: native sessions are pinged by the node (gateway.keepalive), others by uvicorn ----
+    def start_keepalive(self) -> None:
+        if self.session is None:
+            super().start_keepalive()
+        else:
+            self.session.node.keep_alive(self)
+
+    def stop_keepalive(self) -> None:
         if self.session is not None:
-            self.session.closed(1011)
+            self.session.node.stop_keeping_alive(self)
+        super().stop_keepalive()
+
+    def send_ping(self) -> None:
+        if not self.is_closed:
+            self.transport.write(PING_FRAME)
+
+    def keepalive_timeout(self) -> None:
+        if self.session is None:
+            super().keepalive_timeout()
+        else:
+            self.close_now(1011, "keepalive ping timeout")
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

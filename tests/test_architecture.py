@@ -32,6 +32,7 @@ PURE_MODULES = (
     "shared/candles.py",
     "gateway/protocol.py",
     "gateway/hub.py",
+    "gateway/keepalive.py",
     "gateway/technicals.py",
     "ingest/binance.py",
     "ingest/market.py",

@@ -217,3 +217,17 @@ async def test_chunked_flushes_deliver_every_message_in_order() -> None:
         finally:
             for client in [*(c for clients in single.values() for c in clients), combined]:
                 await client.close()
+
+
+async def test_native_sessions_share_one_keepalive_timer(gateway) -> None:  # type: ignore[no-untyped-def]
+    gw, _ = gateway
+    clients = [await connect(f"{gw.ws_base}/ws/btcusdt@trade") for _ in range(10)]
+    try:
+        await wait_for(lambda: len(gw.node.sessions) == 10)
+        assert len(gw.node.keepalive) == 10
+        # No per-connection timers: the node's schedule pings them (uvicorn would hold a ping timer each).
+        assert all(session.connection.ping_timer is None for session in gw.node.sessions)
+    finally:
+        for client in clients:
+            await client.close()
+    await wait_for(lambda: len(gw.node.keepalive) == 0)

@@ -37,7 +37,7 @@ TRADE = "btcusdt@trade"
 BOOK = "btcusdt@bookTicker"
 BUFFER = 64 * 1024  # client_buffer_bytes for these tests
 PAD = b"x" * 960  # payloads of ~1 KB
-OP_TEXT, OP_CLOSE = 0x1, 0x8
+OP_TEXT, OP_CLOSE, OP_PING = 0x1, 0x8, 0x9
 
 
 def trade(seq: int) -> bytes:
@@ -64,6 +64,7 @@ class StuckClient:
         self.sock = sock
         self._buffer = bytearray(early)  # bytes that arrived with the handshake response
         self.eof = False
+        self.pings = 0
 
     @classmethod
     async def connect(cls, port: int, path: str, receive_buffer: int = 4096) -> StuckClient:
@@ -101,7 +102,8 @@ class StuckClient:
         return int(self.sock.getsockname()[1])
 
     def _parse(self) -> list[tuple[int, bytes]]:
-        """Complete server frames (unmasked, unfragmented) from the buffer."""
+        """Complete server frames (unmasked, unfragmented) from the buffer; keepalive pings are counted, not
+        returned (the gateway may ping at any time; a stuck client never answers)."""
         frames: list[tuple[int, bytes]] = []
         buf = self._buffer
         pos = 0
@@ -120,7 +122,10 @@ class StuckClient:
                 header = 10
             if len(buf) - pos < header + length:
                 break
-            frames.append((opcode, bytes(buf[pos + header : pos + header + length])))
+            if opcode == OP_PING:
+                self.pings += 1
+            else:
+                frames.append((opcode, bytes(buf[pos + header : pos + header + length])))
             pos += header + length
         del buf[:pos]
         return frames
