@@ -21,7 +21,9 @@ Selected with ``uvicorn.Config(ws=PricegateWebSocketProtocol)``; it finds the ga
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
 from typing import Any
 from urllib.parse import unquote
 
@@ -151,7 +153,15 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
         event.headers.clear()
         self.queue = _DISCARD  # type: ignore[assignment]
         self.writable = _DISCARD  # type: ignore[assignment]
-        limit = node.settings.client_buffer_bytes
+        settings = node.settings
+        if settings.client_sndbuf_bytes:
+            # A fixed kernel send buffer: with autotuning, a client that stops reading makes the kernel hold up
+            # to tcp_wmem's maximum (4 MiB) for it before any backpressure reaches us (measured in BENCHMARKS.md).
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.client_sndbuf_bytes)
+        limit = settings.client_buffer_bytes
         # Pause (and so later resume, which resends stale state) around our own limit, not the loop's default.
         self.transport.set_write_buffer_limits(high=limit, low=limit // 4)
         self.session = Session(node, self, admission.combined)

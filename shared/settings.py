@@ -249,6 +249,14 @@ class Settings:
         "0: one pass over every pending stream).",
         min=0,
     )
+    client_sndbuf_bytes: int = _setting(
+        65536,
+        "int",
+        "Kernel send buffer (SO_SNDBUF; Linux doubles it) of each WebSocket client, fixed so a client that stops "
+        "reading holds at most this in the kernel before client_buffer_bytes applies (0: kernel autotuning, up "
+        "to tcp_wmem's maximum per client).",
+        min=0,
+    )
     ping_interval_s: float = _setting(20.0, "float", "Server ping interval (Binance: 20 s).", min=0.05)
     ping_timeout_s: float = _setting(60.0, "float", "Close a client whose pong is this late (Binance: 60 s).", min=0.05)
     max_connections: int = _setting(50000, "int", "Open WebSockets per gateway process (beyond: HTTP 503).", min=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import httpx
 import orjson
@@ -231,3 +232,19 @@ async def test_native_sessions_share_one_keepalive_timer(gateway) -> None:  # ty
         for client in clients:
             await client.close()
     await wait_for(lambda: len(gw.node.keepalive) == 0)
+
+
+async def test_client_sockets_get_a_fixed_kernel_send_buffer() -> None:
+    """SO_SNDBUF is set (Linux reports it doubled), which turns the kernel's autotuning off for the socket; 0
+    leaves autotuning on."""
+    for setting in (32768, 0):
+        async with running_gateway(MemoryBroker(), client_sndbuf_bytes=setting) as gw:
+            async with connect(f"{gw.ws_base}/ws/btcusdt@trade"):
+                await wait_for(lambda: len(gw.node.sessions) == 1)
+                (session,) = gw.node.sessions
+                sock = session.connection.transport.get_extra_info("socket")
+                sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+                if setting:
+                    assert sndbuf == 2 * setting
+                else:
+                    assert sndbuf != 2 * 32768
