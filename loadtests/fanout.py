@@ -382,6 +382,10 @@ class TargetResult:
 # ---------------------------------------------------------------- the benchmark
 
 
+# Several gateways and the load share every CPU in the scale test: the kernel places them.
+SCALE_PINNING = Pinning([], [], "none (scale test: the gateways and the load share all CPUs)")
+
+
 class Benchmark:
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -390,11 +394,10 @@ class Benchmark:
         self.run_id = f"{os.getpid()}-{int(time.time())}"
         self.redis_url = options.redis_url or ""
         self.redis_process: subprocess.Popen[Any] | None = None
-        if options.scale:
-            # Several gateways and the load share every CPU: the kernel places them.
-            self.pinning = Pinning([], [], "none (scale mode: the gateways and the load share all CPUs)")
-        else:
+        if options.clients:
             self.pinning = Pinning.detect(options.server_cpu, options.load_cpu, options.pin)
+        else:
+            self.pinning = SCALE_PINNING
         self.loadgen_binary = build()
         self.tempdir = Path(tempfile.mkdtemp(prefix="pricegate-fanout-"))
         self.streams = list(STREAMS[: options.streams])
@@ -875,7 +878,8 @@ class Benchmark:
         ports = [free_port() for _ in range(count)]
         servers = []
         loadgen = publisher = None
-        report: dict[str, Any] = {"clients": clients, "processes": count}
+        report: dict[str, Any] = {"clients": clients, "processes": count, "pinning": SCALE_PINNING.description}
+        ramp_pinning, self.pinning = self.pinning, SCALE_PINNING
         try:
             for port in ports:
                 servers.append(self.start_server("pricegate", port, prefix, clients // count + 1))
@@ -930,6 +934,7 @@ class Benchmark:
                 self.processes.stop(publisher)
             for server in servers:
                 self.processes.stop(server)
+            self.pinning = ramp_pinning
         return report
 
 
@@ -1045,7 +1050,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         prog="python -m loadtests.fanout",
         description="Fan-out benchmark: pricegate vs a naive Starlette loop vs picows (see BENCHMARKS.md).",
     )
-    parser.add_argument("--clients", default="1000,5000,10000", help="comma-separated N values (1000,5000,10000)")
+    parser.add_argument(
+        "--clients",
+        help="comma-separated N values (default 1000,5000,10000; none with --scale unless given: then both run)",
+    )
     parser.add_argument("--targets", default=",".join(TARGETS), help="subset of pricegate,naive,picows")
     parser.add_argument("--quick", action="store_true", help="1.5 s steps, x2 growth, one bisection: < 3 minutes")
     parser.add_argument("--redis-url", help="use this Redis instead of starting a redis-server")
@@ -1086,6 +1094,8 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--out", type=Path, help="results directory (default out/fanout-<time>)")
     args = parser.parse_args(argv)
     quick = args.quick
+    if args.clients is None:
+        args.clients = "" if args.scale else "1000,5000,10000"
     clients = [int(n) for n in args.clients.split(",") if n]
     targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     for target in targets:
@@ -1165,29 +1175,28 @@ def main(argv: Sequence[str] | None = None) -> int:
             if quiet >= 5:
                 log(f"WARNING: other processes use {quiet:.0f}% CPU right now: figures will be disturbed")
             benchmark.start_redis()
+            for clients in options.clients:
+                results = {target: benchmark.run_target_retrying(target, clients) for target in options.targets}
+                all_results += results.values()
+                report["results"] += [result.summary() for result in results.values()]
+                line = per_n_line(clients, results)
+                lines.append(line)
+                print(json.dumps(line), flush=True)
             if options.scale:
                 report["scale"] = benchmark.run_scale()
-                print(json.dumps(report["scale"]), flush=True)
-            else:
-                for clients in options.clients:
-                    results = {target: benchmark.run_target_retrying(target, clients) for target in options.targets}
-                    all_results += results.values()
-                    report["results"] += [result.summary() for result in results.values()]
-                    line = per_n_line(clients, results)
-                    lines.append(line)
-                    print(json.dumps(line), flush=True)
+                print(json.dumps({"scale": report["scale"]}), flush=True)
             completed = True
     finally:
         benchmark.close()
         # Written even when interrupted, so a long run's finished targets are never lost.
         report["completed"] = completed
         report["elapsed_s"] = round(time.monotonic() - started, 1)
-        if not options.scale:
+        if options.clients:
             report["final"] = {key: [line.get(key) for line in lines] for key in KEYS}
         options.out.mkdir(parents=True, exist_ok=True)
         (options.out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
         log(f"{'done' if completed else 'interrupted'} after {report['elapsed_s']:.0f}s; results in {options.out}")
-    if not options.scale:
+    if options.clients:
         print_table(all_results)
         print(json.dumps(report["final"]), flush=True)
     failed = any(result.error for result in all_results) or bool(report.get("scale", {}).get("error"))

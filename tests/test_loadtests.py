@@ -1,5 +1,6 @@
-"""The fan-out benchmark's plumbing at tiny scale, so it cannot rot: ``python -m loadtests.fanout`` with 20
-clients and two short rate steps against the real gateway and both baselines (real Redis, real processes, the
+"""The fan-out benchmark's plumbing at tiny scale, so it cannot rot: ``python -m loadtests.fanout`` with 40
+clients and two short rate steps against the real gateway and both baselines, a stalled-clients run and a
+(tiny) scale test (real Redis, real processes, the
 load generator compiled from ``loadtests/loadgen.c``). Figures are not checked (this is no benchmark), only
 that the output has its documented shape and that frames were really delivered, counted and timed."""
 
@@ -40,11 +41,13 @@ def test_payload_is_a_binance_ticker_carrying_the_publish_time_in_microseconds()
 def test_quick_mode_plumbing_at_tiny_scale(tmp_path: Path) -> None:
     command = [
         sys.executable, "-m", "loadtests.fanout", "--quick",
-        "--clients", "20",
+        "--clients", "40",
         "--step-seconds", "0.4",
         "--start-deliveries", "400",
         "--max-steps", "2",
         "--bisect", "0",
+        "--stall-fraction", "0.5", "--stall-fill-seconds", "0.5",
+        "--scale", "40", "--scale-seconds", "1",
         "--out", str(tmp_path / "out"),
     ]  # fmt: skip
     started = time.monotonic()
@@ -54,11 +57,11 @@ def test_quick_mode_plumbing_at_tiny_scale(tmp_path: Path) -> None:
     assert elapsed < 60, f"took {elapsed:.0f}s"
 
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
-    assert len(lines) == 2, result.stdout  # one line per N, then the final object
-    per_n, final = lines
+    assert len(lines) == 3, result.stdout  # one line per N, the scale test, then the final object
+    per_n, scale_line, final = lines
     for key in KEYS:
         assert key in per_n and key in final, key
-    assert per_n["clients"] == 20 and final["clients"] == [20]
+    assert per_n["clients"] == 40 and final["clients"] == [40]
     for key in ("max_sustained_per_s", "naive_max_sustained_per_s", "picows_max_sustained_per_s"):
         assert per_n[key] > 0, (key, result.stderr[-4000:])
         assert final[key] == [per_n[key]]
@@ -67,12 +70,22 @@ def test_quick_mode_plumbing_at_tiny_scale(tmp_path: Path) -> None:
     assert 0 < per_n["p50_ms"] <= per_n["p99_ms"] < 250
     assert per_n["kib_per_conn"] is not None
 
+    # The scale test (tiny here): every client connected and received its tickers.
+    scale = scale_line["scale"]
+    assert scale["connected"] == 40 and scale["ok"] is True, scale
+    assert scale["delivered_ratio"] >= 0.99 and scale["lost"] == 0
+
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert report["final"] == final
+    assert report["scale"] == scale
+    for entry in report["results"]:  # the stalled run: 20 of 40 clients never read, the others all got theirs
+        stall = entry["stall"]
+        assert stall["stalled_clients"] == 20 and stall["server_alive"] is True, (entry["target"], stall)
+        assert stall["min_delivered_ratio"] >= 0.99 and stall["lost"] == 0, (entry["target"], stall)
     assert {entry["target"] for entry in report["results"]} == {"pricegate", "naive", "picows"}
     for entry in report["results"]:
         assert entry["error"] is None, entry
-        assert entry["connected"] == 20
+        assert entry["connected"] == 40
         assert len(entry["steps"]) >= 2  # two ramp steps (plus the half-rate one, kept separately)
         for step in entry["steps"]:
             assert step["publisher"]["sent"] > 0
