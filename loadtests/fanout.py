@@ -769,6 +769,8 @@ class Benchmark:
                 break
             good = done
             rate *= options.growth
+        else:
+            log(f"{result.target} N={result.clients}: WARNING no step failed within --max-steps: a lower bound")
         if good is None and bad is not None and not result.publisher_limited:
             # The first rate was already too much: walk down until one holds (bounded).
             for _ in range(4):
@@ -1061,7 +1063,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--growth", type=float, help="rate factor between steps (default 1.5; --quick 2)")
     parser.add_argument("--bisect", type=int, help="bisection steps after the first failure (default 3; --quick 1)")
     parser.add_argument("--start-deliveries", type=float, help="first step, deliveries/s (default 20000; quick 40000)")
-    parser.add_argument("--max-steps", type=int, help="upper bound on ramp steps per target (default 14; --quick 8)")
+    parser.add_argument("--max-steps", type=int, help="upper bound on ramp steps per target (default 20; --quick 10)")
     parser.add_argument("--delivered-min", type=float, default=0.99, help="sustained: delivered fraction (0.99)")
     parser.add_argument("--p99-max-ms", type=float, default=250.0, help="sustained: p99 latency bound (250 ms)")
     parser.add_argument("--stall-fraction", type=float, default=0.0, help="also run with this fraction stalled")
@@ -1112,7 +1114,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         growth=args.growth or (2.0 if quick else 1.5),
         bisect=args.bisect if args.bisect is not None else (1 if quick else 3),
         start_deliveries=args.start_deliveries or (40_000.0 if quick else 20_000.0),
-        max_steps=args.max_steps or (8 if quick else 14),
+        max_steps=args.max_steps or (10 if quick else 20),
         delivered_min=args.delivered_min,
         p99_max_ms=args.p99_max_ms,
         stall_fraction=args.stall_fraction,
