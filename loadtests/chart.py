@@ -146,6 +146,25 @@ def markdown(report: dict[str, Any]) -> str:
                 f"{stall['min_delivered_ratio'] * 100:.2f}% | {stall['lost']} | {stall['rss_mib_by_step']} | "
                 f"{stall.get('tcp_kernel_mib_after_fill')} → {stall.get('tcp_kernel_mib_at_end')} |"
             )
+    scale = report.get("scale")
+    if scale:
+        lines += [
+            "",
+            "| clients | gateway processes | connected | connect s | KiB/conn | delivered | lost | p50 / p99 / max ms "
+            "| gateway CPU % each | load generators CPU % | other processes CPU % | RSS MiB after | held |",
+            "|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---|---|",
+        ]
+        cpus = scale.get("gateway_cpu_pct") or []
+        held = "yes" if scale.get("ok") else f"no: {scale.get('why') or scale.get('error')}"
+        lines.append(
+            f"| {scale['clients']:,} | {scale['processes']} | {_cell(scale.get('connected'), ',')} | "
+            f"{_cell(scale.get('connect_s'), '.1f')} | {_cell(scale.get('kib_per_conn'), '.2f')} | "
+            f"{_cell((scale.get('delivered_ratio') or 0) * 100, '.2f')}% | {_cell(scale.get('lost'))} | "
+            f"{_cell(scale.get('p50_ms'), '.1f')} / {_cell(scale.get('p99_ms'), '.1f')} / "
+            f"{_cell(scale.get('max_ms'), '.1f')} | {min(cpus, default=0):.0f} to {max(cpus, default=0):.0f} | "
+            f"{_cell(scale.get('loadgen_cpu_pct'), '.0f')} | {_cell(scale.get('foreign_cpu_pct'), '.0f')} | "
+            f"{scale.get('rss_mib_after')} | {held} |"
+        )
     return "\n".join(lines)
 
 

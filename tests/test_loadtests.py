@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from loadtests.chart import markdown
 from loadtests.fanout import KEYS
 from loadtests.publisher import STREAMS, publish_time_us, ticker_payload
 
@@ -78,6 +79,9 @@ def test_quick_mode_plumbing_at_tiny_scale(tmp_path: Path) -> None:
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert report["final"] == final
     assert report["scale"] == scale
+    tables = markdown(report)  # BENCHMARKS.md's tables come from the same report
+    assert "| 40 |" in tables and "| pricegate | 40 |" in tables and "stalled" in tables
+    assert tables.splitlines()[-1].startswith("| 40 | ")  # the scale row
     for entry in report["results"]:  # the stalled run: 20 of 40 clients never read, the others all got theirs
         stall = entry["stall"]
         assert stall["stalled_clients"] == 20 and stall["server_alive"] is True, (entry["target"], stall)
