@@ -91,6 +91,9 @@ class Hub:
         self.deliveries: dict[StreamKind, int] = dict.fromkeys(StreamKind, 0)
         self.messages: dict[StreamKind, int] = dict.fromkeys(StreamKind, 0)
         self.flushes = 0
+        # Batches handed to subscribers: one socket write each for a client on one stream, so deliveries per batch
+        # is how many frames the average write carries.
+        self.batches = 0
 
     # ---- subscriptions ----
     def add(self, stream: Stream, subscriber: Subscriber) -> bool:
@@ -156,6 +159,10 @@ class Hub:
     def has_pending(self) -> bool:
         return bool(self._pending)
 
+    def is_pending(self, stream_name: str) -> bool:
+        """Messages of this stream wait for their turn in a flush (the newest of them among them)."""
+        return stream_name in self._pending
+
     def flush(self, budget: int = 0) -> int:
         """Hand pending batches to their subscribers, the stream waiting longest first, until ``budget``
         subscribers have been served (0: every pending stream); returns the number of frames delivered. A stream
@@ -187,6 +194,7 @@ class Hub:
         for subscriber in finishing:
             subscriber.finish()
         self.flushes += 1
+        self.batches += served
         return delivered
 
     def latest_frame(self, stream_name: str, combined: bool) -> bytes | None:

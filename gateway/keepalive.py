@@ -5,7 +5,8 @@ the writing and closing. Why not uvicorn's keepalive: it keeps two timer handles
 ping frame in Python, which at tens of thousands of clients is memory per idle client and CPU in bursts. Here
 connections are spread over ``slots`` buckets, one bucket is due per tick (``interval / slots`` apart), so the
 pings of N clients go out as N / slots writes per tick of one pre-encoded frame, and pong deadlines sit in one
-queue ordered by time (every deadline is ``timeout`` after its ping, so appending keeps the order).
+queue ordered by time (every deadline is ``timeout`` after its ping, so appending keeps the order), holding
+connections weakly: a closed connection is not kept alive for the rest of its deadline.
 
 Binance's rule, which the gateway mirrors: a ping every ``interval`` (20 s), and a connection whose pong is
 ``timeout`` (60 s) late is closed. As with uvicorn, no new ping is sent while one is unanswered; any pong
@@ -14,6 +15,7 @@ answers it (real clients send empty-payload pongs).
 
 from __future__ import annotations
 
+import weakref
 from collections import deque
 from typing import Generic, Protocol, TypeVar
 
@@ -38,7 +40,7 @@ class KeepaliveSchedule(Generic[M]):
         self._slot_of: dict[M, int] = {}
         self._next = 0  # the slot the next tick serves
         self._assign = 0  # the slot the next new connection joins
-        self._deadlines: deque[tuple[float, M]] = deque()
+        self._deadlines: deque[tuple[float, weakref.ref[M]]] = deque()
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -66,8 +68,9 @@ class KeepaliveSchedule(Generic[M]):
         overdue: list[M] = []
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            deadline, member = deadlines.popleft()
-            if member.ping_deadline == deadline and member in self._slot_of:
+            deadline, ref = deadlines.popleft()
+            member = ref()
+            if member is not None and member.ping_deadline == deadline and member in self._slot_of:
                 self.remove(member)
                 overdue.append(member)
         slot = self._slots[self._next]
@@ -77,7 +80,7 @@ class KeepaliveSchedule(Generic[M]):
         for member in slot:
             if not member.ping_deadline:
                 member.ping_deadline = deadline
-                deadlines.append((deadline, member))
+                deadlines.append((deadline, weakref.ref(member)))
                 due.append(member)
         return due, overdue
 

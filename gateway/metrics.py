@@ -70,6 +70,12 @@ class HubCollector(Collector):
         )
         flushes.add_metric([], self.hub.flushes)
         yield flushes
+        batches = CounterMetricFamily(
+            "pricegate_gateway_batches",
+            "Stream batches handed to local clients, one socket write each (deliveries / batches = frames per write)",
+        )
+        batches.add_metric([], self.hub.batches)
+        yield batches
 
 
 class BrokerCollector(Collector):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import orjson
@@ -83,14 +84,17 @@ class GatewayNode:
     def _flush(self) -> None:
         # perf_counter, not loop.time(): uvloop's loop clock is cached per iteration and would read 0 here.
         started = time.perf_counter()
-        self.hub.flush(self.settings.flush_chunk_clients)
-        self.metrics.broadcast_duration.observe(time.perf_counter() - started)
-        if self.hub.has_pending:
-            # More streams wait: serve them on the next loop turn, after the loop has read the broker (new
-            # messages join their stream's batch before its turn) and the clients.
-            asyncio.get_running_loop().call_soon(self._flush)
-        else:
-            self._flush_scheduled = False
+        try:
+            self.hub.flush(self.settings.flush_chunk_clients)
+        finally:
+            # Even if a delivery raised (the loop logs it; that stream's batch is gone), fan-out must go on.
+            self.metrics.broadcast_duration.observe(time.perf_counter() - started)
+            if self.hub.has_pending:
+                # More streams wait: serve them on the next loop turn, after the loop has read the broker (new
+                # messages join their stream's batch before its turn) and the clients.
+                asyncio.get_running_loop().call_soon(self._flush)
+            else:
+                self._flush_scheduled = False
 
     # ---- keepalive: one timer pings every connection, a slice per tick ----
     def keep_alive(self, connection: KeptAlive) -> None:
@@ -104,17 +108,27 @@ class GatewayNode:
         self.keepalive.remove(connection)
 
     def _keepalive_tick(self) -> None:
-        due, overdue = self.keepalive.tick(time.monotonic())
-        for connection in overdue:
-            connection.keepalive_timeout()
-        for connection in due:
-            connection.send_ping()
-        if len(self.keepalive):
-            self._keepalive_timer = asyncio.get_running_loop().call_later(
-                self.keepalive.tick_s, self._keepalive_tick
-            )
-        else:
-            self._keepalive_timer = None
+        try:
+            due, overdue = self.keepalive.tick(time.monotonic())
+            for connection in overdue:
+                self._keep_going(connection.keepalive_timeout)
+            for connection in due:
+                self._keep_going(connection.send_ping)
+        finally:
+            # One failing connection must not stop the pings (and timeouts) of every other.
+            if len(self.keepalive):
+                self._keepalive_timer = asyncio.get_running_loop().call_later(
+                    self.keepalive.tick_s, self._keepalive_tick
+                )
+            else:
+                self._keepalive_timer = None
+
+    @staticmethod
+    def _keep_going(action: Callable[[], None]) -> None:
+        try:
+            action()
+        except Exception:
+            logger.exception("keepalive action failed")
 
     # ---- symbols ----
     def is_known_symbol(self, symbol: str) -> bool:

@@ -179,8 +179,13 @@ class Session:
         if not self.stale or self.closing:
             return
         stale, self.stale = self.stale, set()
+        hub = self.node.hub
+        # A stream whose batch still waits for its turn needs no resend: the batch ends with the newest value, and
+        # sending it now as well would show the client that value, then older ones, then it again.
         frames = [
-            frame for name in stale if (frame := self.node.hub.latest_frame(name, self.combined)) is not None
+            frame
+            for name in stale
+            if not hub.is_pending(name) and (frame := hub.latest_frame(name, self.combined)) is not None
         ]
         if frames:
             self.node.sent_bytes += self.connection.write_text_frames(frames)

@@ -245,6 +245,11 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
     def keepalive_timeout(self) -> None:
         if self.session is None:
             super().keepalive_timeout()
+        elif self.is_closed:
+            # Closing already but still connected after a whole pong timeout: the peer reads nothing, so our
+            # close frame cannot reach it either.
+            if not self.disconnected:
+                self.transport.abort()
         else:
             self.close_now(1011, "keepalive ping timeout")
 

@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -144,6 +145,23 @@ def rss_kib(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     return 0
+
+
+def gateway_counters(port: int) -> dict[str, float] | None:
+    """pricegate's fan-out counters from its /metrics: deliveries (messages sent, all stream kinds) and batches
+    (socket writes). Two scrapes per step; None if the scrape fails (the step's other figures stand without)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    counters = {"deliveries": 0.0, "batches": 0.0}
+    for line in text.splitlines():
+        if line.startswith("pricegate_gateway_messages_sent_total{"):
+            counters["deliveries"] += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("pricegate_gateway_batches_total"):
+            counters["batches"] = float(line.rsplit(" ", 1)[1])
+    return counters
 
 
 def free_port() -> int:
@@ -296,6 +314,11 @@ class Step:
     foreign_cpu_pct: float  # other processes on the machine during the step (should be ~0)
     server_core_busy_pct: float | None  # the whole server CPU, softirq included (None without pinning)
     load_core_busy_pct: float | None  # the whole load CPU: load generator + publisher + Redis + this script
+    # pricegate only, from its /metrics: socket writes (batches) per second, frames per write, and server CPU per
+    # write, which is what bounds its cycle over N clients and so its latency under load.
+    writes_per_s: float | None = None
+    frames_per_write: float | None = None
+    cpu_us_per_write: float | None = None
 
     def brief(self) -> str:
         return (
@@ -308,6 +331,12 @@ class Step:
             + ("" if self.load_core_busy_pct is None else f" (load core {self.load_core_busy_pct}%)")
             + "  "
             f"publisher {self.publisher.get('achieved_per_s', 0):.0f}/s"
+            + (
+                f"  writes {self.writes_per_s / 1000:.1f}k/s x{self.frames_per_write:.1f} frames "
+                f"{self.cpu_us_per_write:.1f} us CPU each"
+                if self.writes_per_s and self.frames_per_write and self.cpu_us_per_write
+                else ""
+            )
             + (f"  OTHER PROCESSES {self.foreign_cpu_pct:.0f}% CPU" if self.foreign_cpu_pct >= 5 else "")
             + ("" if self.sustained else f"  ({self.why})")
         )
@@ -394,6 +423,7 @@ class Benchmark:
         self.run_id = f"{os.getpid()}-{int(time.time())}"
         self.redis_url = options.redis_url or ""
         self.redis_process: subprocess.Popen[Any] | None = None
+        self.metrics_ports: dict[int, int] = {}  # pricegate server pid -> its port (for /metrics)
         if options.clients:
             self.pinning = Pinning.detect(options.server_cpu, options.load_cpu, options.pin)
         else:
@@ -484,6 +514,8 @@ class Benchmark:
             raise BenchmarkError(f"unknown target {target!r}")
         process = self._spawn(argv, pin=self.pinning.server, env=env)
         wait_for_port(port, process, 30)
+        if target == "pricegate":
+            self.metrics_ports[process.pid] = port
         return process
 
     def start_publisher(self, prefix: str) -> LineProcess:
@@ -585,6 +617,8 @@ class Benchmark:
         ours = self.our_pids()
         foreign0 = foreign_cpu_seconds(ours)
         redis_cpu0 = cpu_seconds(self.redis_process.pid) if self.redis_process else None
+        metrics_port = self.metrics_ports.get(server.pid)
+        counters0 = gateway_counters(metrics_port) if metrics_port else None
         wall0 = time.monotonic()
         publisher.send(json.dumps({"cmd": "run", "rate": rate, "duration": duration}))
         published = publisher.expect("ran", duration * 3 + 30)
@@ -603,6 +637,7 @@ class Benchmark:
             elif time.monotonic() - last_change > 0.5:
                 break
         wall = time.monotonic() - wall0
+        counters1 = gateway_counters(metrics_port) if metrics_port and server.poll() is None else None
         cores1 = cpu_times()
         foreign = (foreign_cpu_seconds(ours) - foreign0) / wall * 100
         server_alive = server.poll() is None
@@ -632,6 +667,13 @@ class Benchmark:
         if publisher_limited:
             why.append(f"publisher achieved only {published['achieved_per_s']:.0f}/s")
         readers = sum(reading_per_stream)
+        writes = frames_per_write = cpu_per_write = None
+        if counters0 and counters1:
+            batches = counters1["batches"] - counters0["batches"]
+            if batches > 0:
+                writes = round(batches / wall, 1)
+                frames_per_write = round((counters1["deliveries"] - counters0["deliveries"]) / batches, 2)
+                cpu_per_write = round(server_cpu / 100 * wall / batches * 1e6, 2)
         return Step(
             rate=round(rate, 2),
             deliveries_per_s=rate * readers / len(self.streams),
@@ -651,6 +693,9 @@ class Benchmark:
             foreign_cpu_pct=round(foreign, 1),
             server_core_busy_pct=busy_pct(cores0, cores1, options.server_cpu) if self.pinning.server else None,
             load_core_busy_pct=busy_pct(cores0, cores1, options.load_cpu) if self.pinning.load else None,
+            writes_per_s=writes,
+            frames_per_write=frames_per_write,
+            cpu_us_per_write=cpu_per_write,
         )
 
     def settle(self, loadgen: LoadGen | LoadGenGroup, server: subprocess.Popen[Any], cap_s: float = 20.0) -> None:
@@ -868,6 +913,9 @@ class Benchmark:
         finally:
             self.stop_loadgen(loadgen)
 
+    def redis_pids(self) -> list[int]:
+        return [self.redis_process.pid] if self.redis_process is not None and self.redis_process.poll() is None else []
+
     # ---- the scale test ----
     def run_scale(self) -> dict[str, Any]:
         """``--scale N``: N clients over ``--scale-processes`` pricegate gateways on separate ports, every client
@@ -881,7 +929,14 @@ class Benchmark:
         servers = []
         loadgen = publisher = None
         report: dict[str, Any] = {"clients": clients, "processes": count, "pinning": SCALE_PINNING.description}
+        # After a pinned ramp this script (and so every child it starts) and Redis are pinned to the load CPU:
+        # release them for the scale test, where the kernel places everything, and pin them back afterwards.
         ramp_pinning, self.pinning = self.pinning, SCALE_PINNING
+        pinned = {pid: os.sched_getaffinity(pid) for pid in (0, *self.redis_pids())}
+        every_cpu = set(range(os.cpu_count() or 1))
+        for pid in pinned:
+            with contextlib.suppress(OSError):
+                os.sched_setaffinity(pid, every_cpu)
         try:
             for port in ports:
                 servers.append(self.start_server("pricegate", port, prefix, clients // count + 1))
@@ -937,6 +992,9 @@ class Benchmark:
             for server in servers:
                 self.processes.stop(server)
             self.pinning = ramp_pinning
+            for pid, cpus in pinned.items():
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(pid, cpus)
         return report
 
 

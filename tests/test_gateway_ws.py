@@ -246,5 +246,6 @@ async def test_client_sockets_get_a_fixed_kernel_send_buffer() -> None:
                 sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
                 if setting:
                     assert sndbuf == 2 * setting
-                else:
-                    assert sndbuf != 2 * 32768
+                else:  # untouched: the kernel's initial size (tcp_wmem's default), not a value we set
+                    with open("/proc/sys/net/ipv4/tcp_wmem") as tcp_wmem:
+                        assert sndbuf >= int(tcp_wmem.read().split()[1])

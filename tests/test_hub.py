@@ -179,6 +179,8 @@ def test_a_budgeted_flush_serves_the_longest_waiting_streams_and_keeps_the_rest_
     assert hub.flush(budget=2) == 3
     assert [len(s.batches) for s in ticker + trade + eth] == [1, 1, 1, 0, 0, 0, 0, 0, 0]
     assert hub.has_pending
+    assert not hub.is_pending(TICKER.name) and hub.is_pending(TRADE.name) and hub.is_pending(ETH_TICKER.name)
+    assert hub.batches == 3  # one batch (one write) per subscriber served
     # Messages arriving before a queued stream's turn join its batch; a stream served already queues at the back.
     hub.broadcast(TRADE.name, b"t2")
     hub.broadcast(TICKER.name, b"b2")

@@ -3,6 +3,8 @@ time, a missed pong reported once its deadline passes, pongs and removals cancel
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections.abc import Iterator
 
 from gateway.keepalive import KeepaliveSchedule
@@ -105,3 +107,16 @@ def test_short_intervals_tick_four_times_per_interval() -> None:
     schedule.add(conn)
     schedule.add(conn)  # idempotent
     assert len(schedule) == 1
+
+
+def test_a_closed_connection_is_not_kept_alive_by_its_pending_deadline() -> None:
+    schedule: KeepaliveSchedule[Conn] = KeepaliveSchedule(interval_s=1.0, timeout_s=60.0)
+    conn = Conn("gone")
+    schedule.add(conn)
+    assert any(conn in due for _, due, _ in run(schedule, 0.0, 4))  # pinged: a 60 s deadline is queued
+    schedule.remove(conn)
+    ref = weakref.ref(conn)
+    del conn
+    gc.collect()
+    assert ref() is None  # the queued deadline held it weakly
+    assert all(not overdue for _, _, overdue in run(schedule, 61.0, 4))
