@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from pathlib import Path
 
 import httpx
 import orjson
@@ -234,6 +235,9 @@ async def test_native_sessions_share_one_keepalive_timer(gateway) -> None:  # ty
     await wait_for(lambda: len(gw.node.keepalive) == 0)
 
 
+TCP_WMEM_DEFAULT = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[1])
+
+
 async def test_client_sockets_get_a_fixed_kernel_send_buffer() -> None:
     """SO_SNDBUF is set (Linux reports it doubled), which turns the kernel's autotuning off for the socket; 0
     leaves autotuning on."""
@@ -247,5 +251,4 @@ async def test_client_sockets_get_a_fixed_kernel_send_buffer() -> None:
                 if setting:
                     assert sndbuf == 2 * setting
                 else:  # untouched: the kernel's initial size (tcp_wmem's default), not a value we set
-                    with open("/proc/sys/net/ipv4/tcp_wmem") as tcp_wmem:
-                        assert sndbuf >= int(tcp_wmem.read().split()[1])
+                    assert sndbuf >= TCP_WMEM_DEFAULT
