@@ -4,9 +4,11 @@ Pure: no I/O and no event loop; the node calls :meth:`KeepaliveSchedule.tick` fr
 the writing and closing. Why not uvicorn's keepalive: it keeps two timer handles per connection and builds each
 ping frame in Python, which at tens of thousands of clients is memory per idle client and CPU in bursts. Here
 connections are spread over ``slots`` buckets, one bucket is due per tick (``interval / slots`` apart), so the
-pings of N clients go out as N / slots writes per tick of one pre-encoded frame, and pong deadlines sit in one
-queue ordered by time (every deadline is ``timeout`` after its ping, so appending keeps the order), holding
-connections weakly: a closed connection is not kept alive for the rest of its deadline.
+pings of N clients go out as N / slots writes per tick of one pre-encoded frame. Every ping of a tick shares
+one deadline, so the pong deadlines are one queue of (deadline, slot) per tick: nothing is allocated per ping
+(objects that live for a whole timeout would be promoted to the oldest GC generation and make its collections,
+which pause the loop for a time proportional to the number of connections, more frequent) and nothing keeps a
+closed connection alive.
 
 Binance's rule, which the gateway mirrors: a ping every ``interval`` (20 s), and a connection whose pong is
 ``timeout`` (60 s) late is closed. As with uvicorn, no new ping is sent while one is unanswered; any pong
@@ -15,7 +17,6 @@ answers it (real clients send empty-payload pongs).
 
 from __future__ import annotations
 
-import weakref
 from collections import deque
 from typing import Generic, Protocol, TypeVar
 
@@ -40,7 +41,7 @@ class KeepaliveSchedule(Generic[M]):
         self._slot_of: dict[M, int] = {}
         self._next = 0  # the slot the next tick serves
         self._assign = 0  # the slot the next new connection joins
-        self._deadlines: deque[tuple[float, weakref.ref[M]]] = deque()
+        self._deadlines: deque[tuple[float, int]] = deque()  # (deadline, slot) of each tick that pinged
 
     def __len__(self) -> int:
         return len(self._slot_of)
@@ -68,19 +69,21 @@ class KeepaliveSchedule(Generic[M]):
         overdue: list[M] = []
         deadlines = self._deadlines
         while deadlines and deadlines[0][0] <= now:
-            deadline, ref = deadlines.popleft()
-            member = ref()
-            if member is not None and member.ping_deadline == deadline and member in self._slot_of:
+            deadline, slot_index = deadlines.popleft()
+            # Still unanswered since that tick's ping (a pong resets the deadline; a later ping sets another).
+            late = [member for member in self._slots[slot_index] if member.ping_deadline == deadline]
+            for member in late:
                 self.remove(member)
-                overdue.append(member)
-        slot = self._slots[self._next]
-        self._next = (self._next + 1) % len(self._slots)
+            overdue += late
+        slot_index = self._next
+        self._next = (slot_index + 1) % len(self._slots)
         due: list[M] = []
         deadline = now + self.timeout_s
-        for member in slot:
+        for member in self._slots[slot_index]:
             if not member.ping_deadline:
                 member.ping_deadline = deadline
-                deadlines.append((deadline, weakref.ref(member)))
                 due.append(member)
+        if due:
+            deadlines.append((deadline, slot_index))
         return due, overdue
 
