@@ -85,13 +85,19 @@ def test_large_frame_lengths_use_the_64_bit_form() -> None:
     assert encode_text_frames([payload]) == b"\x81\x7f" + (70_000).to_bytes(8, "big") + payload
 
 
-def test_subscribers_that_coalesce_are_finished_once_per_flush() -> None:
+def hub_with_one_client_on_two_streams() -> tuple[Hub, Recorder]:
+    """A coalescing subscriber (like a /stream client) on two streams, one message pending on each."""
     hub = Hub()
     multi = Recorder(coalesce=True)
     hub.add(TRADE, multi)
     hub.add(TICKER, multi)
     hub.broadcast(TRADE.name, b"t")
     hub.broadcast(TICKER.name, b"b")
+    return hub, multi
+
+
+def test_subscribers_that_coalesce_are_finished_once_per_flush() -> None:
+    hub, multi = hub_with_one_client_on_two_streams()
     hub.flush()
     # Asked for finish() on its first batch only; finish() runs once after every stream was handed out.
     assert [batch.stream for batch in multi.batches] == [TRADE.name, TICKER.name]
@@ -212,12 +218,7 @@ def test_a_stream_that_loses_its_subscribers_while_queued_is_skipped() -> None:
 
 
 def test_coalescing_subscribers_are_finished_at_the_end_of_each_chunk() -> None:
-    hub = Hub()
-    multi = Recorder(coalesce=True)
-    hub.add(TRADE, multi)
-    hub.add(TICKER, multi)
-    hub.broadcast(TRADE.name, b"t")
-    hub.broadcast(TICKER.name, b"b")
+    hub, multi = hub_with_one_client_on_two_streams()
     hub.flush(budget=1)
     assert multi.finished == 1 and [batch.stream for batch in multi.batches] == [TRADE.name]
     hub.flush(budget=1)
