@@ -512,8 +512,11 @@ def test_gateway_deployment_matches_the_app(name: str) -> None:
     assert 5 <= pre_stop <= 30
     assert spec["terminationGracePeriodSeconds"] >= pre_stop + graceful + GRACE_MARGIN_S
     assert spec["topologySpreadConstraints"]
-    # Even with every client's buffer full, the pod stays within its memory limit (no OOM kill of all sockets).
-    worst_case = settings.max_connections * settings.client_buffer_bytes + GATEWAY_BASELINE_BYTES
+    # Even with every client's buffer full, the pod stays within its memory limit (no OOM kill of all sockets):
+    # the gateway's own buffer plus the kernel's send buffer (Linux doubles SO_SNDBUF; cgroup v2 charges socket
+    # memory to the pod).
+    per_client = settings.client_buffer_bytes + 2 * settings.client_sndbuf_bytes
+    worst_case = settings.max_connections * per_client + GATEWAY_BASELINE_BYTES
     assert worst_case <= quantity_bytes(container["resources"]["limits"]["memory"])
 
 
