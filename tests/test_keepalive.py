@@ -120,3 +120,26 @@ def test_a_closed_connection_is_not_kept_alive_by_its_pending_deadline() -> None
     gc.collect()
     assert ref() is None  # the queued deadline held it weakly
     assert all(not overdue for _, _, overdue in run(schedule, 61.0, 4))
+
+
+def test_pings_allocate_nothing_per_connection_that_outlives_the_tick() -> None:
+    """Objects kept for a whole pong timeout would be promoted to the oldest GC generation and bring back full
+    collections, whose pauses grow with the number of connections: the schedule keeps one entry per tick."""
+    schedule: KeepaliveSchedule[Conn] = KeepaliveSchedule(interval_s=1.0, timeout_s=60.0)
+    conns = [Conn(f"c{i}") for i in range(4000)]
+    for conn in conns:
+        schedule.add(conn)
+    gc.collect()
+    gc.disable()
+    try:
+        before = gc.get_count()[0]
+        pinged = 0
+        for _, due, _ in run(schedule, 0.0, 40):  # ten intervals: every connection pinged ten times
+            pinged += len(due)
+            for conn in due:
+                conn.ping_deadline = 0.0
+        grown = gc.get_count()[0] - before  # GC-tracked objects allocated and still alive
+    finally:
+        gc.enable()
+    assert pinged == 40_000
+    assert grown < 200, grown  # about one deadline entry per tick, not one per ping
