@@ -6,6 +6,7 @@ Starlette loop and a picows server, same workload, same run.
     python -m loadtests.fanout --quick --stall-fraction 0.1        # + 10 % clients that never read
     python -m loadtests.fanout --idle-rss --clients 10000          # memory per idle client only
     python -m loadtests.fanout --scale 100000 --scale-processes 2  # 100k clients, 1 ticker/s each
+    python -m loadtests.fanout --clients 1000,5000,10000 --stall-fraction 0.1 --scale 100000  # every target
 
 What it starts (and stops, also on Ctrl-C and on errors): a ``redis-server`` on a free port (unless
 ``--redis-url`` is given), the publisher (``loadtests/publisher.py``: ~370-byte 24hrTicker payloads on 20
@@ -22,9 +23,10 @@ client lost), bisected between the last good and the first bad rate, and finally
 sustained rate for the latency figures. A step whose publisher could not keep its rate (achieved < 98 %) ends
 the ramp with the result marked ``publisher_limited`` (a lower bound), never as a server failure.
 
-Output: progress on stderr; on stdout one JSON object per N, then a last line with the same keys whose values
-are lists in the order of ``clients`` (the first keys are the ones issue 5 names; p50/p99 are at half the max
-sustained rate). Everything measured, every step included, goes to ``<out>/results.json``.
+Output: progress on stderr; on stdout one JSON object per N, then (with ``--scale``) ``{"scale": {...}}``, then a
+last line with the same keys whose values are lists in the order of ``clients`` (the first keys are the ones
+issue 5 names; p50/p99 are at half the max sustained rate). Everything measured, every step included, goes to
+``<out>/results.json``.
 """
 
 from __future__ import annotations
