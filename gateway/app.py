@@ -24,13 +24,13 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
-from gateway.asgi_session import websocket_endpoint
 from gateway.metrics import GatewayMetrics
 from gateway.node import GatewayNode
-from gateway.rest import RestApi
-from gateway.wsprotocol import DRAIN_STATE_KEY, NODE_STATE_KEY
-from shared.broker import Broker
-from shared.candles import CandleStore
+from gateway.rest.api import RestApi
+from gateway.ws.asgi_fallback import websocket_endpoint
+from gateway.ws.uvicorn_protocol import DRAIN_STATE_KEY, NODE_STATE_KEY
+from shared.broker.contract import Broker
+from shared.candles.model import CandleStore
 from shared.settings import Settings
 
 logger = logging.getLogger("pricegate.gateway")

@@ -17,16 +17,16 @@ from typing import TYPE_CHECKING, Protocol
 
 import orjson
 
-from gateway.hub import Hub
-from gateway.keepalive import KeepaliveSchedule
 from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay
-from shared.broker import Broker
+from gateway.ws.hub import Hub
+from gateway.ws.keepalive import KeepaliveSchedule
+from shared.broker.contract import Broker
 from shared.cancellation import raise_if_cancel_was_lost
 from shared.settings import Settings
 
 if TYPE_CHECKING:
-    from gateway.session import Session
+    from gateway.ws.session import Session
 
 logger = logging.getLogger("pricegate.gateway")
 
@@ -39,7 +39,7 @@ class DrainableSession(Protocol):
 
 
 class KeptAlive(Protocol):
-    """A connection the node pings (gateway.wsprotocol's native sessions)."""
+    """A connection the node pings (gateway.ws.uvicorn_protocol's native sessions)."""
 
     ping_deadline: float
 

@@ -21,10 +21,10 @@ import logging
 import time
 from collections.abc import Callable
 
-from gateway.hub import Hub
 from gateway.metrics import GatewayMetrics
+from gateway.ws.hub import Hub
 from shared.backoff import backoff_delays
-from shared.broker import Broker
+from shared.broker.contract import Broker
 from shared.cancellation import raise_if_cancel_was_lost
 from shared.frames import Publication
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uvicorn
 from starlette.applications import Starlette
 
-from gateway.wsprotocol import PricegateWebSocketProtocol
+from gateway.ws.uvicorn_protocol import PricegateWebSocketProtocol
 from shared.settings import Settings
 
 

@@ -17,7 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from ingest.upstream import BinanceSource
+    from ingest.sources.binance.source import BinanceSource
 
 # Exchange event time -> published: Binance's own push delay plus ours; seconds.
 LAG_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -77,8 +77,8 @@ class IngestMetrics:
 
 
 class UpstreamCollector(Collector):
-    """Reads a :class:`~ingest.upstream.BinanceSource` at scrape time. Runs on the metrics server's thread: it only
-    copies ints and small dicts, which the GIL keeps consistent."""
+    """Reads a :class:`~ingest.sources.binance.source.BinanceSource` at scrape time. Runs on the metrics
+    server's thread: it only copies ints and small dicts, which the GIL keeps consistent."""
 
     def __init__(self, source: BinanceSource) -> None:
         self.source = source

@@ -9,7 +9,7 @@ and its kline streams are part of the always-on set.
 
 With a leader lease (``pricegate ingest``) several processes run side by side: all of them follow demand and
 keep their upstream connections warm, only the lease holder publishes (and heartbeats, refreshes exchangeInfo,
-records candles); the others buffer the last seconds of the feed to publish on takeover (``ingest.publisher``).
+records candles); the others buffer the last seconds of the feed to publish on takeover (``ingest.publish.publisher``).
 
 Stopping: every loop here checks, after each broker call, whether its task was asked to stop while the call ran
 (see ``_stop_if_cancel_was_lost``), so a cancellation lost inside a client library cannot keep ingest running.
@@ -22,12 +22,12 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 
-from ingest.candles import CandleRecorder
-from ingest.leader import LeaderLease
 from ingest.metrics import IngestMetrics
-from ingest.publisher import Publisher, TradeFetcher
-from ingest.sources import MarketSource
-from shared.broker import Broker, OutgoingMessage
+from ingest.publish.candle_writer import CandleRecorder
+from ingest.publish.leader import LeaderLease
+from ingest.publish.publisher import Publisher, TradeFetcher
+from ingest.sources.base import MarketSource
+from shared.broker.contract import Broker, OutgoingMessage
 from shared.cancellation import raise_if_cancel_was_lost
 from shared.errors import ConfigError, ProtocolError
 from shared.settings import Settings, env_name

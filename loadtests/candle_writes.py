@@ -37,9 +37,9 @@ from typing import Any
 
 import asyncpg
 
-from gateway.auth import ApiKeys
-from shared.candles import Candle
-from shared.candles_pg import PostgresCandleStore, upsert_arguments
+from gateway.auth.api_keys import ApiKeys
+from shared.candles.model import Candle
+from shared.candles.postgres import PostgresCandleStore, upsert_arguments
 from shared.db import create_pool, migrate
 
 MINUTE = 60_000

@@ -1,5 +1,5 @@
 """The benchmark's ingest: publish ~370-byte Binance ``24hrTicker`` payloads to Redis on 20 ticker channels at a
-controlled rate, through :meth:`shared.broker_redis.RedisBroker.publish` (one Lua script per message, pipelined
+controlled rate, through :meth:`shared.broker.redis.RedisBroker.publish` (one Lua script per message, pipelined
 per batch, exactly like ``pricegate ingest``), so every publication is ``<epoch>:<seq>:<published_ms>:<payload>``
 on ``<prefix>:binance:{<stream>}`` and the gateway's relay sees proper envelopes, sequences and history.
 
@@ -41,8 +41,8 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from shared.broker import OutgoingMessage
-from shared.broker_redis import RedisBroker, _pack
+from shared.broker.contract import OutgoingMessage
+from shared.broker.redis import RedisBroker, _pack
 
 SYMBOLS = (
     "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "ADAUSDT", "DOGEUSDT", "TRXUSDT", "DOTUSDT", "LINKUSDT",

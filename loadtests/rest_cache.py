@@ -37,9 +37,9 @@ import uvicorn
 
 from gateway.app import create_app
 from gateway.server import bound_port, uvicorn_config
-from shared.broker_memory import MemoryBroker
-from shared.candles import Candle, CandleStore
-from shared.candles_pg import PostgresCandleStore
+from shared.broker.memory import MemoryBroker
+from shared.candles.model import Candle, CandleStore
+from shared.candles.postgres import PostgresCandleStore
 from shared.db import open_pool
 from shared.intervals import candle_window
 from shared.settings import Settings

@@ -96,14 +96,14 @@ def _make_source(settings: Settings) -> Any:
 
     always_on_streams(settings.always_on_streams)  # named as PRICEGATE_ALWAYS_ON_STREAMS, before any source opens
     if settings.source == "synthetic":
-        from ingest.sources import SyntheticSource
+        from ingest.sources.synthetic.source import SyntheticSource
 
         return SyntheticSource(
             list(settings.symbols), seed=settings.synthetic_seed, trade_rate_per_s=settings.synthetic_trade_rate
         )
     if settings.source == "replay":
-        from ingest.recording import SAMPLE_PATH, parse_recording_line
-        from ingest.sources import ReplaySource
+        from ingest.sources.replay.recording import SAMPLE_PATH, parse_recording_line
+        from ingest.sources.replay.source import ReplaySource
 
         path = Path(settings.replay_file) if settings.replay_file else SAMPLE_PATH
         if not path.is_file():
@@ -122,7 +122,7 @@ def _make_source(settings: Settings) -> Any:
         if first is None:
             raise ConfigError(env_name("replay_file"), str(path), "not a recording: no frame in it")
         return ReplaySource(path, speed=settings.replay_speed, loop=settings.replay_loop)
-    from ingest.upstream import BinanceSource
+    from ingest.sources.binance.source import BinanceSource
 
     return BinanceSource(
         settings.binance_ws_url,
@@ -143,7 +143,7 @@ def _make_source(settings: Settings) -> Any:
 def _make_redis_broker(settings: Settings) -> Any:
     if not settings.redis_url:
         raise ConfigError(env_name("redis_url"), "", "required for this command (e.g. redis://127.0.0.1:6379/0)")
-    from shared.broker_redis import RedisBroker
+    from shared.broker.redis import RedisBroker
 
     return RedisBroker(
         settings.redis_url,
@@ -216,7 +216,7 @@ async def serve(
 async def run_demo(settings: Settings) -> None:
     from ingest.service import IngestMetrics, IngestService
     from pricegate_cli.storage import candle_recorder, demo_candle_store
-    from shared.broker_memory import MemoryBroker
+    from shared.broker.memory import MemoryBroker
 
     broker = MemoryBroker(history_maxlen=settings.history_maxlen)
     market_source = _make_source(settings)
@@ -250,11 +250,11 @@ async def run_gateway(settings: Settings) -> None:
 async def run_ingest(settings: Settings) -> None:
     from prometheus_client import start_http_server
 
-    from ingest.backfill import TradeBackfiller
-    from ingest.leader import LeaderLease
     from ingest.metrics import UpstreamCollector
+    from ingest.publish.backfill import TradeBackfiller
+    from ingest.publish.leader import LeaderLease
     from ingest.service import IngestMetrics, IngestService
-    from ingest.upstream import BinanceSource
+    from ingest.sources.binance.source import BinanceSource
     from pricegate_cli.storage import candle_recorder, open_candle_store
 
     broker = _make_redis_broker(settings)
@@ -299,7 +299,7 @@ async def run_ingest(settings: Settings) -> None:
 
 
 async def run_record(settings: Settings, args: argparse.Namespace) -> None:
-    from ingest.recorder import record
+    from ingest.sources.replay.recorder import record
 
     # SIGTERM and SIGINT end the recording like --duration does: the file is complete and the count printed.
     stop = asyncio.Event()

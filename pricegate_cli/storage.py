@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from ingest.candles import CandleRecorder
-from ingest.history import synthetic_history
-from shared.candles import CandleStore
-from shared.candles_memory import MemoryCandleStore
-from shared.candles_pg import PostgresCandleStore
+from ingest.publish.candle_writer import CandleRecorder
+from ingest.sources.synthetic.past_candles import synthetic_history
+from shared.candles.memory import MemoryCandleStore
+from shared.candles.model import CandleStore
+from shared.candles.postgres import PostgresCandleStore
 from shared.db import create_pool, load_migrations, migrate, open_pool, redact_dsn, schema_version
 from shared.errors import ConfigError, DatabaseError
 from shared.settings import Settings, env_name

@@ -15,8 +15,8 @@ from starlette.applications import Starlette
 from gateway.app import BackgroundJob, create_app
 from gateway.node import GatewayNode
 from gateway.server import bound_port, uvicorn_config
-from shared.broker import Broker, OutgoingMessage
-from shared.candles import CandleStore
+from shared.broker.contract import Broker, OutgoingMessage
+from shared.candles.model import CandleStore
 from shared.settings import Settings
 from shared.streams import parse_stream
 

@@ -10,9 +10,9 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from gateway.asgi_session import AsgiConnection
-from shared.broker import OutgoingMessage
-from shared.broker_memory import MemoryBroker
+from gateway.ws.asgi_fallback import AsgiConnection
+from shared.broker.contract import OutgoingMessage
+from shared.broker.memory import MemoryBroker
 from tests.harness import message, running_gateway, wait_for
 
 

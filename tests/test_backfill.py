@@ -17,13 +17,13 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingest.backfill import TradeBackfiller
-from ingest.leader import LeaderLease
 from ingest.metrics import IngestMetrics, UpstreamCollector
-from ingest.rest import BinanceRest, RestUnavailable
+from ingest.publish.backfill import TradeBackfiller
+from ingest.publish.leader import LeaderLease
 from ingest.service import IngestService
-from ingest.upstream import BinanceSource
-from shared.broker_redis import RedisBroker
+from ingest.sources.binance.source import BinanceSource
+from shared.binance.rest import BinanceRest, RestUnavailable
+from shared.broker.redis import RedisBroker
 from shared.settings import Settings
 from tests.fake_binance import FakeBinance
 

@@ -1,4 +1,4 @@
-"""ingest.binance without sockets or an event loop: frame parsing (incl. arbitrary bytes), subscription
+"""ingest.sources.binance.wire without sockets or an event loop: frame parsing (incl. arbitrary bytes), subscription
 planning within Binance's limits, and the control-message pacer."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import orjson
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ingest.binance import (
+from ingest.sources.binance.wire import (
     MAX_PARAMS_PER_MESSAGE,
     ControlError,
     ControlPacer,

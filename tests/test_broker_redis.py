@@ -18,9 +18,9 @@ import pytest
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 
-from shared.broker import Broker, OutgoingMessage
-from shared.broker_memory import MemoryBroker
-from shared.broker_redis import RedisBroker, _parse_reply, redact_url
+from shared.broker.contract import Broker, OutgoingMessage
+from shared.broker.memory import MemoryBroker
+from shared.broker.redis import RedisBroker, _parse_reply, redact_url
 from shared.errors import BrokerError
 from shared.frames import Publication, encode_publication
 from shared.streams import ChannelNamer

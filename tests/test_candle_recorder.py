@@ -9,16 +9,16 @@ import itertools
 import orjson
 import pytest
 
-from ingest.candles import CandleRecorder
-from ingest.history import synthetic_history
-from ingest.market import SyntheticMarket, symbol_spec
+from ingest.publish.candle_writer import CandleRecorder
 from ingest.service import IngestService
-from ingest.sources import SyntheticSource
-from shared.broker import OutgoingMessage
-from shared.broker_memory import MemoryBroker
-from shared.candles import Candle, candle_from_event
-from shared.candles_memory import MemoryCandleStore
-from shared.candles_pg import PostgresCandleStore
+from ingest.sources.synthetic.market import SyntheticMarket, symbol_spec
+from ingest.sources.synthetic.past_candles import synthetic_history
+from ingest.sources.synthetic.source import SyntheticSource
+from shared.broker.contract import OutgoingMessage
+from shared.broker.memory import MemoryBroker
+from shared.candles.memory import MemoryCandleStore
+from shared.candles.model import Candle, candle_from_event
+from shared.candles.postgres import PostgresCandleStore
 from shared.db import create_pool, migrate
 from shared.intervals import candle_window
 from shared.settings import Settings

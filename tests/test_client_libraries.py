@@ -28,8 +28,8 @@ from binance.websocket.spot.websocket_stream import SpotWebsocketStreamClient
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from shared.broker import OutgoingMessage
-from shared.broker_memory import MemoryBroker
+from shared.broker.contract import OutgoingMessage
+from shared.broker.memory import MemoryBroker
 from shared.streams import parse_stream
 from tests.client_helpers import ThreadInbox, pong_policy_connection
 from tests.harness import RunningGateway, running_gateway, wait_for

@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from shared.candles import Candle
-from shared.candles_pg import PostgresCandleStore
+from shared.candles.model import Candle
+from shared.candles.postgres import PostgresCandleStore
 from shared.db import create_pool, load_migrations, migrate, schema_version
 from shared.errors import ConfigError, DatabaseError
 from shared.settings import Settings

@@ -13,7 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from shared.broker_memory import MemoryBroker
+from shared.broker.memory import MemoryBroker
 from tests.harness import message, running_gateway, wait_for
 
 EXCHANGE_INFO = orjson.dumps(
@@ -44,7 +44,7 @@ async def test_raw_path_stream_delivers_payload_bytes_verbatim(gateway) -> None:
     async with connect(f"{gw.ws_base}/ws/btcusdt@trade") as ws:
         await wait_for(lambda: "btcusdt@trade" in gw.node.relay.active)
         payload = b'{"e":"trade","E":1,"s":"BTCUSDT","t":7,"p":"1.00000000","q":"2.00000000","T":1,"m":true,"M":true}'
-        from shared.broker import OutgoingMessage
+        from shared.broker.contract import OutgoingMessage
 
         await broker.publish([OutgoingMessage("btcusdt@trade", payload, False)])
         assert await asyncio.wait_for(ws.recv(decode=False), 3) == payload

@@ -3,8 +3,8 @@ Outbox (ASGI fallback): bounded, conflating. Pure: no sockets, no loop."""
 
 from __future__ import annotations
 
-from gateway.hub import Hub, Outbox, StreamBatch
-from gateway.wsframe import encode_text_frames, text_frame_header
+from gateway.ws.frames import encode_text_frames, text_frame_header
+from gateway.ws.hub import Hub, Outbox, StreamBatch
 from shared.streams import StreamKind, parse_stream
 
 TRADE = parse_stream("btcusdt@trade")

@@ -8,14 +8,14 @@ import orjson
 import pytest
 from hypothesis import given, strategies as st
 
-from ingest.binance import ConnectionAttemptPacer, DataFrame, parse_frame
-from ingest.continuity import BackfillPlan, Continuity, IdRange, Verdict, plan_backfill
-from ingest.identity import event_identity
-from ingest.rest_budget import RestWeightBudget, parse_retry_after
-from ingest.rotation import handover_ready, uncovered_streams
-from ingest.standby import StandbyBuffer
-from ingest.trades import events_from_rest, last_row_id
-from shared.broker import EventId, OutgoingMessage
+from ingest.publish.continuity import BackfillPlan, Continuity, IdRange, Verdict, plan_backfill
+from ingest.publish.standby import StandbyBuffer
+from ingest.publish.trades import events_from_rest, last_row_id
+from ingest.sources.binance.rotation import handover_ready, uncovered_streams
+from ingest.sources.binance.wire import ConnectionAttemptPacer, DataFrame, parse_frame
+from shared.binance.identity import event_identity
+from shared.binance.weight import RestWeightBudget, parse_retry_after
+from shared.broker.contract import EventId, OutgoingMessage
 from shared.streams import StreamKind
 
 

@@ -27,10 +27,10 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from ingest.recording import SAMPLE_PATH, read_recording
 from ingest.service import IngestService
-from ingest.sources import SyntheticSource
-from shared.broker_memory import MemoryBroker
+from ingest.sources.replay.recording import SAMPLE_PATH, read_recording
+from ingest.sources.synthetic.source import SyntheticSource
+from shared.broker.memory import MemoryBroker
 from shared.frames import combined_frame
 from shared.settings import Settings
 from tests.fake_binance import FakeBinance, eventually

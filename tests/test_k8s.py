@@ -39,7 +39,7 @@ from gateway.app import create_app
 from gateway.server import uvicorn_config
 from ingest.service import IngestMetrics
 from pricegate_cli.__main__ import build_parser
-from shared.broker_memory import MemoryBroker
+from shared.broker.memory import MemoryBroker
 from shared.settings import Settings, env_name
 from tests.harness import running_gateway
 

@@ -7,7 +7,7 @@ import gc
 import weakref
 from collections.abc import Iterator
 
-from gateway.keepalive import KeepaliveSchedule
+from gateway.ws.keepalive import KeepaliveSchedule
 
 
 class Conn:

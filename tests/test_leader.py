@@ -11,12 +11,12 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from ingest.leader import LeaderLease
 from ingest.metrics import IngestMetrics
-from ingest.publisher import Publisher
-from shared.broker import EventId, OutgoingMessage
-from shared.broker_memory import MemoryBroker
-from shared.broker_redis import RedisBroker
+from ingest.publish.leader import LeaderLease
+from ingest.publish.publisher import Publisher
+from shared.broker.contract import EventId, OutgoingMessage
+from shared.broker.memory import MemoryBroker
+from shared.broker.redis import RedisBroker
 from shared.errors import ConfigError, NotLeaderError
 from shared.streams import ChannelNamer
 from tests.fake_binance import eventually

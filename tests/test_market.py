@@ -16,18 +16,18 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ingest.exchange_info import (
-    SymbolInfo,
-    build_exchange_info,
-    split_symbol,
-    symbols_from_exchange_info,
-)
-from ingest.market import (
+from ingest.sources.synthetic.market import (
     DEFAULT_SYMBOLS,
     SyntheticMarket,
     candle_window,
     fixed8,
     symbol_spec,
+)
+from shared.binance.exchange_info import (
+    SymbolInfo,
+    build_exchange_info,
+    split_symbol,
+    symbols_from_exchange_info,
 )
 from shared.streams import DEPTH_LEVELS, KLINE_INTERVALS, MINI_TICKER_ARR, StreamKind, parse_stream
 

@@ -7,9 +7,9 @@ import asyncio
 
 import pytest
 
-from gateway.hub import StreamBatch
 from gateway.node import GatewayNode
-from shared.broker_memory import MemoryBroker
+from gateway.ws.hub import StreamBatch
+from shared.broker.memory import MemoryBroker
 from shared.settings import Settings
 from shared.streams import parse_stream
 

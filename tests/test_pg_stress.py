@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from gateway.auth import ApiKeys
-from shared.candles import Candle
-from shared.candles_pg import PostgresCandleStore
+from gateway.auth.api_keys import ApiKeys
+from shared.candles.model import Candle
+from shared.candles.postgres import PostgresCandleStore
 from shared.db import open_pool
 from shared.settings import Settings
 

@@ -1,4 +1,4 @@
-"""Example-based tests of gateway.protocol: URL forms, every control method, every documented error reply."""
+"""Example-based tests of gateway.ws.control: URL forms, every control method, every documented error reply."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import time
 import orjson
 import pytest
 
-from gateway.protocol import (
+from gateway.ws.control import (
     ControlOutcome,
     ControlState,
     error_frame,

@@ -1,4 +1,4 @@
-"""Property tests of gateway.protocol: no input crashes a session, and subscriptions follow a simple model."""
+"""Property tests of gateway.ws.control: no input crashes a session, and subscriptions follow a simple model."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from gateway.protocol import METHODS, ControlOutcome, ControlState, parse_connect_path
+from gateway.ws.control import METHODS, ControlOutcome, ControlState, parse_connect_path
 from shared.errors import ProtocolError
 
 SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

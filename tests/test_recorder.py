@@ -1,4 +1,4 @@
-"""ingest.recorder.record against the local fake Binance: frames land in the documented line format,
+"""ingest.sources.replay.recorder.record against the local fake Binance: frames land in the documented line format,
 recording survives a dropped connection, and it stops on each of its conditions."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ingest.recorder import record
-from ingest.recording import read_recording
+from ingest.sources.replay.recorder import record
+from ingest.sources.replay.recording import read_recording
 from shared.errors import ConfigError
 from tests.fake_binance import FakeBinance, eventually
 

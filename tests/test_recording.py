@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ingest.recording import (
+from ingest.sources.replay.recording import (
     SAMPLE_PATH,
     RecordedFrame,
     RecordingWriter,

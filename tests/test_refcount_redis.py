@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 
-from shared.broker_redis import RedisBroker
+from shared.broker.redis import RedisBroker
 from shared.streams import ChannelNamer
 from tests.harness import message, running_gateway, wait_for
 

@@ -26,8 +26,8 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from shared.broker import OutgoingMessage
-from shared.broker_redis import PUBLISH_SCRIPT, RedisBroker
+from shared.broker.contract import OutgoingMessage
+from shared.broker.redis import PUBLISH_SCRIPT, RedisBroker
 from shared.errors import BrokerError
 from shared.streams import ChannelNamer
 from tests.harness import RunningGateway, running_gateway, wait_for

@@ -15,11 +15,11 @@ import httpx
 import orjson
 import pytest
 
-from gateway.technicals import analyse, technicals_json
-from shared.broker import OutgoingMessage
-from shared.broker_memory import MemoryBroker
-from shared.candles import Candle, kline_stream
-from shared.candles_memory import MemoryCandleStore
+from gateway.rest.technicals import analyse, technicals_json
+from shared.broker.contract import OutgoingMessage
+from shared.broker.memory import MemoryBroker
+from shared.candles.memory import MemoryCandleStore
+from shared.candles.model import Candle, kline_stream
 from shared.intervals import candle_window
 from tests.harness import RunningGateway, message, running_gateway
 

@@ -15,10 +15,10 @@ import orjson
 import pytest
 import redis.asyncio as aioredis
 
-from gateway.technicals import analyse, technicals_json
-from shared.broker_memory import MemoryBroker
-from shared.candles import Candle, candle_from_row
-from shared.candles_pg import PostgresCandleStore
+from gateway.rest.technicals import analyse, technicals_json
+from shared.broker.memory import MemoryBroker
+from shared.candles.model import Candle, candle_from_row
+from shared.candles.postgres import PostgresCandleStore
 from shared.db import open_pool
 from shared.intervals import candle_window
 from shared.settings import Settings

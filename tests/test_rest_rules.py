@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from gateway.restparams import (
+from gateway.rest.params import (
     KLINES_MAX_LIMIT,
     MAX_SYMBOLS,
     RestError,
@@ -19,7 +19,7 @@ from gateway.restparams import (
     one_or_many_symbols,
     query_from_pairs,
 )
-from gateway.weights import WeightLimiter
+from gateway.rest.weights import WeightLimiter
 from shared.intervals import candle_window, open_times
 from shared.streams import KLINE_INTERVALS
 

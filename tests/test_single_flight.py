@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from gateway.cache import MemoryResponseCache, RedisResponseCache, SingleFlight
+from gateway.rest.cache import MemoryResponseCache, RedisResponseCache, SingleFlight
 from shared.errors import UpstreamError
 from tests.processes import free_port
 

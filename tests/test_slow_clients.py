@@ -24,11 +24,11 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway.hub import CLOSE_SLOW_CONSUMER, CLOSE_SLOW_CONSUMER_REASON
-from gateway.session import Session
-from gateway.wsframe import encode_text_frames
-from shared.broker import OutgoingMessage
-from shared.broker_memory import MemoryBroker
+from gateway.ws.frames import encode_text_frames
+from gateway.ws.hub import CLOSE_SLOW_CONSUMER, CLOSE_SLOW_CONSUMER_REASON
+from gateway.ws.session import Session
+from shared.broker.contract import OutgoingMessage
+from shared.broker.memory import MemoryBroker
 from tests.harness import RunningGateway, running_gateway, wait_for
 
 pytestmark = pytest.mark.timeout(60)

@@ -13,11 +13,13 @@ from pathlib import Path
 import orjson
 import pytest
 
-from ingest import sources
-from ingest.exchange_info import symbols_from_exchange_info
-from ingest.recording import SAMPLE_PATH, RecordingWriter, read_recording
-from ingest.sources import MarketSource, ReplaySource, SyntheticSource
-from shared.broker import OutgoingMessage
+from ingest.sources.base import MarketSource
+from ingest.sources.replay import source as replay_source
+from ingest.sources.replay.recording import SAMPLE_PATH, RecordingWriter, read_recording
+from ingest.sources.replay.source import ReplaySource
+from ingest.sources.synthetic.source import SyntheticSource
+from shared.binance.exchange_info import symbols_from_exchange_info
+from shared.broker.contract import OutgoingMessage
 from shared.frames import combined_frame
 from shared.streams import MINI_TICKER_ARR, parse_stream
 
@@ -280,7 +282,7 @@ def test_sources_satisfy_the_protocol(tmp_path: Path) -> None:
 
 
 async def test_replay_reads_past_a_chunk_of_blank_lines(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sources, "REPLAY_READ_LINES", 2)
+    monkeypatch.setattr(replay_source, "REPLAY_READ_LINES", 2)
     path = tmp_path / "rec.jsonl"
     write_recording(path, [(BASE_MS, "btcusdt@trade", trade_payload(0))])
     with path.open("ab") as file:

@@ -1,6 +1,6 @@
 """Indicator math against reference values: small series worked by hand (the arithmetic is in the comments)
 and a fixed 260-candle set whose reference figures were computed with exact rational arithmetic (Python
-``fractions``, independently of gateway.technicals) and pasted here."""
+``fractions``, independently of gateway.rest.technicals) and pasted here."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import orjson
 import pytest
 
-from gateway.technicals import (
+from gateway.rest.technicals import (
     Bar,
     Macd,
     analyse,
@@ -24,7 +24,7 @@ from gateway.technicals import (
     trend,
     vwap,
 )
-from shared.candles import Candle
+from shared.candles.model import Candle
 
 HOUR_MS = 3_600_000
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from websockets.asyncio.client import connect
 
-from shared.broker_memory import MemoryBroker
+from shared.broker.memory import MemoryBroker
 from tests.harness import message, running_gateway, wait_for
 
 

@@ -13,7 +13,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from ingest.upstream import (
+from ingest.sources.binance.source import (
     REASON_CLOSED,
     REASON_CONNECT_FAILED,
     REASON_MALFORMED,
@@ -21,7 +21,7 @@ from ingest.upstream import (
     ROTATE_SERVER_SHUTDOWN,
     BinanceSource,
 )
-from shared.broker import OutgoingMessage
+from shared.broker.contract import OutgoingMessage
 from shared.errors import ConfigError, UpstreamError
 from tests.fake_binance import FakeBinance, eventually
 

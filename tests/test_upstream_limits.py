@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
-from ingest.rotation import REASON_AGE
-from ingest.upstream import BinanceSource
+from ingest.sources.binance.rotation import REASON_AGE
+from ingest.sources.binance.source import BinanceSource
 from tests.fake_binance import FakeBinance, eventually
 from tests.test_upstream import running
 

@@ -1,0 +1,273 @@
+"""Local fan-out: which subscribers want which stream, and the per-flush batch each of them receives.
+
+Pure: no I/O and no event loop. The relay calls :meth:`Hub.broadcast` once per broker message, which only
+appends the payload to that stream's pending list — O(1), whatever the number of subscribers. The node then
+calls :meth:`Hub.flush`: for each stream with pending messages it makes one :class:`StreamBatch`, whose frame
+variants (raw payloads, combined envelopes) and WebSocket-encoded byte blocks are built at most once and shared
+by every subscriber, then hands it to each subscriber. A direct-mode subscriber writes the block with one
+socket write; one subscribed to several streams collects its blocks and writes them together in
+:meth:`Subscriber.finish`. So the cost per message is constant and the cost per client is one call and one
+write per flush, not per message.
+
+Streams are served oldest-pending first, and a flush may stop after a budget of subscribers, leaving the rest
+queued: the node flushes in chunks and lets the event loop read the broker between them, so messages that
+arrive meanwhile join their stream's batch before its turn instead of waiting for a whole pass over every
+client (under load a pass takes N x one socket write; round-robin halves the worst wait, measured in
+BENCHMARKS.md).
+
+Slow clients are the subscriber's business (see gateway.ws.session): it sees its socket's buffered bytes and
+either skips a state-stream batch (to resend the newest value from :meth:`Hub.latest_frame` once it drains)
+or closes on an event stream. :class:`Outbox` is the bounded, conflating queue for subscribers that cannot
+write directly (the plain ASGI fallback).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+from typing import Protocol
+
+from gateway.ws.frames import encode_text_frames
+from shared.frames import combined_frame
+from shared.streams import Stream, StreamKind
+
+CLOSE_SLOW_CONSUMER = 4000
+CLOSE_SLOW_CONSUMER_REASON = "slow consumer: send buffer overflow"
+
+
+class StreamBatch:
+    """The messages of one stream since the last flush, with each representation built on first use."""
+
+    __slots__ = ("_blocks", "_combined_frames", "is_state", "kind", "payloads", "stream")
+
+    def __init__(self, stream: str, kind: StreamKind, payloads: list[bytes]) -> None:
+        self.stream = stream
+        self.kind = kind
+        self.is_state = kind.is_state
+        self.payloads = payloads
+        self._combined_frames: list[bytes] | None = None
+        self._blocks: list[bytes | None] = [None, None]  # [raw, combined]
+
+    def frames(self, combined: bool) -> list[bytes]:
+        """Text frame payloads: the exchange's bytes, or wrapped in the combined envelope."""
+        if not combined:
+            return self.payloads
+        if self._combined_frames is None:
+            stream = self.stream
+            self._combined_frames = [combined_frame(stream, payload) for payload in self.payloads]
+        return self._combined_frames
+
+    def block(self, combined: bool) -> bytes:
+        """All frames WebSocket-encoded in one block, ready for a socket write."""
+        block = self._blocks[combined]
+        if block is None:
+            block = self._blocks[combined] = encode_text_frames(self.frames(combined))
+        return block
+
+
+class Subscriber(Protocol):
+    combined: bool
+
+    def deliver(self, batch: StreamBatch) -> bool:
+        """Take this flush's batch of one stream. Return True to be called back with :meth:`finish` once the
+        flush has handed out every stream (to write several streams' blocks together)."""
+        ...
+
+    def finish(self) -> None: ...
+
+
+class Hub:
+    """Stream name -> local subscribers, pending messages, and the flush that fans them out."""
+
+    def __init__(self) -> None:
+        self._subscribers: dict[str, dict[Subscriber, None]] = {}  # dict as an ordered set
+        self._kinds: dict[str, StreamKind] = {}
+        self._pending: dict[str, list[bytes]] = {}
+        # Streams with pending messages, oldest first (a deque: a dict cannot pop its first key in O(1)). A name
+        # may be left here after its stream lost its last subscriber; flush skips names without pending messages.
+        self._queue: deque[str] = deque()
+        self._latest: dict[str, bytes] = {}  # newest payload of each state stream, for slow-client resync
+        # Counters read by the metrics collector at scrape time (no metric calls on the hot path).
+        self.deliveries: dict[StreamKind, int] = dict.fromkeys(StreamKind, 0)
+        self.messages: dict[StreamKind, int] = dict.fromkeys(StreamKind, 0)
+        self.flushes = 0
+        # Batches handed to subscribers: one socket write each for a client on one stream, so deliveries per batch
+        # is how many frames the average write carries.
+        self.batches = 0
+
+    # ---- subscriptions ----
+    def add(self, stream: Stream, subscriber: Subscriber) -> bool:
+        """Subscribe; True when this is the stream's first local subscriber."""
+        subscribers = self._subscribers.get(stream.name)
+        first = subscribers is None
+        if subscribers is None:
+            subscribers = self._subscribers[stream.name] = {}
+            self._kinds[stream.name] = stream.kind
+        subscribers[subscriber] = None
+        return first
+
+    def remove(self, stream_name: str, subscriber: Subscriber) -> bool:
+        """Unsubscribe; True when the stream has no local subscriber left."""
+        subscribers = self._subscribers.get(stream_name)
+        if subscribers is None:
+            return False
+        subscribers.pop(subscriber, None)
+        if subscribers:
+            return False
+        del self._subscribers[stream_name]
+        del self._kinds[stream_name]
+        self._pending.pop(stream_name, None)
+        self._latest.pop(stream_name, None)
+        return True
+
+    def remove_all(self, stream_names: Iterable[str], subscriber: Subscriber) -> list[str]:
+        """Unsubscribe from several streams; returns the ones left without local subscribers."""
+        return [name for name in stream_names if self.remove(name, subscriber)]
+
+    def streams(self) -> list[str]:
+        return list(self._subscribers)
+
+    def subscriber_count(self, stream_name: str) -> int:
+        subscribers = self._subscribers.get(stream_name)
+        return len(subscribers) if subscribers is not None else 0
+
+    def subscriptions_by_kind(self) -> dict[StreamKind, int]:
+        counts = dict.fromkeys(StreamKind, 0)
+        for name, subscribers in self._subscribers.items():
+            counts[self._kinds[name]] += len(subscribers)
+        return counts
+
+    # ---- fan-out ----
+    def broadcast(self, stream_name: str, payload: bytes) -> bool:
+        """Queue one message of a stream for the next flush; False when nobody here subscribes to it."""
+        pending = self._pending.get(stream_name)
+        if pending is None:
+            kind = self._kinds.get(stream_name)
+            if kind is None:
+                return False
+            self._pending[stream_name] = [payload]
+            self._queue.append(stream_name)
+        else:
+            pending.append(payload)
+            kind = self._kinds[stream_name]
+        if kind.is_state:
+            self._latest[stream_name] = payload
+        self.messages[kind] += 1
+        return True
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def is_pending(self, stream_name: str) -> bool:
+        """Messages of this stream wait for their turn in a flush (the newest of them among them)."""
+        return stream_name in self._pending
+
+    def flush(self, budget: int = 0) -> int:
+        """Hand pending batches to their subscribers, the stream waiting longest first, until ``budget``
+        subscribers have been served (0: every pending stream); returns the number of frames delivered. A stream
+        is never split: the budget is checked between streams."""
+        pending = self._pending
+        queue = self._queue
+        finishing: list[Subscriber] = []
+        delivered = 0
+        served = 0
+        while queue:
+            stream_name = queue.popleft()
+            payloads = pending.pop(stream_name, None)
+            if payloads is None:
+                continue
+            subscribers = self._subscribers.get(stream_name)
+            if not subscribers:
+                continue
+            kind = self._kinds[stream_name]
+            batch = StreamBatch(stream_name, kind, payloads)
+            for subscriber in list(subscribers):  # a subscriber may close (and unsubscribe) while we deliver
+                if subscriber.deliver(batch):
+                    finishing.append(subscriber)
+            count = len(payloads) * len(subscribers)
+            self.deliveries[kind] += count
+            delivered += count
+            served += len(subscribers)
+            if budget and served >= budget:
+                break
+        for subscriber in finishing:
+            subscriber.finish()
+        self.flushes += 1
+        self.batches += served
+        return delivered
+
+    def latest_frame(self, stream_name: str, combined: bool) -> bytes | None:
+        """The newest message of a state stream as one text-frame payload (None for event streams)."""
+        payload = self._latest.get(stream_name)
+        if payload is None:
+            return None
+        return combined_frame(stream_name, payload) if combined else payload
+
+
+class Outbox:
+    """Frames waiting to be written to one client that cannot write directly, bounded in bytes.
+
+    When a frame does not fit, frames of *state* streams are conflated to the newest per stream; if it still
+    does not fit and belongs to an *event* stream the outbox is marked ``overflowed`` (the client is closed with
+    :data:`CLOSE_SLOW_CONSUMER`); a state frame that still does not fit is dropped (the next one supersedes it).
+    """
+
+    __slots__ = ("conflated", "dropped", "frames", "limit", "overflowed", "size")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        # (stream name, is_state, frame bytes); the stream name lets conflation find superseded frames.
+        self.frames: deque[tuple[str, bool, bytes]] = deque()
+        self.size = 0
+        self.overflowed = False
+        self.conflated = 0  # frames removed by conflation
+        self.dropped = 0  # state frames dropped because even conflated they did not fit
+
+    def push(self, stream: str, is_state: bool, frame: bytes) -> bool:
+        """Queue a frame; False when it was not queued (overflow or dropped)."""
+        size = len(frame)
+        if self.size + size > self.limit:
+            if self.overflowed:
+                return False
+            self._conflate(stream if is_state else None)
+            if self.size + size > self.limit:
+                if is_state:
+                    self.dropped += 1
+                    return False
+                self.overflowed = True
+                return False
+        self.frames.append((stream, is_state, frame))
+        self.size += size
+        return True
+
+    def push_control(self, frame: bytes) -> None:
+        """Queue a control reply. Replies are tiny and never dropped; they count toward the limit."""
+        self.frames.append(("", False, frame))
+        self.size += len(frame)
+
+    def take(self) -> list[bytes]:
+        """Remove and return every pending frame, oldest first."""
+        frames = [frame for _, _, frame in self.frames]
+        self.frames.clear()
+        self.size = 0
+        return frames
+
+    def _conflate(self, superseded: str | None) -> None:
+        """Keep only the newest pending frame per state stream (and none of ``superseded``, which the
+        caller is about to replace). Event frames and replies are kept in order."""
+        newest: dict[str, int] = {}
+        for index, (stream, is_state, _) in enumerate(self.frames):
+            if is_state:
+                newest[stream] = index
+        kept: deque[tuple[str, bool, bytes]] = deque()
+        size = 0
+        for index, entry in enumerate(self.frames):
+            stream, is_state, frame = entry
+            if is_state and (newest[stream] != index or stream == superseded):
+                continue
+            kept.append(entry)
+            size += len(frame)
+        self.conflated += len(self.frames) - len(kept)
+        self.frames = kept
+        self.size = size

@@ -1,0 +1,283 @@
+"""uvicorn WebSocket protocol for the gateway: uvicorn's websockets-sansio implementation, with stream
+sessions run natively.
+
+For the stream endpoints (``/ws…``, ``/stream…``) this protocol completes the handshake itself and drives a
+:class:`~gateway.ws.session.Session` by direct calls — no ASGI task, queue or coroutine chain per client, which
+keeps an idle client to a few KiB and lets the hub write pre-encoded frame blocks straight to the transport.
+Every other WebSocket path goes through the ASGI app as usual. Changes from uvicorn's behaviour:
+
+1. **Pongs are not payload-checked.** Binance only requires *a* pong within 60 s, and real clients
+   (binance-connector) answer pings with an empty payload; uvicorn would ignore those and drop the client.
+2. **Stuck clients are closed without waiting for them**: :meth:`close_now` sends the close frame and aborts
+   the socket if it has not drained within a few seconds (a client that does not read cannot receive it).
+3. **One keepalive timer per process** (:mod:`gateway.ws.keepalive`): native sessions are pinged by the node in
+   slices with one pre-encoded frame, instead of two timer handles per connection; a missed pong closes 1011.
+4. **Drain on shutdown.** On server shutdown uvicorn closes every socket with 1012 at once; instead we ask
+   the gateway to close its clients with 1001 spread over a few seconds.
+
+Selected with ``uvicorn.Config(ws=PricegateWebSocketProtocol)``; it finds the gateway in the lifespan state
+(``pricegate.node``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+from typing import Any
+from urllib.parse import unquote
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame
+from websockets.http11 import Request
+
+from gateway.ws.frames import encode_text_frames
+from gateway.ws.hub import Outbox
+from gateway.ws.session import Rejection, Session, admit
+
+NODE_STATE_KEY = "pricegate.node"
+DRAIN_STATE_KEY = "pricegate.drain"
+PING_FRAME = b"\x89\x00"  # FIN + ping, unmasked, empty payload: the same bytes for every connection
+ABORT_AFTER_CLOSE_S = 5.0  # a client that does not read cannot receive our close frame either
+STREAM_PREFIXES = ("/ws/", "/stream/")
+STREAM_PATHS = ("/ws", "/stream")
+
+logger = logging.getLogger("pricegate.gateway.ws")
+# websockets logs "connection open"/"closed" per client at INFO: at tens of thousands of clients that is noise,
+# so native sessions log through this logger, quiet unless explicitly lowered (e.g. for debugging).
+_connection_logger = logging.getLogger("pricegate.gateway.ws.connections")
+_connection_logger.setLevel(logging.WARNING)
+
+
+class _Discard:
+    """Stands in for uvicorn's per-connection ASGI queue and writable event on native sessions (nothing reads
+    them there), so an idle client does not carry them."""
+
+    def put_nowait(self, item: object) -> None:
+        pass
+
+    def set(self) -> None:
+        pass
+
+    def clear(self) -> None:
+        pass
+
+
+_DISCARD = _Discard()
+
+
+class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
+    session: Session | None = None
+    outbox: Outbox | None = None  # native sessions write directly
+    _text_fragments: list[bytes] | None = None
+    ping_deadline = 0.0  # the node's keepalive schedule: unanswered ping's deadline, 0.0 when none
+
+    # ---- Connection (what a Session needs) ----
+    @property
+    def peer(self) -> tuple[str, int] | None:
+        return self.client
+
+    @property
+    def is_closed(self) -> bool:
+        return bool(self.close_sent or self.disconnected or self.transport.is_closing())
+
+    @property
+    def buffered_bytes(self) -> int:
+        return int(self.transport.get_write_buffer_size())
+
+    def write_text_frames(self, payloads: list[bytes]) -> int:
+        """Write text frames in one transport write; returns bytes written (0 if the socket is closing)."""
+        if self.is_closed:
+            return 0
+        if self.conn.extensions:
+            # A negotiated extension (permessage-deflate) must transform each frame: use websockets.
+            for payload in payloads:
+                self.conn.send_text(payload)
+            data = b"".join(self.conn.data_to_send())
+        else:
+            data = encode_text_frames(payloads)
+        self.transport.write(data)
+        return len(data)
+
+    def close_now(self, code: int, reason: str) -> None:
+        """Send a close frame and end the connection without waiting on a client that does not read."""
+        if self.is_closed:
+            return
+        self.stop_keepalive()
+        self.queue.put_nowait({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.conn.send_close(code, reason)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.close_sent = True
+        self.transport.close()
+        self.loop.call_later(ABORT_AFTER_CLOSE_S, self._abort_if_open)
+        if self.session is not None:
+            self.session.closed(code)
+
+    def wake_writer(self) -> None:
+        pass  # native sessions write synchronously
+
+    def _abort_if_open(self) -> None:
+        if not self.disconnected:
+            self.transport.abort()
+
+    # ---- handshake ----
+    def handle_connect(self, event: Request) -> None:
+        node: Any = self.app_state.get(NODE_STATE_KEY)
+        raw_path, _, query = event.path.partition("?")
+        path = unquote(raw_path)
+        if node is None or not (path in STREAM_PATHS or path.startswith(STREAM_PREFIXES)):
+            super().handle_connect(event)
+            return
+        self.handshake_initiated = True
+        self.conn.logger = _connection_logger
+        response = self.conn.accept(event)
+        if response.status_code == 101:
+            admission = admit(node, path, query)
+            if isinstance(admission, Rejection):
+                response = self.conn.reject(admission.status, admission.reason)
+                for name, value in admission.headers.items():
+                    response.headers[name] = value
+        if response.status_code != 101:
+            self.handshake_complete = True
+            self.close_sent = True
+            self.conn.send_response(response)
+            self.transport.write(b"".join(self.conn.data_to_send()))
+            self.transport.close()
+            return
+        assert not isinstance(admission, Rejection)
+        self.handshake_complete = True
+        self.conn.send_response(response)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        # websockets' parser generator keeps the handshake Request alive for the connection's lifetime; its
+        # headers are the bulk of an idle client's memory and nothing needs them any more.
+        event.headers.clear()
+        self.queue = _DISCARD  # type: ignore[assignment]
+        self.writable = _DISCARD  # type: ignore[assignment]
+        settings = node.settings
+        if settings.client_sndbuf_bytes:
+            # A fixed kernel send buffer: with autotuning, a client that stops reading makes the kernel hold up
+            # to tcp_wmem's maximum (4 MiB) for it before any backpressure reaches us (measured in BENCHMARKS.md).
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.client_sndbuf_bytes)
+        limit = settings.client_buffer_bytes
+        # Pause (and so later resume, which resends stale state) around our own limit, not the loop's default.
+        self.transport.set_write_buffer_limits(high=limit, low=limit // 4)
+        self.session = Session(node, self, admission.combined)
+        self.start_keepalive()
+        self.session.start(admission)
+
+    # ---- inbound frames on native sessions ----
+    def handle_text(self, event: Frame) -> None:
+        if self.session is None:
+            super().handle_text(event)
+        elif event.fin:
+            self._dispatch_text(event.data)
+        else:
+            self._text_fragments = [bytes(event.data)]
+
+    def handle_cont(self, event: Frame) -> None:
+        if self.session is None:
+            super().handle_cont(event)
+            return
+        if self._text_fragments is None:  # continuation of a binary message: treat as one binary message
+            if event.fin:
+                self.session.on_binary(bytes(event.data))
+            return
+        self._text_fragments.append(bytes(event.data))
+        if event.fin:
+            data, self._text_fragments = b"".join(self._text_fragments), None
+            self._dispatch_text(data)
+
+    def _dispatch_text(self, data: bytes | bytearray | memoryview) -> None:
+        assert self.session is not None
+        try:
+            text = bytes(data).decode()
+        except UnicodeDecodeError:
+            self.close_now(1007, "invalid UTF-8 in a text frame")
+            return
+        self.session.on_text(text)
+
+    def handle_bytes(self, event: Frame) -> None:
+        if self.session is None:
+            super().handle_bytes(event)
+        elif event.fin:
+            self.session.on_binary(bytes(event.data))
+        else:
+            self._text_fragments = None
+
+    def handle_pong(self, event: Frame) -> None:
+        # Any pong answers the outstanding ping (see the module docstring).
+        if self.session is not None:
+            self.ping_deadline = 0.0
+            return
+        if self.pending_ping_payload is not None:
+            self.pending_ping_payload = bytes(event.data)
+        super().handle_pong(event)
+
+    def handle_close(self, event: Frame) -> None:
+        super().handle_close(event)
+        if self.session is not None and self.conn.close_rcvd is not None:
+            self.session.closed(self.conn.close_rcvd.code)
+
+    def handle_parser_exception(self) -> None:
+        super().handle_parser_exception()
+        if self.session is not None and self.conn.close_sent is not None:
+            self.session.closed(self.conn.close_sent.code)
+
+    # ---- keepalive: native sessions are pinged by the node (gateway.ws.keepalive), others by uvicorn ----
+    def start_keepalive(self) -> None:
+        if self.session is None:
+            super().start_keepalive()
+        else:
+            self.session.node.keep_alive(self)
+
+    def stop_keepalive(self) -> None:
+        if self.session is not None:
+            self.session.node.stop_keeping_alive(self)
+        super().stop_keepalive()
+
+    def send_ping(self) -> None:
+        if not self.is_closed:
+            self.transport.write(PING_FRAME)
+
+    def keepalive_timeout(self) -> None:
+        if self.session is None:
+            super().keepalive_timeout()
+        elif self.is_closed:
+            # Closing already but still connected after a whole pong timeout: the peer reads nothing, so our
+            # close frame cannot reach it either.
+            if not self.disconnected:
+                self.transport.abort()
+        else:
+            self.close_now(1011, "keepalive ping timeout")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.session is not None:
+            self.session.closed(1006)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.session is not None:
+            self.session.on_pause()
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.session is not None:
+            self.session.on_writable()
+
+    # ---- shutdown: let the gateway drain with 1001 instead of an instant 1012 ----
+    def shutdown(self) -> None:
+        if self.session is not None:
+            if not self.close_sent and not self.disconnected:
+                self.app_state[NODE_STATE_KEY].begin_drain()
+                return
+        else:
+            scope: Any = getattr(self, "scope", None)
+            drain = scope["state"].get(DRAIN_STATE_KEY) if scope is not None else None
+            if drain is not None and self.handshake_complete and not self.close_sent and not self.disconnected:
+                drain()
+                return
+        super().shutdown()

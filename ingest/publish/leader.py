@@ -1,0 +1,221 @@
+"""Which ingest process publishes: a lease in Redis, held by at most one process at a time.
+
+The lease is one key (``<prefix>:<venue>:ingest:leader``) holding the holder's token (host, pid and a random
+part) with a TTL of ``ttl_s``. A process takes it with ``SET key token NX PX ttl``; the holder renews it every
+``renew_s`` with a compare-and-extend script (only while the key still holds its own token). A standby tries to
+take it every ``renew_s``; after a holder dies the key expires within ``ttl_s`` of its last renewal, so a standby
+takes over within about ``ttl_s + renew_s``. A holder that stops (SIGTERM) deletes its own key (compare-and-delete),
+so a standby takes over within ``renew_s``.
+
+Stopping at once on loss: a renewal that fails, for whatever reason (refused because another process holds the key,
+Redis unreachable, too slow), ends this process's leadership immediately, and :meth:`LeaderLease.holds` also turns
+false as soon as the local clock passes the last successful renewal's start plus the TTL, even if this loop could
+not run (a process paused by the OS). The guarantee does not rest on this process noticing, though: every publish
+carries the lease token and Redis checks it in the same script that writes (``shared.broker.redis``), so a process
+that lost the lease cannot publish even once, however late it notices.
+
+Why not redis-py's ``Lock``: its ``extend()`` adds to the remaining TTL by default (renewing every second with
+``extend(ttl)`` lets the TTL grow, and failover slows down with it); its token is a bare uuid kept in thread-local
+storage; and a holder that was briefly cut off cannot take back its own still-live key with ``acquire()``. The
+three short scripts below do exactly what is needed, and the token names its holder for operators
+(``GET <prefix>:<venue>:ingest:leader``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+import redis.exceptions as redis_errors
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from shared.broker.redis import redact_url
+from shared.cancellation import raise_if_cancel_was_lost
+from shared.errors import ConfigError
+
+logger = logging.getLogger("pricegate.ingest.leader")
+
+# Take the lease if it is free, or keep it if it is already ours (a holder cut off briefly gets it back).
+_ACQUIRE = """
+local current = redis.call('GET', KEYS[1])
+if current == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if current then
+  return 0
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+# Extend only our own lease: after it expired and someone else took it, renewing must fail, not steal it back.
+_RENEW = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+Callback = Callable[[], Awaitable[None]]
+
+
+def holder_token() -> str:
+    """A token unique to this process and start, readable by an operator: ``<host>:<pid>:<random>``."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+
+class LeaderLease:
+    """The lease loop: ``run(on_acquired, on_lost)`` until cancelled. Counters for metrics: ``acquired``,
+    ``lost`` (by reason: ``refused``, ``error``, ``expired``), ``renewals``."""
+
+    def __init__(
+        self,
+        redis_url: str,
+        key: str,
+        *,
+        ttl_s: float = 3.0,
+        renew_s: float = 1.0,
+        token: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not ttl_s > 0:
+            raise ConfigError("leader_ttl_s", ttl_s, "must be a positive number of seconds")
+        if not 0 < renew_s <= ttl_s / 2:
+            # Two renewals fit in one TTL: one slow or lost renewal does not let the lease lapse under a live leader.
+            raise ConfigError("leader_renew_s", renew_s, f"must be positive and at most half the TTL ({ttl_s} s)")
+        self.redis_url = redis_url
+        self.key = key
+        self.ttl_s = ttl_s
+        self.renew_s = renew_s
+        self.token = token or holder_token()
+        self._clock = clock
+        self._leader = False
+        self._valid_until = 0.0
+        self._client: aioredis.Redis | None = None
+        self.acquired = 0
+        self.lost: dict[str, int] = {"refused": 0, "error": 0, "expired": 0}
+        self.renewals = 0
+        self.holder: str | None = None  # the token in the key at the last look (ours or another process's)
+
+    # ---- state ----
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leader
+
+    def holds(self) -> bool:
+        """True while this process leads and its lease cannot have expired yet by the local clock."""
+        return self._leader and self._clock() < self._valid_until
+
+    # ---- loop ----
+
+    def _redis(self) -> aioredis.Redis:
+        if self._client is None:
+            # Its own connection, so renewals never queue behind large publish pipelines; every call must end well
+            # within the TTL, and no hidden retries (the loop is the retry).
+            timeout = max(0.05, min(self.renew_s, self.ttl_s / 3))
+            options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+            self._client = aioredis.Redis.from_url(self.redis_url, retry=Retry(NoBackoff(), 0), **options)
+        return self._client
+
+    async def run(self, on_acquired: Callback, on_lost: Callable[[str], None]) -> None:
+        """Hold or wait for the lease forever. ``on_acquired`` runs after the lease was taken (an exception in it
+        gives the lease up again); ``on_lost(reason)`` runs the moment it is lost."""
+        ttl_ms = int(self.ttl_s * 1000)
+        try:
+            while True:
+                started = self._clock()
+                if self._leader:
+                    if started >= self._valid_until:
+                        self._lose(on_lost, "expired")  # this loop could not run in time (a paused process)
+                    else:
+                        await self._renew(ttl_ms, started, on_lost)
+                if not self._leader:
+                    await self._try_acquire(ttl_ms, started, on_acquired, on_lost)
+                # redis-py calls can swallow a cancellation (see shared.cancellation): stopping must not hang here.
+                raise_if_cancel_was_lost()
+                delay = self.renew_s - (self._clock() - started)
+                await asyncio.sleep(max(0.0, delay))
+        finally:
+            if self._leader:
+                self._lose(on_lost, "stopped")
+
+    async def _renew(self, ttl_ms: int, started: float, on_lost: Callable[[str], None]) -> None:
+        try:
+            renewed = await self._redis().eval(_RENEW, 1, self.key, self.token, ttl_ms)
+        except (redis_errors.RedisError, OSError) as error:
+            logger.warning("leader lease renewal failed (%r): stepping down at once", error)
+            self._lose(on_lost, "error")
+            return
+        if renewed == 1:
+            self.renewals += 1
+            self._valid_until = started + self.ttl_s
+        else:
+            logger.warning("leader lease was taken over or expired: stepping down")
+            self._lose(on_lost, "refused")
+
+    async def _try_acquire(
+        self, ttl_ms: int, started: float, on_acquired: Callback, on_lost: Callable[[str], None]
+    ) -> None:
+        try:
+            taken = await self._redis().eval(_ACQUIRE, 1, self.key, self.token, ttl_ms)
+            if taken != 1:
+                current = await self._redis().get(self.key)
+                if isinstance(current, bytes):
+                    current = current.decode(errors="replace")
+                self.holder = current
+                return
+        except (redis_errors.RedisError, OSError) as error:
+            logger.debug("leader lease not taken (%r)", error)
+            return
+        self._leader = True
+        self._valid_until = started + self.ttl_s
+        self.holder = self.token
+        self.acquired += 1
+        logger.info("took the leader lease %s as %s: publishing", self.key, self.token)
+        try:
+            await on_acquired()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("taking over failed; giving the leader lease up")
+            self._lose(on_lost, "error")
+            await self.release()
+
+    def _lose(self, on_lost: Callable[[str], None], reason: str) -> None:
+        self._leader = False
+        self._valid_until = 0.0
+        if reason in self.lost:
+            self.lost[reason] += 1
+        on_lost(reason)
+
+    async def release(self) -> None:
+        """Delete the key if it still holds our token (so a standby takes over at once), and close the connection.
+        Bounded in time: stopping must not hang on an unreachable Redis."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            async with asyncio.timeout(max(0.5, self.ttl_s / 3)):
+                await client.eval(_RELEASE, 1, self.key, self.token)
+        except (redis_errors.RedisError, OSError, TimeoutError) as error:
+            logger.warning("could not release the leader lease at %s (%r); it expires by itself", self.key, error)
+        finally:
+            await client.aclose()
+
+    def describe(self) -> str:
+        return f"lease {self.key} at {redact_url(self.redis_url)} (ttl {self.ttl_s} s, renew every {self.renew_s} s)"
