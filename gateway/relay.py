@@ -6,12 +6,11 @@ subscribe/unsubscribe calls, so 1 000 local clients on one stream are one broker
 want/unwant calls can never leave a stale subscription behind. Wanted streams are announced as demand so
 ingest starts them upstream.
 
-Every publication carries ``(epoch, seq)``. The relay delivers seq+1 at once; drops duplicates; on a gap (or
-after the broker reconnects) it buffers the stream's new messages, reads the missed ones from the broker's
-history, delivers them in order, then the buffer. What history cannot cover is counted as lost. A new epoch (the
-broker lost the channel's state) restarts the sequence at 1; new-epoch messages missed before the first one seen
-are repaired from the new epoch's history the same way. Delivery never
-awaits: :meth:`on_publication` queues frames in the hub and schedules one flush per loop turn.
+Every publication carries ``(epoch, seq)``; the pure :mod:`gateway.sequencer` decides, per stream, whether it
+is delivered, dropped as a duplicate or held while a gap is repaired. On a gap (or after the broker reconnects)
+the relay reads the missed publications from the broker's history and delivers them in order, then the held
+ones; what history cannot cover is counted as lost. Delivery never awaits: :meth:`on_publication` queues frames
+in the hub and schedules one flush per loop turn.
 """
 
 from __future__ import annotations
@@ -19,9 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from gateway.metrics import GatewayMetrics
+from gateway.sequencer import StreamCursor, Verdict
 from gateway.ws.hub import Hub
 from shared.backoff import backoff_delays
 from shared.broker.contract import Broker
@@ -29,14 +30,6 @@ from shared.cancellation import raise_if_cancel_was_lost
 from shared.frames import Publication
 
 logger = logging.getLogger("pricegate.gateway.relay")
-
-
-class _Cursor:
-    __slots__ = ("epoch", "seq")
-
-    def __init__(self, epoch: int, seq: int) -> None:
-        self.epoch = epoch
-        self.seq = seq
 
 
 class Relay:
@@ -58,8 +51,7 @@ class Relay:
         self.active: set[str] = set()
         self.last_heartbeat_ms = 0
         self.healthy = False  # reconciler running and last broker call succeeded
-        self._cursors: dict[str, _Cursor] = {}
-        self._repairing: dict[str, list[Publication]] = {}
+        self._cursors: dict[str, StreamCursor] = {}
         self._changed = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         broker.set_listener(self)
@@ -105,7 +97,6 @@ class Relay:
             self.active -= to_remove
             for stream in to_remove:
                 self._cursors.pop(stream, None)
-                self._repairing.pop(stream, None)
         to_add = self.wanted - self.active
         if to_add:
             await self.broker.announce_demand(to_add, time.time() + self.demand_ttl_s)
@@ -131,30 +122,14 @@ class Relay:
         self.metrics.broker_messages.inc()
         if publication.published_at_ms:
             self.metrics.pubsub_lag.observe(max(0.0, time.time() - publication.published_at_ms / 1000))
-        pending = self._repairing.get(stream)
-        if pending is not None:
-            pending.append(publication)
-            return
         cursor = self._cursors.get(stream)
         if cursor is None:
-            self._cursors[stream] = _Cursor(publication.epoch, publication.seq)
-        elif cursor.epoch != publication.epoch:
-            # The broker lost the channel's state and restarted its sequence at 1 in a new epoch. Accepting any
-            # seq here silently dropped the new epoch's first messages when they had missed pub/sub: repair
-            # them from the new epoch's history (which holds nothing older) like any other gap.
-            cursor.epoch, cursor.seq = publication.epoch, 0
-            if publication.seq != 1:
-                self._start_repair(stream, cursor, publication)
-                return
-            cursor.seq = 1
-        elif publication.seq == cursor.seq + 1:
-            cursor.seq = publication.seq
-        elif publication.seq <= cursor.seq:
-            return  # duplicate (e.g. history replay overlapping live delivery)
-        else:
-            self._start_repair(stream, cursor, publication)
-            return
-        self._deliver(stream, publication.payload)
+            cursor = self._cursors[stream] = StreamCursor()
+        verdict = cursor.judge(publication)
+        if verdict is Verdict.DELIVER:
+            self._deliver(stream, publication.payload)
+        elif verdict is Verdict.REPAIR:
+            self._spawn(self._repair(stream, cursor))
 
     def on_heartbeat(self, published_at_ms: int) -> None:
         self.last_heartbeat_ms = published_at_ms
@@ -162,8 +137,7 @@ class Relay:
     def on_broker_reconnect(self) -> None:
         self.metrics.broker_reconnects.inc()
         for stream, cursor in list(self._cursors.items()):
-            if stream not in self._repairing:
-                self._repairing[stream] = []
+            if cursor.begin_repair():
                 self._spawn(self._repair(stream, cursor))
 
     # ---- internals ----
@@ -171,12 +145,8 @@ class Relay:
         if self.hub.broadcast(stream, payload):
             self.schedule_flush()
 
-    def _start_repair(self, stream: str, cursor: _Cursor, publication: Publication) -> None:
-        self._repairing[stream] = [publication]
-        self._spawn(self._repair(stream, cursor))
-
-    def _spawn(self, coroutine: object) -> None:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coroutine)  # type: ignore[arg-type]
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -187,35 +157,20 @@ class Relay:
             logger.warning("history read for %s failed: %r", stream, error)
             return []
 
-    async def _repair(self, stream: str, cursor: _Cursor) -> None:
+    async def _repair(self, stream: str, cursor: StreamCursor) -> None:
         history = await self._read_history(stream, cursor.seq)
-        if any(publication.epoch != cursor.epoch for publication in [*history, *self._repairing.get(stream, ())]):
-            # A new epoch began after our cursor (the broker lost the channel's state while we were away). The
-            # history now holds only the new epoch, from its seq 1, and the read above skipped it up to our old
-            # seq: read all of it.
+        if cursor.history_needs_full_read(history):
             history = await self._read_history(stream, 0)
-        pending = self._repairing.pop(stream, None)
-        if pending is None or stream not in self.active:
-            return
-        expected = cursor.seq + 1
-        lost = 0
-        for publication in [*history, *pending]:
-            if publication.epoch != cursor.epoch:
-                # The sequence restarts in the new epoch: its seq 1 is the next message (what history could not
-                # supply from there is counted as lost below, like any gap).
-                cursor.epoch, cursor.seq = publication.epoch, 0
-                expected = 1
-            if publication.seq < expected:
-                continue
-            lost += publication.seq - expected
-            cursor.seq = publication.seq
-            expected = publication.seq + 1
-            self._deliver(stream, publication.payload)
-        if lost:
+        if self._cursors.get(stream) is not cursor or stream not in self.active:
+            return  # the stream was left meanwhile (its cursor and held publications went with it)
+        result = cursor.finish_repair(history)
+        for payload in result.payloads:
+            self._deliver(stream, payload)
+        if result.lost:
             self.metrics.broker_gaps.labels(result="lost").inc()
-            self.metrics.broker_lost_messages.inc(lost)
-            logger.warning("%s: %d message(s) not recoverable from history", stream, lost)
-        elif history:
+            self.metrics.broker_lost_messages.inc(result.lost)
+            logger.warning("%s: %d message(s) not recoverable from history", stream, result.lost)
+        elif result.repaired:
             self.metrics.broker_gaps.labels(result="repaired").inc()
 
     async def aclose(self) -> None:

@@ -3,6 +3,8 @@ Outbox (ASGI fallback): bounded, conflating. Pure: no sockets, no loop."""
 
 from __future__ import annotations
 
+import pytest
+
 from gateway.ws.frames import encode_text_frames, text_frame_header
 from gateway.ws.hub import Hub, Outbox, StreamBatch
 from shared.streams import StreamKind, parse_stream
@@ -223,3 +225,32 @@ def test_coalescing_subscribers_are_finished_at_the_end_of_each_chunk() -> None:
     assert multi.finished == 1 and [batch.stream for batch in multi.batches] == [TRADE.name]
     hub.flush(budget=1)
     assert multi.finished == 2 and [batch.stream for batch in multi.batches] == [TRADE.name, TICKER.name]
+
+
+class RaisesOnce(Recorder):
+    """A subscriber whose delivery raises the first time (a bug, a closed socket the session did not expect)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raised = False
+
+    def deliver(self, batch: StreamBatch) -> bool:
+        if not self.raised:
+            self.raised = True
+            raise RuntimeError("delivery failed")
+        return super().deliver(batch)
+
+
+def test_a_subscriber_on_several_streams_is_finished_even_when_another_delivery_raises() -> None:
+    hub, multi = hub_with_one_client_on_two_streams()
+    failing = RaisesOnce()
+    hub.add(TICKER, failing)  # handed the second stream's batch after `multi` collected its first part
+    with pytest.raises(RuntimeError):
+        hub.flush()
+    # Before the fix the raise lost the list of subscribers to finish: `multi` kept its part and was never finished.
+    assert multi.finished == 1
+    hub.broadcast(TRADE.name, b"t2")
+    hub.broadcast(TICKER.name, b"b2")
+    hub.flush()
+    assert multi.finished == 2
+    assert [batch.payloads for batch in multi.batches][-2:] == [[b"t2"], [b"b2"]]

@@ -172,29 +172,33 @@ class Hub:
         finishing: list[Subscriber] = []
         delivered = 0
         served = 0
-        while queue:
-            stream_name = queue.popleft()
-            payloads = pending.pop(stream_name, None)
-            if payloads is None:
-                continue
-            subscribers = self._subscribers.get(stream_name)
-            if not subscribers:
-                continue
-            kind = self._kinds[stream_name]
-            batch = StreamBatch(stream_name, kind, payloads)
-            for subscriber in list(subscribers):  # a subscriber may close (and unsubscribe) while we deliver
-                if subscriber.deliver(batch):
-                    finishing.append(subscriber)
-            count = len(payloads) * len(subscribers)
-            self.deliveries[kind] += count
-            delivered += count
-            served += len(subscribers)
-            if budget and served >= budget:
-                break
-        for subscriber in finishing:
-            subscriber.finish()
-        self.flushes += 1
-        self.batches += served
+        try:
+            while queue:
+                stream_name = queue.popleft()
+                payloads = pending.pop(stream_name, None)
+                if payloads is None:
+                    continue
+                subscribers = self._subscribers.get(stream_name)
+                if not subscribers:
+                    continue
+                kind = self._kinds[stream_name]
+                batch = StreamBatch(stream_name, kind, payloads)
+                for subscriber in list(subscribers):  # a subscriber may close (and unsubscribe) while we deliver
+                    if subscriber.deliver(batch):
+                        finishing.append(subscriber)
+                count = len(payloads) * len(subscribers)
+                self.deliveries[kind] += count
+                delivered += count
+                served += len(subscribers)
+                if budget and served >= budget:
+                    break
+        finally:
+            # Even when a delivery raised: a subscriber on several streams that collected parts this flush must get
+            # its finish(), or it keeps them and is never written to again (silently starved).
+            for subscriber in finishing:
+                subscriber.finish()
+            self.flushes += 1
+            self.batches += served
         return delivered
 
     def latest_frame(self, stream_name: str, combined: bool) -> bytes | None:
