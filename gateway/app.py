@@ -27,8 +27,10 @@ from starlette.types import Receive, Scope, Send
 from gateway.metrics import GatewayMetrics
 from gateway.node import GatewayNode
 from gateway.rest.api import RestApi
+from gateway.symbols import SymbolDirectory
 from gateway.ws.asgi_fallback import websocket_endpoint
-from gateway.ws.uvicorn_protocol import DRAIN_STATE_KEY, NODE_STATE_KEY
+from gateway.ws.host import HOST_STATE_KEY
+from gateway.ws.uvicorn_protocol import DRAIN_STATE_KEY
 from shared.broker.contract import Broker
 from shared.candles.model import CandleStore
 from shared.settings import Settings
@@ -66,8 +68,9 @@ def create_app(
 ) -> Starlette:
     """``candles`` is the candle store klines and technicals are served from (opened and closed by the caller,
     like the broker); without one they come from the exchange, or are empty for a synthetic market."""
-    node = GatewayNode(settings, broker, metrics)
-    rest_api = RestApi(settings, node, candles=candles)
+    symbols = SymbolDirectory(broker, settings.symbols)
+    node = GatewayNode(settings, broker, symbols, metrics)
+    rest_api = RestApi(settings, broker, symbols, node.metrics.registry, candles=candles)
     failed: list[str] = []
 
     async def ticker_page(request: Request) -> Response:
@@ -105,7 +108,7 @@ def create_app(
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         jobs: list[tuple[str, BackgroundJob]] = [
             ("relay", node.relay.run),
-            ("exchange_info", node.poll_exchange_info),
+            ("exchange_info", symbols.poll_forever),
         ]
         jobs += [(getattr(job, "__qualname__", "background"), job) for job in background]
         tasks: list[asyncio.Task[None]] = []
@@ -114,7 +117,7 @@ def create_app(
             task.add_done_callback(functools.partial(watch, name))
             tasks.append(task)
         try:
-            yield {DRAIN_STATE_KEY: node.begin_drain, NODE_STATE_KEY: node}
+            yield {DRAIN_STATE_KEY: node.begin_drain, HOST_STATE_KEY: node}
         finally:
             node.draining = True
             for task in tasks:
@@ -136,5 +139,6 @@ def create_app(
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.node = node
+    app.state.symbols = symbols
     app.state.rest = rest_api
     return app

@@ -1,10 +1,12 @@
-"""One gateway process's shared state: hub, relay, metrics, known symbols, open sessions and draining.
+"""One gateway process's fan-out: hub, relay, open sessions, flush scheduling, keepalive timer and draining.
 
-Sessions come and go; the node outlives them. It schedules at most one hub flush per event-loop turn (every
-frame queued during that turn goes out in one write per client; a flush serves ``flush_chunk_clients`` clients
-and continues on the next turn, after the loop has read the broker again), keeps the set of symbols clients may ask for
-(from the exchangeInfo ingest caches in the broker), and closes every session with 1001, spread over a few
-seconds, when the process is asked to stop.
+Sessions come and go; the node outlives them. It is what a connection and a session see of the process (it
+implements :class:`~gateway.ws.host.ConnectionHost` and :class:`~gateway.ws.session.SessionHost`, and nothing
+reaches through it): admission, subscriptions (hub + relay), accounting. It schedules at most one hub flush per
+event-loop turn (every frame queued during that turn goes out in one write per client; a flush serves
+``flush_chunk_clients`` clients and continues on the next turn, after the loop has read the broker again), pings
+every native connection from one timer, and closes every session with 1001, spread over a few seconds, when the
+process is asked to stop.
 """
 
 from __future__ import annotations
@@ -13,53 +15,51 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
-
-import orjson
 
 from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay
-from gateway.ws.hub import Hub
-from gateway.ws.keepalive import KeepaliveSchedule
+from gateway.symbols import SymbolDirectory
+from gateway.ws.admission import Admission, Rejection
+from gateway.ws.close_codes import CloseCode, metric_label
+from gateway.ws.control import ConnectRequest
+from gateway.ws.hub import Hub, Subscriber
+from gateway.ws.keepalive import KeepaliveSchedule, KeptAlive
+from gateway.ws.session import Connection, Session, SessionLimits
 from shared.broker.contract import Broker
-from shared.cancellation import raise_if_cancel_was_lost
 from shared.settings import Settings
-
-if TYPE_CHECKING:
-    from gateway.ws.session import Session
+from shared.streams import Stream
 
 logger = logging.getLogger("pricegate.gateway")
 
-CLOSE_GOING_AWAY = 1001
-EXCHANGE_INFO_POLL_S = 30.0
-
-
-class DrainableSession(Protocol):
-    def close_going_away(self) -> None: ...
-
-
-class KeptAlive(Protocol):
-    """A connection the node pings (gateway.ws.uvicorn_protocol's native sessions)."""
-
-    ping_deadline: float
-
-    def send_ping(self) -> None: ...
-
-    def keepalive_timeout(self) -> None: ...
-
 
 class GatewayNode:
-    def __init__(self, settings: Settings, broker: Broker, metrics: GatewayMetrics | None = None) -> None:
-        self.settings = settings
+    def __init__(
+        self, settings: Settings, broker: Broker, symbols: SymbolDirectory, metrics: GatewayMetrics | None = None
+    ) -> None:
         self.broker = broker
+        self.symbols = symbols
         self.metrics = metrics or GatewayMetrics()
         self.hub = Hub()
         self.relay = Relay(
             broker, self.hub, self.metrics, schedule_flush=self.schedule_flush, demand_ttl_s=settings.demand_ttl_s
         )
+        self.limits = SessionLimits(
+            max_streams=settings.max_streams_per_connection,
+            control_rate_per_s=settings.control_rate_per_s,
+            control_burst=settings.control_burst,
+        )
+        self.admission = Admission(
+            max_streams=settings.max_streams_per_connection,
+            is_known_symbol=symbols.is_known,
+            unavailable=self._unavailable,
+            rejected=lambda reason: self.metrics.connections_rejected.labels(reason=reason).inc(),
+        )
+        self.client_buffer_bytes = settings.client_buffer_bytes
+        self.client_sndbuf_bytes = settings.client_sndbuf_bytes
+        self.max_connections = settings.max_connections
+        self.flush_chunk_clients = settings.flush_chunk_clients
+        self.shutdown_drain_s = settings.shutdown_drain_s
         self.sessions: set[Session] = set()
-        self.known_symbols: frozenset[str] = frozenset(settings.symbols)
-        self.exchange_info: bytes | None = None
         self.draining = False
         self.started_at = time.time()
         self._flush_scheduled = False
@@ -73,6 +73,61 @@ class GatewayNode:
         self._keepalive_timer: asyncio.TimerHandle | None = None
         self.metrics.attach(self.hub, self.buffer_drops, broker, lambda: self.sent_bytes)
 
+    # ---- ConnectionHost: what a connection needs ----
+    def admit(self, path: str, query_string: str) -> ConnectRequest | Rejection:
+        return self.admission.admit(path, query_string)
+
+    def open_session(self, connection: Connection, combined: bool) -> Session:
+        return Session(self, connection, combined, self.limits)
+
+    def _unavailable(self) -> str | None:
+        if self.draining:
+            return "draining"
+        if len(self.sessions) >= self.max_connections:
+            return "max_connections"
+        return None
+
+    # ---- SessionHost: what a session needs ----
+    def is_known_symbol(self, symbol: str) -> bool:
+        return self.symbols.is_known(symbol)
+
+    def subscribe(self, stream: Stream, subscriber: Subscriber) -> None:
+        if self.hub.add(stream, subscriber):
+            self.relay.want(stream.name)
+
+    def unsubscribe(self, stream_names: list[str], subscriber: Subscriber) -> None:
+        for name in self.hub.remove_all(stream_names, subscriber):
+            self.relay.unwant(name)
+
+    def newest_frames(self, stream_names: set[str], combined: bool) -> list[bytes]:
+        hub = self.hub
+        # A stream whose batch still waits for its turn needs no resend: the batch ends with the newest value, and
+        # sending it now as well would show the client that value, then older ones, then it again.
+        return [
+            frame
+            for name in stream_names
+            if not hub.is_pending(name) and (frame := hub.latest_frame(name, combined)) is not None
+        ]
+
+    def session_opened(self, session: Session) -> None:
+        self.sessions.add(session)
+        self.metrics.connections.inc()
+        self.metrics.connections_accepted.inc()
+
+    def session_closed(self, session: Session) -> None:
+        self.sessions.discard(session)
+        session_conflated, session_dropped = session.dropped
+        self._closed_conflated += session_conflated
+        self._closed_dropped += session_dropped
+        self.metrics.connections.dec()
+        self.metrics.disconnects.labels(code=metric_label(session.close_code or CloseCode.NORMAL)).inc()
+
+    def control_message(self, result: str) -> None:
+        self.metrics.control_messages.labels(result=result).inc()
+
+    def slow_consumer(self) -> None:
+        self.metrics.slow_consumer_disconnects.inc()
+
     # ---- flushing ----
     def schedule_flush(self) -> None:
         if not self._flush_scheduled:
@@ -85,7 +140,7 @@ class GatewayNode:
         # perf_counter, not loop.time(): uvloop's loop clock is cached per iteration and would read 0 here.
         started = time.perf_counter()
         try:
-            self.hub.flush(self.settings.flush_chunk_clients)
+            self.hub.flush(self.flush_chunk_clients)
         finally:
             # Even if a delivery raised (the loop logs it; that stream's batch is gone), fan-out must go on.
             self.metrics.broadcast_duration.observe(time.perf_counter() - started)
@@ -130,41 +185,6 @@ class GatewayNode:
         except Exception:
             logger.exception("keepalive action failed")
 
-    # ---- symbols ----
-    def is_known_symbol(self, symbol: str) -> bool:
-        return symbol in self.known_symbols
-
-    def set_exchange_info(self, document: bytes) -> None:
-        try:
-            parsed = orjson.loads(document)
-            symbols = frozenset(
-                entry["symbol"] for entry in parsed["symbols"] if entry.get("status", "TRADING") == "TRADING"
-            )
-        except (orjson.JSONDecodeError, KeyError, TypeError) as error:
-            logger.warning("ignoring malformed exchangeInfo from the broker: %r", error)
-            return
-        if symbols:
-            self.exchange_info = document
-            self.known_symbols = symbols
-
-    async def load_exchange_info(self) -> bytes | None:
-        """Read the cached exchangeInfo from the broker (keeping the last good copy on failure)."""
-        try:
-            document = await self.broker.get_exchange_info()
-        except Exception as error:  # keep the last good copy
-            logger.warning("reading exchangeInfo from the broker failed: %r", error)
-            document = None
-        if document is not None and document != self.exchange_info:
-            self.set_exchange_info(document)
-        return self.exchange_info
-
-    async def poll_exchange_info(self) -> None:
-        """Keep the exchangeInfo (and so the known symbols) current; fast until ingest has written one."""
-        while True:
-            await self.load_exchange_info()
-            raise_if_cancel_was_lost()
-            await asyncio.sleep(EXCHANGE_INFO_POLL_S if self.exchange_info is not None else 0.1)
-
     # ---- health ----
     @property
     def ready(self) -> bool:
@@ -178,12 +198,6 @@ class GatewayNode:
             dropped += session_dropped
         return conflated, dropped
 
-    def session_closed(self, session: Session) -> None:
-        self.sessions.discard(session)
-        session_conflated, session_dropped = session.dropped
-        self._closed_conflated += session_conflated
-        self._closed_dropped += session_dropped
-
     # ---- draining ----
     def begin_drain(self) -> None:
         """Stop being ready and close every session with 1001, spread over ``shutdown_drain_s``."""
@@ -195,15 +209,15 @@ class GatewayNode:
 
     async def _drain(self) -> None:
         sessions = list(self.sessions)
-        logger.info("draining %d client connection(s) over %.1fs", len(sessions), self.settings.shutdown_drain_s)
+        logger.info("draining %d client connection(s) over %.1fs", len(sessions), self.shutdown_drain_s)
         if not sessions:
             return
         # Spread the closes so clients do not all reconnect to the other replicas in the same instant.
-        batches = max(1, min(len(sessions), int(self.settings.shutdown_drain_s * 10)))
+        batches = max(1, min(len(sessions), int(self.shutdown_drain_s * 10)))
         per_batch = -(-len(sessions) // batches)
-        pause = self.settings.shutdown_drain_s / batches
+        pause = self.shutdown_drain_s / batches
         for start in range(0, len(sessions), per_batch):
             for session in sessions[start : start + per_batch]:
-                session.close_going_away()
+                session.close(CloseCode.GOING_AWAY)
             if pause:
                 await asyncio.sleep(pause)

@@ -106,7 +106,7 @@ FAST_KEEPALIVE = {"ping_interval_s": 0.2, "ping_timeout_s": 0.6}
 async def _start(broker: MemoryBroker, **overrides: Any) -> AsyncIterator[tuple[RunningGateway, MemoryBroker]]:
     async with running_gateway(broker, **overrides) as running:
         await broker.put_exchange_info(EXCHANGE_INFO)
-        running.node.set_exchange_info(EXCHANGE_INFO)
+        running.node.symbols.update(EXCHANGE_INFO)
         yield running, broker
 
 

@@ -14,6 +14,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from shared.broker.memory import MemoryBroker
+from shared.settings import Settings
 from tests.harness import message, running_gateway, wait_for
 
 EXCHANGE_INFO = orjson.dumps(
@@ -30,7 +31,7 @@ async def gateway():  # type: ignore[no-untyped-def]
     broker = MemoryBroker()
     async with running_gateway(broker) as running:
         await broker.put_exchange_info(EXCHANGE_INFO)
-        running.node.set_exchange_info(EXCHANGE_INFO)
+        running.node.symbols.update(EXCHANGE_INFO)
         yield running, broker
 
 
@@ -109,7 +110,7 @@ async def test_oversized_frame_closes_1009_and_others_unaffected(gateway) -> Non
     gw, broker = gateway
     async with connect(f"{gw.ws_base}/ws/btcusdt@trade") as bystander:
         async with connect(f"{gw.ws_base}/ws", max_size=None) as attacker:
-            await attacker.send("x" * (gw.node.settings.max_frame_bytes + 1))
+            await attacker.send("x" * (Settings().max_frame_bytes + 1))
             with pytest.raises(ConnectionClosed) as closed:
                 await asyncio.wait_for(attacker.recv(), 3)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1009
@@ -201,7 +202,7 @@ async def test_chunked_flushes_deliver_every_message_in_order() -> None:
     streams = ["btcusdt@trade", "ethusdt@trade", "btcusdt@aggTrade"]
     async with running_gateway(broker, flush_chunk_clients=1) as gw:
         await broker.put_exchange_info(EXCHANGE_INFO)
-        gw.node.set_exchange_info(EXCHANGE_INFO)
+        gw.node.symbols.update(EXCHANGE_INFO)
         single = {stream: [await connect(f"{gw.ws_base}/ws/{stream}") for _ in range(4)] for stream in streams}
         combined = await connect(f"{gw.ws_base}/stream?streams={'/'.join(streams)}")
         try:

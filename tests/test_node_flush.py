@@ -8,6 +8,7 @@ import asyncio
 import pytest
 
 from gateway.node import GatewayNode
+from gateway.symbols import SymbolDirectory
 from gateway.ws.hub import StreamBatch
 from shared.broker.memory import MemoryBroker
 from shared.settings import Settings
@@ -41,8 +42,14 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+
+def new_node(**overrides: object) -> GatewayNode:
+    settings = Settings().with_overrides(overrides)
+    broker = MemoryBroker()
+    return GatewayNode(settings, broker, SymbolDirectory(broker, settings.symbols))
+
 async def test_fan_out_survives_a_subscriber_that_raises(caplog: pytest.LogCaptureFixture) -> None:
-    node = GatewayNode(Settings().with_overrides({"flush_chunk_clients": 1}), MemoryBroker())
+    node = new_node(flush_chunk_clients=1)
     broken, healthy, other = Broken(), Collector(), Collector()
     node.hub.add(TRADE, broken)  # served first: its stream's chunk raises
     node.hub.add(TICKER, healthy)
@@ -64,7 +71,7 @@ async def test_fan_out_survives_a_subscriber_that_raises(caplog: pytest.LogCaptu
 
 
 async def test_a_flush_in_chunks_continues_on_later_loop_turns() -> None:
-    node = GatewayNode(Settings().with_overrides({"flush_chunk_clients": 1}), MemoryBroker())
+    node = new_node(flush_chunk_clients=1)
     names = ["btcusdt@trade", "ethusdt@trade", "bnbusdt@trade"]
     collectors = {name: Collector() for name in names}
     for name, collector in collectors.items():

@@ -25,7 +25,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway.ws.frames import encode_text_frames
-from gateway.ws.hub import CLOSE_SLOW_CONSUMER, CLOSE_SLOW_CONSUMER_REASON
+from gateway.ws.close_codes import REASONS, CloseCode
 from gateway.ws.session import Session
 from shared.broker.contract import OutgoingMessage
 from shared.broker.memory import MemoryBroker
@@ -177,7 +177,7 @@ def session_of(gw: RunningGateway, client: StuckClient) -> Session:
 
 def pin_send_buffer(session: Session, size: int = 16 * 1024) -> None:
     """Stop the kernel from auto-tuning this server socket's send buffer to MBs (see the module docstring)."""
-    session.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    session.connection.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 class Reader:
@@ -244,8 +244,8 @@ class Peaks:
         self.transport = 0
 
     def sample(self) -> None:
-        assert self.session.connection.outbox is None  # direct mode: no per-client queue besides the socket buffer
-        self.transport = max(self.transport, self.session.transport.get_write_buffer_size())
+        assert self.session.direct  # direct mode: no per-client queue besides the socket buffer
+        self.transport = max(self.transport, self.session.connection.transport.get_write_buffer_size())
 
 
 @pytest.fixture
@@ -319,7 +319,7 @@ async def test_stuck_client_on_an_event_stream_is_closed_4000_without_delaying_o
             assert not reader.task.done()
         # The stuck one is gone, closed as a slow consumer, and counted.
         assert session not in gw.node.sessions
-        assert session.close_code == CLOSE_SLOW_CONSUMER
+        assert session.close_code == CloseCode.SLOW_CONSUMER
         text = await metrics_text(gw)
         assert sample_value(text, "pricegate_gateway_slow_consumer_disconnects_total") == 1
         assert sample_value(text, 'pricegate_gateway_disconnects_total{code="4000"}') == 1
@@ -338,7 +338,7 @@ async def test_stuck_client_on_an_event_stream_is_closed_4000_without_delaying_o
         assert data == published[: len(data)]
         assert frames[-1][0] == OP_CLOSE
         code, reason = struct.unpack("!H", frames[-1][1][:2])[0], frames[-1][1][2:].decode()
-        assert (code, reason) == (CLOSE_SLOW_CONSUMER, CLOSE_SLOW_CONSUMER_REASON)
+        assert (code, reason) == (CloseCode.SLOW_CONSUMER, REASONS[CloseCode.SLOW_CONSUMER])
     finally:
         if drained is not None:
             drained.cancel()
@@ -478,7 +478,7 @@ async def test_a_stuck_client_does_not_delay_a_healthy_one(gateway: tuple[Runnin
         pin_send_buffer(session)
         # Fill the stuck client until the gateway has stopped writing to it (its socket buffer passed the limit).
         published = 0
-        while not session.transport.get_write_buffer_size() > BUFFER:
+        while not session.connection.transport.get_write_buffer_size() > BUFFER:
             assert published < 2000, "the stuck client never filled up"
             await broker.publish([OutgoingMessage(BOOK, book(published + index + 1), True) for index in range(16)])
             published += 16
@@ -491,7 +491,7 @@ async def test_a_stuck_client_does_not_delay_a_healthy_one(gateway: tuple[Runnin
             await broker.publish([OutgoingMessage(BOOK, book(published), True)])
             await reader.wait_count(published, timeout=2)
             latencies.append(reader.arrived_at[published - 1] - sent)
-        assert session in gw.node.sessions and session.transport.get_write_buffer_size() > BUFFER  # still stuck
+        assert session in gw.node.sessions and session.connection.transport.get_write_buffer_size() > BUFFER  # still stuck
         assert max(latencies) < 0.2, latencies
     finally:
         stuck.close()

@@ -29,6 +29,14 @@ class Pingable(Protocol):
     ping_deadline: float
 
 
+class KeptAlive(Pingable, Protocol):
+    """A connection the schedule's owner pings and times out (the native uvicorn protocol)."""
+
+    def send_ping(self) -> None: ...
+
+    def keepalive_timeout(self) -> None: ...
+
+
 M = TypeVar("M", bound=Pingable)
 
 

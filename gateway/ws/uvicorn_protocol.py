@@ -15,8 +15,10 @@ Every other WebSocket path goes through the ASGI app as usual. Changes from uvic
 4. **Drain on shutdown.** On server shutdown uvicorn closes every socket with 1012 at once; instead we ask
    the gateway to close its clients with 1001 spread over a few seconds.
 
-Selected with ``uvicorn.Config(ws=PricegateWebSocketProtocol)``; it finds the gateway in the lifespan state
-(``pricegate.node``).
+Selected with ``uvicorn.Config(ws=PricegateWebSocketProtocol)``; it finds its
+:class:`~gateway.ws.host.ConnectionHost` in the lifespan state. What it borrows from uvicorn's class (and why) is
+listed in docs/architecture.md, "What we borrow from uvicorn"; tests/test_uvicorn_hooks.py fails loudly when an
+upgrade changes those hooks.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import unquote
 
@@ -31,12 +34,14 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import Frame
 from websockets.http11 import Request
 
+from gateway.ws.admission import Rejection
+from gateway.ws.close_codes import REASONS, CloseCode
 from gateway.ws.frames import encode_text_frames
-from gateway.ws.hub import Outbox
-from gateway.ws.session import Rejection, Session, admit
+from gateway.ws.host import HOST_STATE_KEY, ConnectionHost
+from gateway.ws.hub import StreamBatch
+from gateway.ws.session import Session
 
-NODE_STATE_KEY = "pricegate.node"
-DRAIN_STATE_KEY = "pricegate.drain"
+DRAIN_STATE_KEY = "pricegate.drain"  # a plain-ASGI WebSocket route's drain hook (see shutdown())
 PING_FRAME = b"\x89\x00"  # FIN + ping, unmasked, empty payload: the same bytes for every connection
 ABORT_AFTER_CLOSE_S = 5.0  # a client that does not read cannot receive our close frame either
 STREAM_PREFIXES = ("/ws/", "/stream/")
@@ -68,7 +73,10 @@ _DISCARD = _Discard()
 
 class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
     session: Session | None = None
-    outbox: Outbox | None = None  # native sessions write directly
+    host: ConnectionHost | None = None
+    # The session's direct write: the transport's own write, set once the handshake is accepted.
+    write: Callable[[bytes], object] | None = None
+    dropped = (0, 0)  # no queue of our own: a full socket buffer pauses the session instead
     _text_fragments: list[bytes] | None = None
     ping_deadline = 0.0  # the node's keepalive schedule: unanswered ping's deadline, 0.0 when none
 
@@ -81,25 +89,19 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
     def is_closed(self) -> bool:
         return bool(self.close_sent or self.disconnected or self.transport.is_closing())
 
-    @property
-    def buffered_bytes(self) -> int:
-        return int(self.transport.get_write_buffer_size())
-
-    def write_text_frames(self, payloads: list[bytes]) -> int:
-        """Write text frames in one transport write; returns bytes written (0 if the socket is closing)."""
+    def write_frames(self, payloads: list[bytes]) -> int:
+        """Write text frames in one transport write; returns bytes written (0 if the socket is closing). Frames
+        are built by hand (no extension is ever negotiated: uvicorn_config turns permessage-deflate off)."""
         if self.is_closed:
             return 0
-        if self.conn.extensions:
-            # A negotiated extension (permessage-deflate) must transform each frame: use websockets.
-            for payload in payloads:
-                self.conn.send_text(payload)
-            data = b"".join(self.conn.data_to_send())
-        else:
-            data = encode_text_frames(payloads)
+        data = encode_text_frames(payloads)
         self.transport.write(data)
         return len(data)
 
-    def close_now(self, code: int, reason: str) -> None:
+    def enqueue(self, batch: StreamBatch, combined: bool) -> None:
+        raise AssertionError("native sessions write directly")  # Session only queues when write is None
+
+    def close_now(self, code: CloseCode, reason: str) -> None:
         """Send a close frame and end the connection without waiting on a client that does not read."""
         if self.is_closed:
             return
@@ -113,26 +115,23 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
         if self.session is not None:
             self.session.closed(code)
 
-    def wake_writer(self) -> None:
-        pass  # native sessions write synchronously
-
     def _abort_if_open(self) -> None:
         if not self.disconnected:
             self.transport.abort()
 
     # ---- handshake ----
     def handle_connect(self, event: Request) -> None:
-        node: Any = self.app_state.get(NODE_STATE_KEY)
+        host: ConnectionHost | None = self.app_state.get(HOST_STATE_KEY)
         raw_path, _, query = event.path.partition("?")
         path = unquote(raw_path)
-        if node is None or not (path in STREAM_PATHS or path.startswith(STREAM_PREFIXES)):
+        if host is None or not (path in STREAM_PATHS or path.startswith(STREAM_PREFIXES)):
             super().handle_connect(event)
             return
         self.handshake_initiated = True
         self.conn.logger = _connection_logger
         response = self.conn.accept(event)
         if response.status_code == 101:
-            admission = admit(node, path, query)
+            admission = host.admit(path, query)
             if isinstance(admission, Rejection):
                 response = self.conn.reject(admission.status, admission.reason)
                 for name, value in admission.headers.items():
@@ -153,18 +152,19 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
         event.headers.clear()
         self.queue = _DISCARD  # type: ignore[assignment]
         self.writable = _DISCARD  # type: ignore[assignment]
-        settings = node.settings
-        if settings.client_sndbuf_bytes:
+        if host.client_sndbuf_bytes:
             # A fixed kernel send buffer: with autotuning, a client that stops reading makes the kernel hold up
             # to tcp_wmem's maximum (4 MiB) for it before any backpressure reaches us (measured in BENCHMARKS.md).
             sock = self.transport.get_extra_info("socket")
             if sock is not None:
                 with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, settings.client_sndbuf_bytes)
-        limit = settings.client_buffer_bytes
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, host.client_sndbuf_bytes)
+        limit = host.client_buffer_bytes
         # Pause (and so later resume, which resends stale state) around our own limit, not the loop's default.
         self.transport.set_write_buffer_limits(high=limit, low=limit // 4)
-        self.session = Session(node, self, admission.combined)
+        self.host = host
+        self.write = self.transport.write
+        self.session = host.open_session(self, admission.combined)
         self.start_keepalive()
         self.session.start(admission)
 
@@ -195,7 +195,7 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
         try:
             text = bytes(data).decode()
         except UnicodeDecodeError:
-            self.close_now(1007, "invalid UTF-8 in a text frame")
+            self.close_now(CloseCode.INVALID_PAYLOAD, REASONS[CloseCode.INVALID_PAYLOAD])
             return
         self.session.on_text(text)
 
@@ -228,14 +228,14 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
 
     # ---- keepalive: native sessions are pinged by the node (gateway.ws.keepalive), others by uvicorn ----
     def start_keepalive(self) -> None:
-        if self.session is None:
+        if self.host is None:
             super().start_keepalive()
         else:
-            self.session.node.keep_alive(self)
+            self.host.keep_alive(self)
 
     def stop_keepalive(self) -> None:
-        if self.session is not None:
-            self.session.node.stop_keeping_alive(self)
+        if self.host is not None:
+            self.host.stop_keeping_alive(self)
         super().stop_keepalive()
 
     def send_ping(self) -> None:
@@ -251,12 +251,12 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
             if not self.disconnected:
                 self.transport.abort()
         else:
-            self.close_now(1011, "keepalive ping timeout")
+            self.close_now(CloseCode.INTERNAL_ERROR, REASONS[CloseCode.INTERNAL_ERROR])
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         if self.session is not None:
-            self.session.closed(1006)
+            self.session.closed(CloseCode.ABNORMAL)
 
     def pause_writing(self) -> None:
         super().pause_writing()
@@ -272,7 +272,7 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
     def shutdown(self) -> None:
         if self.session is not None:
             if not self.close_sent and not self.disconnected:
-                self.app_state[NODE_STATE_KEY].begin_drain()
+                self.app_state[HOST_STATE_KEY].begin_drain()
                 return
         else:
             scope: Any = getattr(self, "scope", None)

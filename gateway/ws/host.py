@@ -1,0 +1,37 @@
+"""What a WebSocket connection needs from the gateway process it is accepted into (the connection's side of
+the boundary; :class:`gateway.node.GatewayNode` implements it).
+
+Both connection kinds — the native uvicorn protocol (:mod:`gateway.ws.uvicorn_protocol`) and the ASGI
+fallback (:mod:`gateway.ws.asgi_fallback`) — find a :class:`ConnectionHost` in the app's lifespan state under
+:data:`HOST_STATE_KEY` and use only this: admission, opening a session, buffer sizes, keepalive and drain.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from gateway.ws.admission import Rejection
+from gateway.ws.control import ConnectRequest
+from gateway.ws.keepalive import KeptAlive
+from gateway.ws.session import Connection, Session
+
+HOST_STATE_KEY = "pricegate.ws_host"
+
+
+class ConnectionHost(Protocol):
+    client_buffer_bytes: int  # outbound bytes a client may have waiting before it counts as slow
+    client_sndbuf_bytes: int  # fixed kernel send buffer per client (0: kernel autotuning)
+
+    def admit(self, path: str, query_string: str) -> ConnectRequest | Rejection: ...
+
+    def open_session(self, connection: Connection, combined: bool) -> Session:
+        """A session for an accepted handshake (the caller starts it with the parsed URL)."""
+        ...
+
+    def keep_alive(self, connection: KeptAlive) -> None: ...
+
+    def stop_keeping_alive(self, connection: KeptAlive) -> None: ...
+
+    def begin_drain(self) -> None:
+        """Stop taking connections and close every session with 1001, spread over a few seconds."""
+        ...
