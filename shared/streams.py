@@ -174,11 +174,6 @@ def parse_stream(raw: str) -> Stream:
     return Stream(f"{symbol}@{canonical}", kind, symbol.upper())
 
 
-def stream_kind_of(canonical_name: str) -> StreamKind:
-    """Kind of an already-canonical name (cheap path for names that came from our own parser)."""
-    return parse_stream(canonical_name).kind
-
-
 @dataclass(frozen=True, slots=True)
 class ChannelKeys:
     """Broker names for one stream. Every key shares the ``{stream}`` hash tag so that in Redis Cluster the

@@ -18,7 +18,6 @@ from collections.abc import Collection, Mapping
 REASON_AGE = "age"  # the connection reached the rotation age (before Binance's 24 h cut-off)
 REASON_SERVER_SHUTDOWN = "server_shutdown"  # Binance announced it will close the connection
 REASON_MALFORMED = "malformed"  # the connection sent malformed frames
-ROTATION_REASONS = (REASON_AGE, REASON_SERVER_SHUTDOWN, REASON_MALFORMED)
 
 
 def uncovered_streams(
