@@ -19,7 +19,7 @@ from shared.broker.memory import MemoryBroker
 from shared.broker.redis import RedisBroker
 from shared.errors import ConfigError, NotLeaderError
 from shared.streams import ChannelNamer
-from tests.fake_binance import eventually
+from tests.polling import eventually
 
 pytestmark = [pytest.mark.timeout(30), pytest.mark.integration]
 
@@ -171,7 +171,7 @@ async def test_one_holder_and_takeover_after_the_holder_dies(
             with contextlib.suppress(asyncio.CancelledError):
                 await first_task
             died = asyncio.get_running_loop().time()
-            await eventually(lambda: second.is_leader, within_s=TTL_S + RENEW_S + 1, what="takeover")
+            await eventually(lambda: second.is_leader, timeout=TTL_S + RENEW_S + 1, what="takeover")
             took = asyncio.get_running_loop().time() - died
             assert took <= TTL_S + RENEW_S + 0.4, took  # (the margin: scheduling on a busy machine)
             assert seen_second.events == ["acquired"]
@@ -185,7 +185,7 @@ async def test_one_holder_and_takeover_after_the_holder_dies(
                 with contextlib.suppress(asyncio.CancelledError):
                     await second_task
                 await second.release()
-                await eventually(lambda: first.is_leader, within_s=1, what="takeover after release")
+                await eventually(lambda: first.is_leader, timeout=1, what="takeover after release")
                 assert asyncio.get_running_loop().time() - stopped <= RENEW_S + 0.4  # well under the TTL
                 assert seen_second.events == ["acquired", "lost:stopped"]
 
@@ -200,20 +200,20 @@ async def test_a_holder_that_cannot_renew_stops_at_once(redis_url: str, key_pref
         await plain.set(key, "other", px=5000)
         # The recorded transitions, not a poll of ``is_leader``: a step-down can be shorter than any polling interval
         # (after the outage below the lease is not held for a few milliseconds), a recorded one stays recorded.
-        await eventually(lambda: len(seen.events) >= 2, within_s=2 * RENEW_S + 0.5, what="stepping down")
+        await eventually(lambda: len(seen.events) >= 2, timeout=2 * RENEW_S + 0.5, what="stepping down")
         assert seen.events == ["acquired", "lost:refused"] and not lease.holds()
         assert (await plain.get(key)) == b"other"  # renewal never steals it back
         # Redis stops answering in time: the holder steps down at the first failed renewal...
         await plain.delete(key)
-        await eventually(lambda: len(seen.events) >= 3, within_s=2, what="lease again")
+        await eventually(lambda: len(seen.events) >= 3, timeout=2, what="lease again")
         assert seen.events[2] == "acquired"
         # Server-wide, so kept short, but long enough that a whole renewal period plus the lease's own socket timeout,
         # min(renew, TTL / 3), fit inside it: some renewal surely starts and times out while Redis is paused.
         await plain.execute_command("CLIENT", "PAUSE", 600, "WRITE")
-        await eventually(lambda: len(seen.events) >= 4, within_s=2 * TTL_S, what="stepping down on a failed renewal")
+        await eventually(lambda: len(seen.events) >= 4, timeout=2 * TTL_S, what="stepping down on a failed renewal")
         assert seen.events[3] == "lost:error"
         # ... and, still owning the key, takes it back once Redis answers again.
-        await eventually(lambda: len(seen.events) >= 5, within_s=3 * TTL_S, what="lease back after the outage")
+        await eventually(lambda: len(seen.events) >= 5, timeout=3 * TTL_S, what="lease back after the outage")
         assert seen.events == ["acquired", "lost:refused", "acquired", "lost:error", "acquired"] and lease.is_leader
 
 

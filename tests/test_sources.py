@@ -22,42 +22,33 @@ from shared.binance.exchange_info import symbols_from_exchange_info
 from shared.broker.contract import OutgoingMessage
 from shared.frames import combined_frame
 from shared.streams import MINI_TICKER_ARR, parse_stream
+from tests.polling import eventually
 
 BASE_MS = 1_767_225_600_000
 ODD_TRADE = b'{ "e":"trade", "E":1767225600123 ,"s":"BTCUSDT","p":"1.50"}'  # not what an encoder would write
 
 
 class Collector:
-    """A publish callable that records batches and lets a test wait for a condition."""
+    """A publish callable that records each batch and when it arrived."""
 
     def __init__(self) -> None:
         self.batches: list[list[OutgoingMessage]] = []
         self.times: list[float] = []
-        self._changed = asyncio.Event()
 
     async def __call__(self, messages: Sequence[OutgoingMessage]) -> None:
         self.batches.append(list(messages))
         self.times.append(time.monotonic())
-        self._changed.set()
 
     @property
     def messages(self) -> list[OutgoingMessage]:
         return [message for batch in self.batches for message in batch]
 
-    async def wait_for(self, condition: Callable[[], bool], timeout: float = 5.0) -> None:
-        async with asyncio.timeout(timeout):
-            while not condition():
-                self._changed.clear()
-                await self._changed.wait()
 
-
-async def run_until(
-    source: MarketSource, collector: Collector, condition: Callable[[], bool], timeout: float = 5.0
-) -> None:
+async def run_until(source: MarketSource, collector: Collector, condition: Callable[[], bool], *, what: str) -> None:
     """Run a source until the condition holds, then cancel it and check it stopped cleanly."""
     task = asyncio.create_task(source.run(collector))
     try:
-        await collector.wait_for(condition, timeout)
+        await eventually(condition, what=what)
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -95,7 +86,7 @@ async def test_synthetic_source_publishes_only_wanted_streams_with_keep_last() -
     def seen_all() -> bool:
         return {message.stream for message in collector.messages} == wanted
 
-    await run_until(source, collector, seen_all)
+    await run_until(source, collector, seen_all, what="every wanted stream")
     assert all(batch for batch in collector.batches), "empty batches are not published"
     for message in collector.messages:
         assert message.stream in wanted
@@ -115,10 +106,10 @@ async def test_synthetic_source_follows_changes_of_the_wanted_set() -> None:
     source.set_wanted(frozenset({"btcusdt@depth5@100ms"}))
     task = asyncio.create_task(source.run(collector))
     try:
-        await collector.wait_for(lambda: len(collector.batches) >= 2)
+        await eventually(lambda: len(collector.batches) >= 2, what="two batches")
         source.set_wanted(frozenset({"btcusdt@ticker"}))
         switched_at = len(collector.batches)
-        await collector.wait_for(lambda: any(m.stream == "btcusdt@ticker" for m in collector.messages))
+        await eventually(lambda: any(m.stream == "btcusdt@ticker" for m in collector.messages), what="the new stream")
         # At most the batch in flight when the set changed can still carry the old stream.
         later = [m.stream for batch in collector.batches[switched_at + 1 :] for m in batch]
         assert set(later) <= {"btcusdt@ticker"}
@@ -138,7 +129,9 @@ async def test_synthetic_source_catches_up_after_a_stall_in_bounded_slices() -> 
         await asyncio.sleep(0.03)
         assert collector.batches == []  # the clock has not moved
         now[0] += 5000
-        await collector.wait_for(lambda: source.market.now_ms == now[0] and len(collector.messages) == 5)
+        await eventually(
+            lambda: source.market.now_ms == now[0] and len(collector.messages) == 5, what="the caught-up market"
+        )
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -216,7 +209,7 @@ async def test_replay_as_fast_as_possible_loops_until_cancelled(tmp_path: Path) 
     write_recording(path, frames)
     source = ReplaySource(path, speed=math.inf)
     collector = Collector()
-    await run_until(source, collector, lambda: len(collector.messages) >= 10)
+    await run_until(source, collector, lambda: len(collector.messages) >= 10, what="ten frames")
     payloads = [message.payload for message in collector.messages]
     assert payloads[:10] == [frames[i % 4][2] for i in range(10)]
     assert source.passes_completed >= 2
@@ -233,7 +226,7 @@ async def test_replay_cancels_promptly_while_waiting_for_a_frame(tmp_path: Path)
     )
     collector = Collector()
     started = time.monotonic()
-    await run_until(ReplaySource(path), collector, lambda: len(collector.messages) == 1)
+    await run_until(ReplaySource(path), collector, lambda: len(collector.messages) == 1, what="the first frame")
     assert time.monotonic() - started < 1.0
 
 
