@@ -4,15 +4,16 @@ and technicals from memory with no database at all."""
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import time
 import uuid
+from typing import Any
 
 import asyncpg
 import httpx
 import pytest
 
+from tests.polling import eventually
 from tests.processes import free_port, run_pricegate, start_pricegate
 
 pytestmark = pytest.mark.integration
@@ -84,9 +85,12 @@ async def test_ingest_stores_closed_candles_and_the_gateway_serves_them(
         await gateway.wait_for_line(r"pricegate is serving on")
         connection = await asyncpg.connect(postgres_dsn, server_settings={"search_path": pg_schema})
         try:
-            async with asyncio.timeout(15):
-                while await connection.fetchval("SELECT count(*) FROM candles WHERE kline_interval = '1s'") < 4:
-                    await asyncio.sleep(0.2)
+
+            async def four_recorded() -> bool:
+                count: int = await connection.fetchval("SELECT count(*) FROM candles WHERE kline_interval = '1s'")
+                return count >= 4
+
+            await eventually(four_recorded, timeout=15, interval=0.2, what="four 1s candles in PostgreSQL")
             stored = await connection.fetch(
                 "SELECT open_time, close::text FROM candles WHERE symbol = 'BTCUSDT' AND kline_interval = '1s' "
                 "ORDER BY open_time DESC LIMIT 3"
@@ -110,20 +114,33 @@ async def test_demo_serves_klines_and_technicals_without_a_database() -> None:
     port = free_port()
     demo = await start_pricegate(
         "demo", "--port", str(port), "--symbols", "BTCUSDT,ETHUSDT", "--candle-intervals", "1s,1h",
-        "--shutdown-drain-s", "0.5", env={"PRICEGATE_DATABASE_URL": ""},
+        "--shutdown-drain-s", "0.5",
+        # Uncached klines: the test polls for a live candle, and a cached body would answer every poll alike.
+        env={"PRICEGATE_DATABASE_URL": "", "PRICEGATE_CACHE_TTL_KLINES_S": "0"},
     )  # fmt: skip
     try:
         await demo.wait_for_line(r"pricegate is serving on")
+        serving_ms = time.time() * 1000  # after the live market opened, so after every synthetic past candle
         assert any("in-memory candles" in line for line in demo.output)
-        await asyncio.sleep(2.5)  # open candles are pushed every 2 s; live 1s candles close and are recorded
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+
+            async def newest_seconds() -> list[list[Any]]:
+                params = {"symbol": "BTCUSDT", "interval": "1s", "limit": 5}
+                rows: list[list[Any]] = (await client.get("/api/v3/klines", params=params)).json()
+                return rows
+
+            async def a_live_second_recorded() -> bool:
+                rows = await newest_seconds()
+                return bool(rows) and rows[-1][0] >= serving_ms
+
+            # Waited for, not slept for: how soon the first live 1s candle closes and is recorded depends on the
+            # machine's load.
+            await eventually(a_live_second_recorded, what="a live 1s candle in the demo's store")
             hours = (
                 await client.get("/api/v3/klines", params={"symbol": "BTCUSDT", "interval": "1h", "limit": 1000})
             ).json()
             technical = (await client.get("/api/v1/technical/ETHUSDT", params={"interval": "1h"})).json()
-            seconds = (
-                await client.get("/api/v3/klines", params={"symbol": "BTCUSDT", "interval": "1s", "limit": 5})
-            ).json()
+            seconds = await newest_seconds()
         # 999 synthetic past hours and the open one: history from the first second
         assert len(hours) == 1000
         assert all(b[0] - a[0] == 3_600_000 for a, b in itertools.pairwise(hours))

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import orjson
 import pytest
@@ -21,9 +21,11 @@ from ingest.sources.binance.source import (
     ROTATE_SERVER_SHUTDOWN,
     BinanceSource,
 )
+from shared.backoff import backoff_delays
 from shared.broker.contract import OutgoingMessage
 from shared.errors import ConfigError, UpstreamError
-from tests.fake_binance import FakeBinance, eventually
+from tests.fake_binance import FakeBinance
+from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -62,6 +64,19 @@ async def running(source: BinanceSource) -> AsyncIterator[Collector]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
     assert source.connected == 0
+
+
+class RecordedBackoff:
+    """The source's reconnect schedule drawn as in production but not slept: each delay it hands out is recorded
+    and replaced by zero, so a test sees the schedule without waiting it out."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    def __call__(self) -> Iterator[float]:
+        for delay in backoff_delays():
+            self.delays.append(delay)
+            yield 0.0
 
 
 def source_for(fake: FakeBinance, **kwargs: object) -> BinanceSource:
@@ -133,7 +148,8 @@ async def test_set_wanted_adds_and_removes_upstream_subscriptions() -> None:
 
 async def test_reconnects_and_resubscribes_after_a_drop() -> None:
     async with FakeBinance() as fake:
-        source = source_for(fake, always_on=["btcusdt@trade"])
+        backoff = RecordedBackoff()
+        source = source_for(fake, always_on=["btcusdt@trade"], backoff=backoff)
         source.set_wanted(frozenset({"ethusdt@depth5"}))
         async with running(source) as collector:
             await eventually(lambda: collector.count("ethusdt@depth5") > 0, what="data")
@@ -151,6 +167,7 @@ async def test_reconnects_and_resubscribes_after_a_drop() -> None:
         assert fake.connection_attempts == 2
         assert source.connections_opened == 2
         assert fake.connections[0].close_reason == "dropped"
+        assert len(backoff.delays) == 1  # one drop, one delay
 
 
 async def test_server_shutdown_replaces_the_connection_make_before_break() -> None:
@@ -214,18 +231,21 @@ async def test_stalled_connection_is_replaced() -> None:
             fake.stall(1.0)
             await eventually(lambda: source.reconnects[REASON_STALL] >= 1, what="stall detected")
             before = collector.count("btcusdt@trade")
-            await eventually(lambda: collector.count("btcusdt@trade") > before, within_s=5, what="data again")
+            await eventually(lambda: collector.count("btcusdt@trade") > before, timeout=5, what="data again")
 
 
 async def test_failed_handshakes_are_retried_with_backoff() -> None:
     async with FakeBinance() as fake:
         fake.fail_next_connections(2, status=503)
-        source = source_for(fake)
+        backoff = RecordedBackoff()
+        source = source_for(fake, backoff=backoff)
         source.set_wanted(frozenset({"btcusdt@trade"}))
         async with running(source) as collector:
             await eventually(lambda: collector.count("btcusdt@trade") > 0, what="data after failures")
         assert source.reconnects == {REASON_CONNECT_FAILED: 2}
         assert fake.connection_attempts == 3
+        # One schedule across consecutive failures, so the delays grow (nominal 0.1 s then 0.2 s, jittered down).
+        assert len(backoff.delays) == 2 and backoff.delays[0] <= backoff.delays[1]
 
 
 async def test_streams_beyond_the_cap_spread_over_connections() -> None:
@@ -259,7 +279,7 @@ async def test_never_exceeds_the_control_rate_limit() -> None:
         source = source_for(fake, max_params_per_message=2)
         source.set_wanted(streams)
         async with running(source):
-            await eventually(lambda: fake.subscribed() == streams, within_s=10, what="all subscribed")
+            await eventually(lambda: fake.subscribed() == streams, timeout=10, what="all subscribed")
             await asyncio.sleep(0.3)
         connection = fake.connections[0]
         assert len(fake.connections) == 1, [c.close_reason for c in fake.connections]
