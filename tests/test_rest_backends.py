@@ -164,14 +164,14 @@ async def test_replicas_elect_one_caller_through_a_redis_lock(
 async def test_an_exchange_failure_serves_the_last_good_body_marked_stale(
     store: PostgresCandleStore, fake: FakeBinance, redis_url: str, key_prefix: str
 ) -> None:
-    settings = gateway_settings(fake, redis_url, key_prefix, cache_ttl_klines_s="0.2")
+    # Fresh for no time at all: the cached body is stale from the start (kept cache_stale_s), with no wait.
+    settings = gateway_settings(fake, redis_url, key_prefix, cache_ttl_klines_s="0")
     query = {"symbol": "ETHUSDT", "interval": "1d", "limit": 5}
     async with (
         running_gateway(MemoryBroker(), candles=store, **settings) as gateway,
         httpx.AsyncClient(base_url=gateway.http_base) as client,
     ):
         good = await client.get("/api/v3/klines", params=query)
-        await asyncio.sleep(0.3)  # no longer fresh
         fake.fail_next_rest(10, 500)
         stale = await client.get("/api/v3/klines", params=query)
         assert stale.status_code == 200 and stale.headers["x-pricegate-cache"] == "stale"
