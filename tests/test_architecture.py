@@ -1,4 +1,4 @@
-"""Module boundaries from ARCHITECTURE.md §5, enforced by walking every import statement.
+"""Module boundaries (docs/architecture.md, "Module map" and "Pure modules"), enforced by walking every import.
 
 - ``shared`` imports nothing from ``gateway`` or ``ingest``; ``gateway`` and ``ingest`` never import each other;
   only ``pricegate_cli`` (the composition root) imports both.

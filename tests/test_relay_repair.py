@@ -1,6 +1,7 @@
-"""The relay's sequence guarantees on real Redis (ARCHITECTURE §2): a real gateway on a RedisBroker, a separate
-RedisBroker as ingest, real WebSocket clients. Pub/sub is at-most-once, so messages really get lost between
-Redis and the gateway; these tests lose them in the two ways production does and check what the client sees:
+"""The relay's sequence guarantees on real Redis (docs/architecture.md, "The Redis wire contract"): a real gateway
+on a RedisBroker, a separate RedisBroker as ingest, real WebSocket clients. Pub/sub is at-most-once, so messages
+really get lost between Redis and the gateway; these tests lose them in the two ways production does and check
+what the client sees:
 
 - the subscription connection dies (``CLIENT KILL`` of exactly the gateway's subscriber, or the Redis server
   itself stops): what ingest publishes meanwhile lands in history only, and the reconnect repairs from it;

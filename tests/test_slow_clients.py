@@ -1,6 +1,7 @@
-"""Fan-out guarantees over real sockets (ARCHITECTURE §4, README "Slow clients"): a client that stops reading is
-closed with 4000 on an event stream and conflated on a state stream, never delays anyone else, and never holds
-more than its buffer; one frame serves every subscriber; drain closes everyone with 1001, spread out.
+"""Fan-out guarantees over real sockets (docs/architecture.md, "The hot path and why"; README "Slow clients"): a
+client that stops reading is closed with 4000 on an event stream and conflated on a state stream, never delays
+anyone else, and never holds more than its buffer; one frame serves every subscriber; drain closes everyone with
+1001, spread out.
 
 A client that really stops reading cannot be a websockets-library client (it reads in the background), so
 :class:`StuckClient` does the handshake by hand on a plain socket with a tiny receive buffer and then reads

@@ -1,4 +1,4 @@
-"""The broker contract between ingest and gateways (ARCHITECTURE §2), independent of Redis.
+"""The ingest-gateway broker contract, independent of Redis (docs/architecture.md, "The Redis wire contract").
 
 Ingest calls :meth:`Broker.publish` with batches of ``(stream, payload, keep_last)``; the broker assigns each
 channel's next sequence number, appends to the channel's bounded history, stores the last value for state
