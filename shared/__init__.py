@@ -1,0 +1,1 @@
+"""What ingest and gateways share: settings, stream grammar, framing, broker, Redis, candles, Binance rules."""

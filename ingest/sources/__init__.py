@@ -1,0 +1,1 @@
+"""Market sources, where ingest's events come from: live Binance, a replayed recording, the synthetic market."""

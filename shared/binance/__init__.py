@@ -1,0 +1,1 @@
+"""Binance's rules for ingest and gateway alike: REST client and weights, exchangeInfo, event identities."""

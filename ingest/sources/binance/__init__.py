@@ -1,0 +1,1 @@
+"""The live Binance source: upstream connections, the pure wire protocol, make-before-break rotation."""

@@ -1,0 +1,1 @@
+"""Recordings: the file format, the replay source and the ``pricegate record`` recorder."""
