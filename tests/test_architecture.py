@@ -28,6 +28,7 @@ PURE_MODULES = (
     "shared/backoff.py",
     "shared/ratelimit.py",
     "shared/broker/contract.py",
+    "shared/redis/resp.py",
     "shared/intervals.py",
     "shared/candles/model.py",
     "gateway/ws/control.py",
