@@ -15,8 +15,9 @@ from ingest.sources.synthetic.past_candles import synthetic_history
 from shared.candles.memory import MemoryCandleStore
 from shared.candles.model import CandleStore
 from shared.candles.postgres import PostgresCandleStore
-from shared.db import create_pool, load_migrations, migrate, open_pool, redact_dsn, schema_version
+from shared.db import create_pool, load_migrations, migrate, open_pool, schema_version
 from shared.errors import ConfigError, DatabaseError
+from shared.redaction import redact_url
 from shared.settings import Settings, env_name
 
 # Past and live candles the demo keeps per (symbol, interval): the history plus a day of live 1m candles.
@@ -24,7 +25,7 @@ DEMO_SERIES_HEADROOM = 1440
 
 
 def _config_error(settings: Settings, error: DatabaseError) -> ConfigError:
-    return ConfigError(env_name("database_url"), redact_dsn(settings.database_url or ""), str(error))
+    return ConfigError(env_name("database_url"), redact_url(settings.database_url or ""), str(error))
 
 
 async def open_candle_store(settings: Settings) -> CandleStore | None:

@@ -15,11 +15,11 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
-from urllib.parse import urlsplit
 
 import asyncpg
 
 from shared.errors import DatabaseError
+from shared.redaction import redact_url
 from shared.settings import SCHEMA_NAME, Settings
 
 _MIGRATION_FILE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
@@ -55,15 +55,6 @@ def load_migrations() -> list[Migration]:
     return found
 
 
-def redact_dsn(dsn: str) -> str:
-    """``dsn`` with any password replaced by ``***``."""
-    parts = urlsplit(dsn)
-    userinfo, at, host = parts.netloc.rpartition("@")
-    if at and ":" in userinfo:
-        dsn = dsn.replace(f"//{parts.netloc}", f"//{userinfo.split(':', 1)[0]}:***@{host}", 1)
-    return re.sub(r"(password=)[^&\s]*", r"\1***", dsn)
-
-
 def check_schema_name(schema: str) -> str:
     if SCHEMA_NAME.fullmatch(schema) is None:
         raise ValueError(f"schema name must match {SCHEMA_NAME.pattern}, got {schema!r}")
@@ -88,7 +79,7 @@ async def create_pool(
             },
         )
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-        raise DatabaseError(f"PostgreSQL at {redact_dsn(dsn)}: {error}") from error
+        raise DatabaseError(f"PostgreSQL at {redact_url(dsn)}: {error}") from error
 
 
 async def schema_version(pool: Any) -> int:
@@ -157,7 +148,7 @@ async def open_pool(settings: Settings) -> Any:
             )
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
         await pool.close()
-        raise DatabaseError(f"PostgreSQL at {redact_dsn(settings.database_url)}: {error}") from error
+        raise DatabaseError(f"PostgreSQL at {redact_url(settings.database_url)}: {error}") from error
     except DatabaseError:
         await pool.close()
         raise

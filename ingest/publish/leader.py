@@ -37,9 +37,9 @@ import redis.exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from shared.broker.redis import redact_url
 from shared.cancellation import raise_if_cancel_was_lost
 from shared.errors import ConfigError
+from shared.redaction import redact_url
 
 logger = logging.getLogger("pricegate.ingest.leader")
 
