@@ -25,12 +25,14 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from gateway.ws.frames import encode_text_frames
 from gateway.ws.close_codes import REASONS, CloseCode
+from gateway.ws.frames import encode_text_frames
 from gateway.ws.session import Session
+from gateway.ws.uvicorn_protocol import PricegateWebSocketProtocol
 from shared.broker.contract import OutgoingMessage
 from shared.broker.memory import MemoryBroker
-from tests.harness import RunningGateway, running_gateway, wait_for
+from tests.harness import RunningGateway, running_gateway
+from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,6 +41,17 @@ BOOK = "btcusdt@bookTicker"
 BUFFER = 64 * 1024  # client_buffer_bytes for these tests
 PAD = b"x" * 960  # payloads of ~1 KB
 OP_TEXT, OP_CLOSE, OP_PING = 0x1, 0x8, 0x9
+
+
+def native(session: Session) -> PricegateWebSocketProtocol:
+    """The session's connection, which these tests need at socket level (always native here)."""
+    connection = session.connection
+    assert isinstance(connection, PricegateWebSocketProtocol)
+    return connection
+
+
+def socket_buffered(session: Session) -> int:
+    return int(native(session).transport.get_write_buffer_size())
 
 
 def trade(seq: int) -> bytes:
@@ -178,7 +191,7 @@ def session_of(gw: RunningGateway, client: StuckClient) -> Session:
 
 def pin_send_buffer(session: Session, size: int = 16 * 1024) -> None:
     """Stop the kernel from auto-tuning this server socket's send buffer to MBs (see the module docstring)."""
-    session.connection.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    native(session).transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
 
 
 class Reader:
@@ -246,7 +259,7 @@ class Peaks:
 
     def sample(self) -> None:
         assert self.session.direct  # direct mode: no per-client queue besides the socket buffer
-        self.transport = max(self.transport, self.session.connection.transport.get_write_buffer_size())
+        self.transport = max(self.transport, socket_buffered(self.session))
 
 
 @pytest.fixture
@@ -296,7 +309,7 @@ async def test_stuck_client_on_an_event_stream_is_closed_4000_without_delaying_o
     readers = [Reader(ws) for ws in healthy]
     drained: asyncio.Task[list[tuple[int, bytes]]] | None = None
     try:
-        await wait_for(lambda: gw.node.hub.subscriber_count(TRADE) == 21)
+        await eventually(lambda: gw.node.hub.subscriber_count(TRADE) == 21, what="21 subscribers")
         session = session_of(gw, stuck)
         pin_send_buffer(session)
         peaks = Peaks(session)
@@ -359,7 +372,7 @@ async def test_stuck_client_on_a_state_stream_is_conflated_not_closed_and_ends_o
     healthy = await connect_many(f"{gw.ws_base}/ws/{BOOK}", 5)
     readers = [Reader(ws) for ws in healthy]
     try:
-        await wait_for(lambda: gw.node.hub.subscriber_count(BOOK) == 6)
+        await eventually(lambda: gw.node.hub.subscriber_count(BOOK) == 6, what="6 subscribers")
         session = session_of(gw, stuck)
         pin_send_buffer(session)
         peaks = Peaks(session)
@@ -402,7 +415,7 @@ async def test_two_hundred_clients_raw_and_combined_get_byte_identical_frames(
     raw = await connect_many(f"{gw.ws_base}/ws/{TRADE}", 100)
     combined = await connect_many(f"{gw.ws_base}/stream?streams={TRADE}", 100)
     try:
-        await wait_for(lambda: gw.node.hub.subscriber_count(TRADE) == 200)
+        await eventually(lambda: gw.node.hub.subscriber_count(TRADE) == 200, what="200 subscribers")
         # Exchange bytes with odd spacing, escapes and non-ASCII: forwarded verbatim, never re-encoded.
         payloads = [
             b'{"e":"trade","E":%d,"s":"BTCUSDT","p":"0.00100000", "note":"caf\xc3\xa9 \\u00e9\\"q\\""}' % i
@@ -437,7 +450,7 @@ async def test_drain_closes_every_client_with_1001_spread_out_and_refuses_new_on
     gw, _ = gateway
     clients = await connect_many(f"{gw.ws_base}/ws/{TRADE}", 20)
     try:
-        await wait_for(lambda: len(gw.node.sessions) == 20)
+        await eventually(lambda: len(gw.node.sessions) == 20, what="20 sessions")
         async with httpx.AsyncClient(base_url=gw.http_base) as http:
             assert (await http.get("/readyz")).status_code == 200
 
@@ -474,12 +487,12 @@ async def test_a_stuck_client_does_not_delay_a_healthy_one(gateway: tuple[Runnin
     stuck = await StuckClient.connect(gw.port, f"/ws/{BOOK}")
     reader = Reader(await connect(f"{gw.ws_base}/ws/{BOOK}"))
     try:
-        await wait_for(lambda: gw.node.hub.subscriber_count(BOOK) == 2)
+        await eventually(lambda: gw.node.hub.subscriber_count(BOOK) == 2, what="2 subscribers")
         session = session_of(gw, stuck)
         pin_send_buffer(session)
         # Fill the stuck client until the gateway has stopped writing to it (its socket buffer passed the limit).
         published = 0
-        while not session.connection.transport.get_write_buffer_size() > BUFFER:
+        while not socket_buffered(session) > BUFFER:
             assert published < 2000, "the stuck client never filled up"
             await broker.publish([OutgoingMessage(BOOK, book(published + index + 1), True) for index in range(16)])
             published += 16
@@ -492,7 +505,7 @@ async def test_a_stuck_client_does_not_delay_a_healthy_one(gateway: tuple[Runnin
             await broker.publish([OutgoingMessage(BOOK, book(published), True)])
             await reader.wait_count(published, timeout=2)
             latencies.append(reader.arrived_at[published - 1] - sent)
-        assert session in gw.node.sessions and session.connection.transport.get_write_buffer_size() > BUFFER  # still stuck
+        assert session in gw.node.sessions and socket_buffered(session) > BUFFER  # still stuck
         assert max(latencies) < 0.2, latencies
     finally:
         stuck.close()

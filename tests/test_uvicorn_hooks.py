@@ -40,8 +40,9 @@ INSTANCE_ATTRIBUTES = (
     "app_state", "conn", "queue", "writable", "transport", "client", "loop", "handshake_initiated",
     "handshake_complete", "close_sent", "disconnected", "pending_ping_payload",
 )  # fmt: skip
-# What we use of websockets' sans-I/O ServerProtocol (uvicorn's ``conn``).
-SERVER_PROTOCOL_API = ("accept", "reject", "send_response", "data_to_send", "send_close", "events_received")
+# What we use of websockets' sans-I/O ServerProtocol (uvicorn's ``conn``): methods, then attributes.
+SERVER_PROTOCOL_METHODS = ("accept", "reject", "send_response", "data_to_send", "send_close")
+SERVER_PROTOCOL_ATTRIBUTES = ("close_rcvd", "close_sent", "logger")
 
 
 @pytest.mark.parametrize("hook", sorted(OVERRIDDEN_HOOKS))
@@ -68,6 +69,6 @@ async def test_the_attributes_we_use_are_set_by_uvicorns_constructor() -> None:
     missing = [name for name in INSTANCE_ATTRIBUTES if not hasattr(protocol, name)]
     assert not missing, f"uvicorn {uvicorn.__version__}: WebSocketsSansIOProtocol instances lack {missing}"
     assert isinstance(protocol.conn, ServerProtocol)
-    lacking = [name for name in SERVER_PROTOCOL_API if not callable(getattr(protocol.conn, name, None))]
+    lacking = [name for name in SERVER_PROTOCOL_METHODS if not callable(getattr(protocol.conn, name, None))]
+    lacking += [name for name in SERVER_PROTOCOL_ATTRIBUTES if not hasattr(protocol.conn, name)]
     assert not lacking, f"websockets' ServerProtocol lacks {lacking}"
-    assert protocol.conn.extensions == [] or not protocol.conn.extensions, "no extension may be negotiated"
