@@ -2,19 +2,19 @@
 
 The gateway runs in the test's loop, so nothing here may block that loop: thread-based libraries
 (binance-connector, websocket-client, requests) are driven through ``asyncio.to_thread`` and report back
-through :class:`ThreadInbox`, which the test polls with ``await asyncio.sleep``.
+through :class:`ThreadInbox`, which the test polls without blocking the loop (``tests.polling``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import queue
-import time
 from typing import Any
 
 from websockets.asyncio.client import ClientConnection
 from websockets.client import ClientProtocol
 from websockets.frames import Frame, Opcode
+
+from tests.polling import eventually
 
 
 class ThreadInbox:
@@ -27,14 +27,8 @@ class ThreadInbox:
         self._items.put(item)
 
     async def get(self, timeout: float = 3.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                return self._items.get_nowait()
-            except queue.Empty:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"nothing arrived within {timeout} s") from None
-                await asyncio.sleep(0.01)
+        await eventually(lambda: not self._items.empty(), timeout=timeout, what="a message from the library's thread")
+        return self._items.get_nowait()
 
     def drain(self) -> list[Any]:
         items: list[Any] = []

@@ -842,15 +842,3 @@ class _PayloadGenerator:
             "e": "24hrMiniTicker", "E": now, "s": symbol, "c": p, "o": p, "h": p, "l": p,
             "v": "10.00000000", "q": "1000.00000000",
         }
-
-
-async def eventually(
-    predicate: Callable[[], bool], *, within_s: float = 5.0, interval: float = 0.01, what: str = "condition"
-) -> None:
-    """Poll ``predicate`` until true; fail the test with ``what`` after ``within_s`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within_s
-    while not predicate():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
-        await asyncio.sleep(interval)

@@ -19,6 +19,7 @@ from shared.broker.contract import Broker, OutgoingMessage
 from shared.candles.model import CandleStore
 from shared.settings import Settings
 from shared.streams import parse_stream
+from tests.polling import eventually
 
 
 @dataclass
@@ -62,24 +63,15 @@ async def running_gateway(
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
     try:
-        async with asyncio.timeout(10):
-            while not server.started:
-                if task.done():
-                    task.result()
-                await asyncio.sleep(0.01)
+        await eventually(lambda: server.started or task.done(), what="the gateway to start serving")
+        if task.done():
+            task.result()  # uvicorn gave up starting: its error, not a timeout
         yield RunningGateway(app, server, bound_port(server))
     finally:
         server.should_exit = True
         await task
         if start_broker:
             await broker.close()
-
-
-async def wait_for(predicate: Any, timeout: float = 5.0, interval: float = 0.01) -> None:
-    """Poll ``predicate()`` until true (used for conditions with no event to await, e.g. a subscription)."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(interval)
 
 
 def message(stream: str, payload: dict[str, Any] | list[Any]) -> OutgoingMessage:

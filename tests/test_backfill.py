@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import httpx
 import orjson
@@ -26,6 +26,7 @@ from shared.binance.rest import BinanceRest, RestUnavailable
 from shared.broker.redis import RedisBroker
 from shared.settings import Settings
 from tests.fake_binance import FakeBinance
+from tests.polling import eventually
 
 pytestmark = [pytest.mark.timeout(40), pytest.mark.integration]
 
@@ -37,12 +38,6 @@ ID_KEY = {AGG: "a", TRADE: "t"}
 def fast_backoff() -> AsyncIterator[float]:
     while True:
         yield 0.05  # type: ignore[misc]
-
-
-async def until(condition: Callable[[], Awaitable[bool]], within_s: float, what: str) -> None:
-    async with asyncio.timeout(within_s):
-        while not await condition():
-            await asyncio.sleep(0.05)
 
 
 @contextlib.asynccontextmanager
@@ -89,15 +84,15 @@ async def test_a_drop_mid_burst_is_backfilled_in_order_through_429_and_418(redis
         FakeBinance(keep_trading=True, data_interval_s=0.05) as fake,
         ingest(fake, redis_url, key_prefix) as (service, broker, metrics),
     ):
-        await until(lambda: _has(broker, 5), 5, "live trades")
+        await eventually(lambda: _has(broker, 5), timeout=5, what="live trades")
         fake.script_rest(429, 418, retry_after_s=1)  # the exchange is rate limiting, then bans
         await fake.drop_mid_burst([AGG, TRADE], count=40, delivered=10)  # 30 of each never delivered
         missed_up_to = {stream: sent_ids(fake, stream)[-1] for stream in (AGG, TRADE)}
         for stream in (AGG, TRADE):
-            await until(
+            await eventually(
                 lambda s=stream: _reaches(broker, s, missed_up_to[s] + 5),
-                15,
-                f"{stream} past the drop",  # type: ignore[misc]
+                timeout=15,
+                what=f"{stream} past the drop",  # type: ignore[misc]
             )
         for stream in (AGG, TRADE):
             ids = await published_ids(broker, stream)
@@ -165,13 +160,13 @@ async def test_what_cannot_be_backfilled_is_counted_and_logged(
         FakeBinance(keep_trading=True, data_interval_s=0.05) as fake,
         ingest(fake, redis_url, key_prefix, **overrides) as (_, broker, metrics),
     ):
-        await until(lambda: _has(broker, 5), 5, "live trades")
+        await eventually(lambda: _has(broker, 5), timeout=5, what="live trades")
         if case == "banned":
             fake.script_rest(418, retry_after_s=60)  # banned for longer than the backfill may wait
         last_live = {stream: sent_ids(fake, stream)[-1] for stream in (AGG, TRADE)}
         await fake.drop_mid_burst([AGG, TRADE], count=40, delivered=0)
         for stream in (AGG, TRADE):
-            await until(lambda s=stream: _reaches(broker, s, last_live[s] + 50), 10, stream)  # type: ignore[misc]
+            await eventually(lambda s=stream: _reaches(broker, s, last_live[s] + 50), timeout=10, what=stream)  # type: ignore[misc]
         for stream, kind in ((AGG, "aggTrade"), (TRADE, "trade")):
             ids = await published_ids(broker, stream)
             holes = [(a + 1, b - 1) for a, b in itertools.pairwise(ids) if b != a + 1]
@@ -214,12 +209,12 @@ async def test_a_restarted_ingest_backfills_what_was_missed_while_it_was_down(re
     for every stream it carries) still reveal the gap, and REST fills it."""
     async with FakeBinance(keep_trading=True, data_interval_s=0.05) as fake:
         async with ingest(fake, redis_url, key_prefix, leased=True) as (_, broker, _):
-            await until(lambda: _has(broker, 5), 5, "live trades")
+            await eventually(lambda: _has(broker, 5), timeout=5, what="live trades")
         await asyncio.sleep(1.0)  # ingest is down; the exchange trades on (about 20 trades per stream)
         async with ingest(fake, redis_url, key_prefix, leased=True) as (_, broker, metrics):
             targets = {stream: sent_ids(fake, stream)[-1] + 5 for stream in (AGG, TRADE)}
             for stream in (AGG, TRADE):
-                await until(lambda s=stream: _reaches(broker, s, targets[s]), 10, stream)  # type: ignore[misc]
+                await eventually(lambda s=stream: _reaches(broker, s, targets[s]), timeout=10, what=stream)  # type: ignore[misc]
                 ids = await published_ids(broker, stream)
                 assert ids == list(range(ids[0], ids[-1] + 1)), stream
             assert metrics.backfilled.labels(kind="aggTrade")._value.get() >= 15

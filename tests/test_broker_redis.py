@@ -11,7 +11,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import pytest
@@ -25,6 +25,7 @@ from shared.errors import BrokerError
 from shared.frames import Publication, encode_publication
 from shared.streams import ChannelNamer
 from tests.conftest import service_missing
+from tests.polling import eventually
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(20)
@@ -58,14 +59,6 @@ class Recorder:
 
     def payloads(self, stream: str) -> list[bytes]:
         return [p.payload for s, p in self.publications if s == stream]
-
-
-async def eventually(condition: Callable[[], bool], timeout: float = 3.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.002)
 
 
 def messages(stream: str, *payloads: bytes, keep_last: bool = False) -> list[OutgoingMessage]:
@@ -525,9 +518,9 @@ async def test_a_half_open_subscription_is_detected_and_replaced(redis_url: str,
             gateway.set_listener(recorder)
             await gateway.subscribe([TRADE])
             proxy.freeze()  # every socket opened so far goes half-open: no FIN, no RST, just silence
-            await eventually(lambda: not gateway.connected, timeout=2, what="half-open detection")
-            assert recorder.reconnects == 0
-            await eventually(lambda: recorder.reconnects == 1, timeout=3, what="reconnect through the proxy")
+            # The recorded reconnect, not a poll of ``connected``: the subscription is down only for the reconnect
+            # backoff (tens of milliseconds), which a poll can miss; the reconnect stays recorded.
+            await eventually(lambda: recorder.reconnects == 1, timeout=5, what="half-open detected and replaced")
             assert gateway.connected
             await ingest.publish(messages(TRADE, b"after"))
             await eventually(lambda: recorder.payloads(TRADE) == [b"after"], what="message after reconnect")

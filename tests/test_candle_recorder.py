@@ -22,6 +22,7 @@ from shared.candles.postgres import PostgresCandleStore
 from shared.db import create_pool, migrate
 from shared.intervals import candle_window
 from shared.settings import Settings
+from tests.polling import eventually
 
 MINUTE = 60_000
 START = 1_767_225_600_000  # 2026-01-01T00:00:00Z
@@ -95,9 +96,11 @@ async def test_ingest_keeps_the_recorded_kline_streams_flowing_and_stores_their_
     assert "btcusdt@kline_1s" in service.wanted
     task = asyncio.create_task(service.run())
     try:
-        async with asyncio.timeout(10):
-            while len(await store.range("BTCUSDT", "1s", 0, 2**62)) < 2:
-                await asyncio.sleep(0.05)
+
+        async def two_recorded() -> bool:
+            return len(await store.range("BTCUSDT", "1s", 0, 2**62)) >= 2
+
+        await eventually(two_recorded, what="two 1s candles in the store")
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -114,14 +117,10 @@ async def test_writes_are_retried_until_postgresql_accepts_them(postgres_dsn: st
     try:
         recorder.observe([kline("BTCUSDT", "1m", START + i * MINUTE, f"1.{i:08d}", closed=True) for i in range(25)])
         # The schema does not exist yet: every write fails, and nothing may leave the queue.
-        async with asyncio.timeout(5):
-            while recorder.metrics.write_errors._value.get() < 1:
-                await asyncio.sleep(0.02)
+        await eventually(lambda: recorder.metrics.write_errors._value.get() >= 1, what="a failed write")
         assert recorder.pending == 25
         await migrate(pool, pg_schema)
-        async with asyncio.timeout(10):
-            while recorder.pending:
-                await asyncio.sleep(0.05)
+        await eventually(lambda: not recorder.pending, what="every candle written")
         stored = await PostgresCandleStore(pool).range("BTCUSDT", "1m", 0, 2**62)
         assert [candle.close for candle in stored] == [f"1.{i:08d}" for i in range(25)]
     finally:

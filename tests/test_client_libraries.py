@@ -32,7 +32,8 @@ from shared.broker.contract import OutgoingMessage
 from shared.broker.memory import MemoryBroker
 from shared.streams import parse_stream
 from tests.client_helpers import ThreadInbox, pong_policy_connection
-from tests.harness import RunningGateway, running_gateway, wait_for
+from tests.harness import RunningGateway, running_gateway
+from tests.polling import eventually
 
 # ---- Binance-shaped data (binance-protocol.md §2 and §3) -----------------------------------------------------
 
@@ -124,7 +125,7 @@ async def fast_keepalive_gateway() -> AsyncIterator[tuple[RunningGateway, Memory
 
 async def publish_when_subscribed(gw: RunningGateway, broker: MemoryBroker, stream: str, payload: bytes) -> None:
     """Publish once the gateway has subscribed ``stream`` at the broker (i.e. some client asked for it)."""
-    await wait_for(lambda: stream in gw.node.relay.active)
+    await eventually(lambda: stream in gw.node.relay.active, what="the relay's subscription to the stream")
     await broker.publish([OutgoingMessage(stream, payload, parse_stream(stream).is_state)])
 
 
@@ -201,8 +202,8 @@ async def test_python_binance_raw_sockets(
         async with quick_exit(socket) as connection:
             await publish_when_subscribed(gw, broker, stream, payload)
             assert await asyncio.wait_for(connection.recv(), 3) == orjson.loads(payload), stream
-        await wait_for(lambda stream=stream: stream not in gw.node.relay.active)
-    await wait_for(lambda: not gw.node.sessions)
+        await eventually(lambda stream=stream: stream not in gw.node.relay.active, what="the relay to drop the stream")
+    await eventually(lambda: not gw.node.sessions, what="every session closed")
 
 
 async def test_python_binance_multiplex_socket(
@@ -316,7 +317,7 @@ async def test_binance_connector_raw_ws_subscribe(
     assert (await connector.messages.get()).encode() == KLINE_1M
 
     await connector.stop()
-    await wait_for(lambda: not gw.node.sessions)
+    await eventually(lambda: not gw.node.sessions, what="every session closed")
     assert connector.closed  # the library saw the server's close frame
     assert connector.messages.drain() == []
 
@@ -399,4 +400,4 @@ async def test_client_that_never_pongs_is_closed_1011(
     assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
     assert ws.pings_received == 1  # type: ignore[attr-defined]
     assert 0.6 <= elapsed < 3.0, elapsed  # first ping after 0.2 s, deadline 0.6 s later
-    await wait_for(lambda: not gw.node.sessions)
+    await eventually(lambda: not gw.node.sessions, what="every session closed")

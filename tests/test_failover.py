@@ -22,7 +22,8 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import connect
 
 from shared.streams import ChannelNamer
-from tests.fake_binance import FakeBinance, eventually
+from tests.fake_binance import FakeBinance
+from tests.polling import eventually
 from tests.processes import PricegateProcess, free_port, start_pricegate
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
@@ -110,9 +111,9 @@ async def test_kill_9_the_leader_a_standby_takes_over_without_duplicates_or_gaps
         for process in ingests:
             await process.wait_for_line(r"pricegate ingest: binance source")
         await gateway.wait_for_line(r"pricegate is serving on")
-        await eventually(lambda: sum(took_lease(p) for p in ingests) == 1, within_s=5, what="one leader")
+        await eventually(lambda: sum(took_lease(p) for p in ingests) == 1, timeout=5, what="one leader")
         # Warm standbys: every process holds its own upstream connection.
-        await eventually(lambda: len(fake.open_connections) == 3, within_s=5, what="three upstream connections")
+        await eventually(lambda: len(fake.open_connections) == 3, timeout=5, what="three upstream connections")
 
         frames: list[tuple[float, str, int]] = []
 
@@ -124,7 +125,7 @@ async def test_kill_9_the_leader_a_standby_takes_over_without_duplicates_or_gaps
 
         async with connect(f"ws://127.0.0.1:{gateway_port}/stream?streams={'/'.join(STREAMS)}") as ws:
             reader = asyncio.create_task(read(ws))
-            await eventually(lambda: len(frames) > 40, within_s=10, what="trades through the gateway")
+            await eventually(lambda: len(frames) > 40, timeout=10, what="trades through the gateway")
             leaders = [await is_leader(port) for port in ports]
             assert sorted(leaders) == [0.0, 0.0, 1.0], leaders
             # Only the leader spends REST weight on exchangeInfo.
@@ -141,11 +142,11 @@ async def test_kill_9_the_leader_a_standby_takes_over_without_duplicates_or_gaps
             assert ports[ingests.index(victim)] and leaders[ingests.index(victim)] == 1.0
             killed_at = time.monotonic()
             os.kill(pid, signal.SIGKILL)
-            await eventually(lambda: any(took_lease(p) for p in survivors), within_s=10, what="a standby takes over")
+            await eventually(lambda: any(took_lease(p) for p in survivors), timeout=10, what="a standby takes over")
             takeover_s = time.monotonic() - killed_at
             assert takeover_s < TAKEOVER_LIMIT_S, takeover_s
             before = len(frames)
-            await eventually(lambda: len(frames) > before + 60, within_s=5, what="trades after the takeover")
+            await eventually(lambda: len(frames) > before + 60, timeout=5, what="trades after the takeover")
             await asyncio.sleep(0.5)
             reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -190,11 +191,11 @@ async def test_a_paused_leader_loses_the_lease_and_steps_down_when_resumed(redis
             )
         for process in started:
             await process.wait_for_line(r"pricegate ingest: binance source")
-        await eventually(lambda: sum(took_lease(p) for p in started) == 1, within_s=5, what="one leader")
+        await eventually(lambda: sum(took_lease(p) for p in started) == 1, timeout=5, what="one leader")
         leader = next(p for p in started if took_lease(p))
         standby = next(p for p in started if p is not leader)
         leader.process.send_signal(signal.SIGSTOP)  # a stop-the-world pause: the lease lapses under it
-        await eventually(lambda: took_lease(standby), within_s=5, what="the standby takes over")
+        await eventually(lambda: took_lease(standby), timeout=5, what="the standby takes over")
         await asyncio.sleep(0.5)
         leader.process.send_signal(signal.SIGCONT)
         await leader.wait_for_line(r"no longer leading", timeout=5)

@@ -15,7 +15,8 @@ from websockets.exceptions import ConnectionClosed
 
 from shared.broker.memory import MemoryBroker
 from shared.settings import Settings
-from tests.harness import message, running_gateway, wait_for
+from tests.harness import message, running_gateway
+from tests.polling import eventually
 
 EXCHANGE_INFO = orjson.dumps(
     {"symbols": [{"symbol": "BTCUSDT", "status": "TRADING"}, {"symbol": "ETHUSDT", "status": "TRADING"}]}
@@ -36,14 +37,16 @@ async def gateway():  # type: ignore[no-untyped-def]
 
 
 async def publish_when_subscribed(gw, broker, stream: str, payload: dict) -> None:  # type: ignore[no-untyped-def]
-    await wait_for(lambda: stream in gw.node.relay.active)
+    await eventually(lambda: stream in gw.node.relay.active, what="the relay's subscription to the stream")
     await broker.publish([message(stream, payload)])
 
 
 async def test_raw_path_stream_delivers_payload_bytes_verbatim(gateway) -> None:  # type: ignore[no-untyped-def]
     gw, broker = gateway
     async with connect(f"{gw.ws_base}/ws/btcusdt@trade") as ws:
-        await wait_for(lambda: "btcusdt@trade" in gw.node.relay.active)
+        await eventually(
+            lambda: "btcusdt@trade" in gw.node.relay.active, what="the relay's subscription to btcusdt@trade"
+        )
         payload = b'{"e":"trade","E":1,"s":"BTCUSDT","t":7,"p":"1.00000000","q":"2.00000000","T":1,"m":true,"M":true}'
         from shared.broker.contract import OutgoingMessage
 
@@ -75,7 +78,7 @@ async def test_subscribe_list_unsubscribe_and_properties(gateway) -> None:  # ty
         assert await recv_json(ws) == {"stream": "btcusdt@trade", "data": {"e": "trade", "t": 1}}
         await ws.send('{"method":"UNSUBSCRIBE","params":["btcusdt@trade"],"id":null}')
         assert await recv_json(ws) == {"result": None, "id": None}
-        await wait_for(lambda: "btcusdt@trade" not in gw.node.relay.active)
+        await eventually(lambda: "btcusdt@trade" not in gw.node.relay.active, what="the relay to drop btcusdt@trade")
 
 
 async def test_bad_input_gets_binance_errors_and_connection_lives(gateway) -> None:  # type: ignore[no-untyped-def]
@@ -161,7 +164,7 @@ async def test_one_broker_subscription_for_many_clients(gateway) -> None:  # typ
     gw, broker = gateway
     clients = [await connect(f"{gw.ws_base}/ws/btcusdt@bookTicker") for _ in range(50)]
     try:
-        await wait_for(lambda: gw.node.hub.subscriber_count("btcusdt@bookTicker") == 50)
+        await eventually(lambda: gw.node.hub.subscriber_count("btcusdt@bookTicker") == 50, what="50 subscribers")
         assert gw.node.relay.active == {"btcusdt@bookTicker"}
         assert broker._subscribed == {"btcusdt@bookTicker"}
         await broker.publish([message("btcusdt@bookTicker", {"u": 5, "s": "BTCUSDT"})])
@@ -170,7 +173,7 @@ async def test_one_broker_subscription_for_many_clients(gateway) -> None:  # typ
     finally:
         for client in clients:
             await client.close()
-    await wait_for(lambda: not gw.node.relay.active)
+    await eventually(lambda: not gw.node.relay.active, what="the relay to drop every stream")
     assert broker._subscribed == set()
 
 
@@ -206,7 +209,10 @@ async def test_chunked_flushes_deliver_every_message_in_order() -> None:
         single = {stream: [await connect(f"{gw.ws_base}/ws/{stream}") for _ in range(4)] for stream in streams}
         combined = await connect(f"{gw.ws_base}/stream?streams={'/'.join(streams)}")
         try:
-            await wait_for(lambda: all(gw.node.hub.subscriber_count(stream) == 5 for stream in streams))
+            await eventually(
+                lambda: all(gw.node.hub.subscriber_count(stream) == 5 for stream in streams),
+                what="5 subscribers per stream",
+            )
             # All at once: one pass would serve the three streams in one flush; chunks of one client take three.
             flushes_before = gw.node.hub.flushes
             await broker.publish([message(stream, {"e": "trade", "t": 0}) for stream in streams])
@@ -226,14 +232,14 @@ async def test_native_sessions_share_one_keepalive_timer(gateway) -> None:  # ty
     gw, _ = gateway
     clients = [await connect(f"{gw.ws_base}/ws/btcusdt@trade") for _ in range(10)]
     try:
-        await wait_for(lambda: len(gw.node.sessions) == 10)
+        await eventually(lambda: len(gw.node.sessions) == 10, what="10 sessions")
         assert len(gw.node.keepalive) == 10
         # No per-connection timers: the node's schedule pings them (uvicorn would hold a ping timer each).
         assert all(session.connection.ping_timer is None for session in gw.node.sessions)
     finally:
         for client in clients:
             await client.close()
-    await wait_for(lambda: len(gw.node.keepalive) == 0)
+    await eventually(lambda: len(gw.node.keepalive) == 0, what="an empty keepalive schedule")
 
 
 TCP_WMEM_DEFAULT = int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[1])
@@ -245,7 +251,7 @@ async def test_client_sockets_get_a_fixed_kernel_send_buffer() -> None:
     for setting in (32768, 0):
         async with running_gateway(MemoryBroker(), client_sndbuf_bytes=setting) as gw:
             async with connect(f"{gw.ws_base}/ws/btcusdt@trade"):
-                await wait_for(lambda: len(gw.node.sessions) == 1)
+                await eventually(lambda: len(gw.node.sessions) == 1, what="the session")
                 (session,) = gw.node.sessions
                 sock = session.connection.transport.get_extra_info("socket")
                 sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)

@@ -33,7 +33,8 @@ from ingest.sources.synthetic.source import SyntheticSource
 from shared.broker.memory import MemoryBroker
 from shared.frames import combined_frame
 from shared.settings import Settings
-from tests.fake_binance import FakeBinance, eventually
+from tests.fake_binance import FakeBinance
+from tests.polling import eventually
 from tests.processes import PricegateProcess, free_port, run_pricegate, start_pricegate
 
 pytestmark = pytest.mark.integration
@@ -172,14 +173,17 @@ async def test_binance_source_end_to_end(redis_url: str, key_prefix: str, launch
         await ingest.wait_for_line(INGESTING)
 
         # Always-on: the exchange is asked for it with no client anywhere, and for nothing else.
-        await eventually(lambda: "btcusdt@bookTicker" in fake.subscribed(), within_s=5, what="always-on subscribe")
+        await eventually(lambda: "btcusdt@bookTicker" in fake.subscribed(), timeout=5, what="always-on subscribe")
         assert fake.subscribed() == {"btcusdt@bookTicker"}
 
         # exchangeInfo: the exchange's document (its symbols and layout), cached by ingest, served by the gateway.
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            async with asyncio.timeout(5):
-                while (reply := await client.get("/api/v3/exchangeInfo")).status_code != 200:
-                    await asyncio.sleep(0.1)
+
+            async def info_served() -> bool:
+                return (await client.get("/api/v3/exchangeInfo")).status_code == 200
+
+            await eventually(info_served, timeout=5, interval=0.1, what="exchangeInfo from the gateway")
+            reply = await client.get("/api/v3/exchangeInfo")
             exchange = (await client.get(f"{fake.rest_url}/api/v3/exchangeInfo")).json()
         served = reply.json()
         assert [entry["symbol"] for entry in served["symbols"]] == list(symbols)
@@ -204,7 +208,7 @@ async def test_binance_source_end_to_end(redis_url: str, key_prefix: str, launch
             sent_before_drop = len(fake.sent[stream])
             await eventually(
                 lambda: fake.connection_attempts > attempts and fake.subscribed() == {"btcusdt@bookTicker", stream},
-                within_s=5,
+                timeout=5,
                 what="reconnect and resubscribe",
             )
             async with asyncio.timeout(5):
@@ -222,7 +226,7 @@ async def test_binance_source_end_to_end(redis_url: str, key_prefix: str, launch
         await asyncio.sleep(max(0.0, left + 0.9 - time.monotonic()))
         assert unsubscribes(fake, stream) == [], "unsubscribed before the linger was over"
         assert stream in fake.subscribed()
-        await eventually(lambda: bool(unsubscribes(fake, stream)), within_s=5, what="UNSUBSCRIBE after the linger")
+        await eventually(lambda: bool(unsubscribes(fake, stream)), timeout=5, what="UNSUBSCRIBE after the linger")
         assert time.monotonic() - left >= 1.0
         assert fake.subscribed() == {"btcusdt@bookTicker"}  # always-on stays
         assert unsubscribes(fake, "btcusdt@bookTicker") == []
@@ -336,7 +340,7 @@ async def test_record_stops_on_sigterm_with_a_complete_file(launch: Launch, tmp_
         recorder = await launch(
             "record", "--streams", "btcusdt@trade", "--out", str(out), "--binance-ws-url", fake.ws_url, env={}
         )
-        await eventually(lambda: len(fake.sent.get("btcusdt@trade", [])) >= 5, within_s=10, what="recording")
+        await eventually(lambda: len(fake.sent.get("btcusdt@trade", [])) >= 5, timeout=10, what="recording")
         await stop_cleanly(recorder)
     output = "".join(recorder.output)
     match = re.search(r"recorded (\d+) frames to (\S+)", output)

@@ -12,7 +12,8 @@ import pytest
 from ingest.sources.replay.recorder import record
 from ingest.sources.replay.recording import read_recording
 from shared.errors import ConfigError
-from tests.fake_binance import FakeBinance, eventually
+from tests.fake_binance import FakeBinance
+from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -11,7 +11,8 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from shared.broker.redis import RedisBroker
 from shared.streams import ChannelNamer
-from tests.harness import message, running_gateway, wait_for
+from tests.harness import message, running_gateway
+from tests.polling import eventually
 
 pytestmark = pytest.mark.integration
 CLIENTS = 1000
@@ -35,8 +36,15 @@ async def test_thousand_clients_share_one_redis_subscription(redis_url: str, key
                 clients += await asyncio.gather(
                     *(connect(f"{gw.ws_base}/ws/btcusdt@bookTicker") for _ in range(start, start + 100))
                 )
-            await wait_for(lambda: gw.node.hub.subscriber_count("btcusdt@bookTicker") == CLIENTS, timeout=20)
-            await wait_for(lambda: "btcusdt@bookTicker" in gw.node.relay.active)
+            await eventually(
+                lambda: gw.node.hub.subscriber_count("btcusdt@bookTicker") == CLIENTS,
+                what="every client subscribed",
+                timeout=20,
+            )
+            await eventually(
+                lambda: "btcusdt@bookTicker" in gw.node.relay.active,
+                what="the relay's subscription to btcusdt@bookTicker",
+            )
             assert await numsub(observer, channel) == 1
 
             await ingest_broker.publish([message("btcusdt@bookTicker", {"u": 42, "s": "BTCUSDT"})])
@@ -46,11 +54,15 @@ async def test_thousand_clients_share_one_redis_subscription(redis_url: str, key
             # Half leave: still one subscription. All leave: none.
             for ws in clients[: CLIENTS // 2]:
                 await ws.close()
-            await wait_for(lambda: gw.node.hub.subscriber_count("btcusdt@bookTicker") == CLIENTS // 2, timeout=10)
+            await eventually(
+                lambda: gw.node.hub.subscriber_count("btcusdt@bookTicker") == CLIENTS // 2,
+                what="half the clients gone",
+                timeout=10,
+            )
             assert await numsub(observer, channel) == 1
             for ws in clients[CLIENTS // 2 :]:
                 await ws.close()
-            await wait_for(lambda: not gw.node.relay.active, timeout=10)
+            await eventually(lambda: not gw.node.relay.active, what="the relay to drop every stream", timeout=10)
             assert await numsub(observer, channel) == 0
     finally:
         for ws in clients:

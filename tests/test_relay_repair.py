@@ -31,7 +31,8 @@ from shared.broker.contract import OutgoingMessage
 from shared.broker.redis import PUBLISH_SCRIPT, RedisBroker
 from shared.errors import BrokerError
 from shared.streams import ChannelNamer
-from tests.harness import RunningGateway, running_gateway, wait_for
+from tests.harness import RunningGateway, running_gateway
+from tests.polling import eventually
 from tests.tcp_proxy import TcpProxy
 from tests.test_broker_redis import PrivateRedis
 
@@ -61,7 +62,7 @@ class Client:
     @classmethod
     async def open(cls, gw: RunningGateway, stream: str = STREAM) -> Client:
         client = cls(await connect(f"{gw.ws_base}/ws/{stream}"))
-        await wait_for(lambda: stream in gw.node.relay.active)  # the broker confirmed the subscription
+        await eventually(lambda: stream in gw.node.relay.active, what="the broker to confirm the subscription")
         return client
 
     async def _run(self) -> None:
@@ -226,7 +227,7 @@ async def test_messages_published_while_the_subscriber_reconnects_are_repaired_f
             await client.wait_count(5)
             await r.kill_subscriber()
             await r.publish(trades(6, 10))  # Redis already dropped the subscriber: these reach history only
-            await wait_for(lambda: r.gateway_broker.reconnects == 1, timeout=3)
+            await eventually(lambda: r.gateway_broker.reconnects == 1, what="the gateway's broker reconnect", timeout=3)
             # Nothing new has been published since: only the repair on reconnect can deliver 6..10.
             await client.wait_count(10, timeout=2)
             await r.publish(trades(11, 15))
@@ -276,16 +277,19 @@ async def test_live_messages_that_a_history_read_already_delivered_are_not_deliv
                 valve.hold()  # from here on, pub/sub lags behind the command connection
                 await r.publish_history_only(trades(4, 4))
                 await r.publish(trades(5, 5))
-                await wait_for(lambda: len(valve.held) == 1)
+                await eventually(lambda: len(valve.held) == 1, what="one held message")
                 await r.publish(trades(6, 7))
-                await wait_for(lambda: len(valve.held) >= 2)
+                await eventually(lambda: len(valve.held) >= 2, what="two held messages")
                 # 5 arrives: gap after 3, and the history read (which overtakes the held pub/sub link) has 4..7.
                 valve.release(1)
                 await client.wait_count(7)
                 assert r.metric("pricegate_gateway_broker_gaps_total", result="repaired") == 1
                 # Only now do 6 and 7 arrive live: already delivered, so dropped.
                 valve.release()
-                await wait_for(lambda: r.metric("pricegate_gateway_broker_messages_received_total") == 6)
+                await eventually(
+                    lambda: r.metric("pricegate_gateway_broker_messages_received_total") == 6,
+                    what="six messages received",
+                )
                 assert await client.settled(7) == trades(1, 7)
                 assert r.metric("pricegate_gateway_broker_lost_messages_total") == 0
             finally:
@@ -305,9 +309,11 @@ async def test_a_gap_longer_than_history_delivers_what_history_had_and_counts_th
             await client.wait_count(3)
             await r.kill_subscriber()
             await r.publish(trades(4, 15))  # 12 missed; history keeps the newest 5 (11..15)
-            await wait_for(lambda: r.gateway_broker.reconnects == 1, timeout=3)
+            await eventually(lambda: r.gateway_broker.reconnects == 1, what="the gateway's broker reconnect", timeout=3)
             # Let the repair finish before publishing on, so "the newest 5" is exactly 11..15.
-            await wait_for(lambda: r.metric("pricegate_gateway_broker_gaps_total", result="lost") == 1)
+            await eventually(
+                lambda: r.metric("pricegate_gateway_broker_gaps_total", result="lost") == 1, what="the lost gap counted"
+            )
             await r.publish(trades(16, 18))
 
             assert await client.settled(11) == trades(1, 3) + trades(11, 18)
@@ -374,7 +380,7 @@ async def test_a_new_epoch_that_began_while_the_subscriber_was_down_is_repaired_
             await r.kill_subscriber()
             await channel_keys_deleted(r)
             await r.publish(trades(1, 4, b"new"))  # new epoch, seq 1..4: history only (below the old seq 10)
-            await wait_for(lambda: r.gateway_broker.reconnects == 1, timeout=3)
+            await eventually(lambda: r.gateway_broker.reconnects == 1, what="the gateway's broker reconnect", timeout=3)
             await r.publish(trades(5, 6, b"new"))
             assert await client.settled(16) == trades(1, 10, b"old") + trades(1, 6, b"new")
             assert r.metric("pricegate_gateway_broker_lost_messages_total") == 0
@@ -397,12 +403,16 @@ async def test_readiness_is_503_while_redis_is_down_and_200_after_the_reconnect(
                 assert (await http.get("/readyz")).status_code == 200
 
                 await server.kill()
-                await wait_for(lambda: not r.gateway_broker.connected, timeout=3)
+                await eventually(
+                    lambda: not r.gateway_broker.connected, what="the gateway noticing Redis is down", timeout=3
+                )
                 down = await http.get("/readyz")
                 assert down.status_code == 503 and down.json()["broker_connected"] is False
 
                 await server.start()  # empty, as after a crash without persistence
-                await wait_for(lambda: r.gateway_broker.reconnects == 1, timeout=5)
+                await eventually(
+                    lambda: r.gateway_broker.reconnects == 1, what="the gateway's broker reconnect", timeout=5
+                )
                 up = await http.get("/readyz")
                 assert up.status_code == 200 and up.json()["broker_connected"] is True
 

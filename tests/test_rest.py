@@ -22,6 +22,7 @@ from shared.candles.memory import MemoryCandleStore
 from shared.candles.model import Candle, kline_stream
 from shared.intervals import candle_window
 from tests.harness import RunningGateway, message, running_gateway
+from tests.polling import eventually
 
 SYMBOLS = ("BTCUSDT", "ETHUSDT", "BNBUSDT")
 HOUR = 3_600_000
@@ -206,9 +207,11 @@ async def test_a_price_that_arrives_while_waiting_is_served(gateway: RunningGate
     broker = gateway.node.broker
     assert isinstance(broker, MemoryBroker)
 
+    async def demanded() -> bool:
+        return "bnbusdt@miniTicker" in await broker.read_demand(time.time())
+
     async def ingest_reacts() -> None:
-        while "bnbusdt@miniTicker" not in await broker.read_demand(time.time()):
-            await asyncio.sleep(0.01)
+        await eventually(demanded, what="the gateway's demand for bnbusdt@miniTicker")
         await broker.publish([message("bnbusdt@miniTicker", {"e": "24hrMiniTicker", "s": "BNBUSDT", "c": "7.5"})])
 
     reaction = asyncio.create_task(ingest_reacts())

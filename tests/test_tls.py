@@ -14,7 +14,8 @@ import pytest
 from websockets.asyncio.client import connect
 
 from shared.broker.memory import MemoryBroker
-from tests.harness import message, running_gateway, wait_for
+from tests.harness import message, running_gateway
+from tests.polling import eventually
 
 
 @pytest.fixture
@@ -57,6 +58,8 @@ async def test_wss_and_https(certificate: tuple[str, str]) -> None:
             response = await client.get(f"https://127.0.0.1:{gw.port}/api/v3/ping")
             assert response.json() == {}
         async with connect(f"wss://127.0.0.1:{gw.port}/ws/btcusdt@trade", ssl=context) as ws:
-            await wait_for(lambda: "btcusdt@trade" in gw.node.relay.active)
+            await eventually(
+                lambda: "btcusdt@trade" in gw.node.relay.active, what="the relay's subscription to btcusdt@trade"
+            )
             await broker.publish([message("btcusdt@trade", {"e": "trade", "t": 1})])
             assert json.loads(await asyncio.wait_for(ws.recv(), 3)) == {"e": "trade", "t": 1}

@@ -14,7 +14,8 @@ import pytest
 
 from ingest.sources.binance.rotation import REASON_AGE
 from ingest.sources.binance.source import BinanceSource
-from tests.fake_binance import FakeBinance, eventually
+from tests.fake_binance import FakeBinance
+from tests.polling import eventually
 from tests.test_upstream import running
 
 pytestmark = pytest.mark.timeout(60)
@@ -38,8 +39,8 @@ async def test_3000_streams_stay_within_every_binance_limit(per_connection: int)
         source = BinanceSource(fake.ws_url, fake.rest_url, max_streams_per_connection=per_connection)
         source.set_wanted(streams)
         async with running(source) as collector:
-            await eventually(lambda: fake.subscribed() == streams, within_s=20, what="all 3000 subscribed")
-            await eventually(lambda: collector.streams() == streams, within_s=10, what="data from every stream")
+            await eventually(lambda: fake.subscribed() == streams, timeout=20, what="all 3000 subscribed")
+            await eventually(lambda: collector.streams() == streams, timeout=10, what="data from every stream")
             assert source.connected == connections_needed == len(fake.open_connections)
         # The fake disconnects on any breach (rate_limit, too_many_streams) and refuses extra attempts (429).
         assert [c.close_reason for c in fake.connections] == ["client"] * connections_needed
@@ -64,11 +65,11 @@ async def test_connection_attempts_are_paced_through_a_reconnect_storm() -> None
         async with running(source) as collector:
             for _ in range(6):  # a flapping network: every connection dies as soon as data flows
                 count = len(collector.messages)
-                await eventually(lambda: len(collector.messages) > count, within_s=5, what="data")  # noqa: B023
+                await eventually(lambda: len(collector.messages) > count, timeout=5, what="data")  # noqa: B023
                 fake.drop_all()
             await eventually(
                 lambda: fake.connection_attempts == 7 and len(fake.open_connections) == 1,
-                within_s=5,
+                timeout=5,
                 what="reconnected",
             )
         assert fake.connection_attempts == 7 and fake.attempts_refused == 0
@@ -83,7 +84,7 @@ async def test_rotation_by_age_is_make_before_break_and_gap_free() -> None:
         source = BinanceSource(fake.ws_url, fake.rest_url, rotate_after_s=0.6, backoff=fast_backoff)
         source.set_wanted(frozenset(streams))
         async with running(source) as collector:
-            await eventually(lambda: source.rotations[REASON_AGE] >= 3, within_s=10, what="three rotations")
+            await eventually(lambda: source.rotations[REASON_AGE] >= 3, timeout=10, what="three rotations")
             count = len(collector.messages)
             await eventually(lambda: len(collector.messages) > count + 50, what="data after the last rotation")
         assert sum(source.reconnects.values()) == 0 and source.rotation_timeouts == 0
