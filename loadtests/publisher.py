@@ -42,7 +42,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from shared.broker.contract import OutgoingMessage
-from shared.broker.redis import RedisBroker, _pack
+from shared.broker.redis import RedisBroker
+from shared.redis.resp import pack_command
 
 SYMBOLS = (
     "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "ADAUSDT", "DOGEUSDT", "TRXUSDT", "DOTUSDT", "LINKUSDT",
@@ -162,10 +163,10 @@ class PackedScript:
         setup = []
         if parts.password:
             user = (parts.username or "default").encode()
-            setup.append(_pack(b"AUTH", user, parts.password.encode()))
+            setup.append(pack_command(b"AUTH", user, parts.password.encode()))
         database = parts.path.strip("/")
         if database:
-            setup.append(_pack(b"SELECT", database.encode()))
+            setup.append(pack_command(b"SELECT", database.encode()))
         if setup:
             self.writer.write(b"".join(setup))
             await self._replies(len(setup))

@@ -20,7 +20,8 @@ import redis.exceptions as redis_errors
 
 from shared.broker.contract import Broker, OutgoingMessage
 from shared.broker.memory import MemoryBroker
-from shared.broker.redis import RedisBroker, _parse_reply, redact_url
+from shared.broker.redis import RedisBroker
+from shared.broker.redis_subscription import RedisSubscription
 from shared.errors import BrokerError
 from shared.frames import Publication, encode_publication
 from shared.streams import ChannelNamer
@@ -559,8 +560,9 @@ async def test_reader_dies_loudly_on_a_fatal_error(
         user, enabled=True, passwords=[f"+{password}"], keys=[f"{key_prefix}*"], channels=[f"{key_prefix}*"],
         commands=["+@all"],
     )  # fmt: skip
-    broker = RedisBroker(redis_url.replace("redis://", f"redis://{user}:{password}@"), prefix=key_prefix)
-    broker.reconnect_initial_s = 0.05
+    broker = RedisBroker(
+        redis_url.replace("redis://", f"redis://{user}:{password}@"), prefix=key_prefix, reconnect_initial_s=0.05
+    )
     await broker.start()
     try:
         recorder = Recorder(broker=broker)
@@ -705,33 +707,19 @@ async def test_calls_before_start_raise_broker_error() -> None:
     await broker.subscribe([TRADE])  # only recorded until start
 
 
-@pytest.mark.parametrize(
-    ("url", "shown"),
-    [
-        ("redis://:pw@host:6379/0", "redis://:***@host:6379/0"),
-        ("rediss://user:p%40ss@host:6380/1", "rediss://user:***@host:6380/1"),
-        ("redis://user@host/0", "redis://user@host/0"),
-        ("unix:///run/redis.sock?db=2&password=pw", "unix:///run/redis.sock?db=2&password=***"),
-        ("redis://127.0.0.1:6379/9", "redis://127.0.0.1:6379/9"),
-    ],
-)
-def test_redact_url_hides_passwords(url: str, shown: str) -> None:
-    assert redact_url(url) == shown
-
-
-def feed_in_pieces(broker: RedisBroker, stream: bytes, cuts: Sequence[int]) -> None:
+def feed_in_pieces(subscription: RedisSubscription, stream: bytes, cuts: Sequence[int]) -> None:
     """Feed ``stream`` to the reader's dispatcher split at ``cuts``, as socket reads would deliver it."""
     buffer = b""
     previous = 0
     for cut in [*cuts, len(stream)]:
         buffer += stream[previous:cut]
         previous = cut
-        consumed = broker._dispatch(buffer)
+        consumed = subscription.dispatch(buffer)
         buffer = buffer[consumed:]
     assert buffer == b""
 
 
-def test_the_reply_parser_handles_every_split_point() -> None:
+async def test_the_dispatcher_handles_every_split_point() -> None:
     namer = ChannelNamer("pg:md", "binance")
     channel = namer.channel(TRADE).encode()
     envelope = encode_publication(5, 1, 1000, b'{"p":"1.0"}')
@@ -743,22 +731,16 @@ def test_the_reply_parser_handles_every_split_point() -> None:
         % (len(channel), channel, len(envelope), envelope.replace(b":1:", b":2:"))
     )
     for cut in range(len(wire) + 1):
-        broker = RedisBroker("redis://127.0.0.1:1/0")
+        subscription = RedisSubscription(
+            namer,
+            safe_url="redis://127.0.0.1:1/0",
+            socket_timeout_s=1,
+            health_check_interval_s=1,
+            reconnect_initial_s=0.1,
+            reconnect_max_s=1,
+        )
         recorder = Recorder()
-        broker.set_listener(recorder)
-        broker._streams_by_channel[channel] = TRADE
-        feed_in_pieces(broker, wire, [cut])
+        subscription.set_listener(recorder)
+        await subscription.subscribe([TRADE])  # not open: only recorded, as dispatch needs
+        feed_in_pieces(subscription, wire, [cut])
         assert [(s, p.seq) for s, p in recorder.publications] == [(TRADE, 1), (TRADE, 2)], cut
-
-
-def test_the_reply_parser_reads_resp_types() -> None:
-    assert _parse_reply(b":42\r\n", 0) == (42, 5)
-    assert _parse_reply(b"$-1\r\n", 0) == (None, 5)
-    assert _parse_reply(b"+OK\r\n", 0) == (b"OK", 5)
-    assert _parse_reply(b"*2\r\n$1\r\na\r\n:1\r\n", 0) == ([b"a", 1], 15)
-    assert _parse_reply(b"*2\r\n$1\r\na\r\n", 0) is None
-    assert _parse_reply(b"$5\r\nab", 0) is None
-    with pytest.raises(ConnectionError):
-        _parse_reply(b"?what\r\n", 0)
-    with pytest.raises(ConnectionError):
-        _parse_reply(b"$x\r\n", 0)

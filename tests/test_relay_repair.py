@@ -28,8 +28,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from shared.broker.contract import OutgoingMessage
-from shared.broker.redis import PUBLISH_SCRIPT, RedisBroker
+from shared.broker.redis import RedisBroker
 from shared.errors import BrokerError
+from shared.redis.scripts import PUBLISH_SCRIPT
 from shared.streams import ChannelNamer
 from tests.harness import RunningGateway, running_gateway
 from tests.polling import eventually
