@@ -125,7 +125,7 @@ async def test_demo_serves_klines_and_technicals_without_a_database() -> None:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
 
             async def newest_seconds() -> list[list[Any]]:
-                params = {"symbol": "BTCUSDT", "interval": "1s", "limit": 5}
+                params: dict[str, str | int] = {"symbol": "BTCUSDT", "interval": "1s", "limit": 5}
                 rows: list[list[Any]] = (await client.get("/api/v3/klines", params=params)).json()
                 return rows
 
