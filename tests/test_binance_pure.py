@@ -1,5 +1,5 @@
 """ingest.sources.binance.wire without sockets or an event loop: frame parsing (incl. arbitrary bytes), subscription
-planning within Binance's limits, and the control-message pacer."""
+planning within Binance's limits, and the control-message pacer with the token bucket under it."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from ingest.sources.binance.wire import (
     plan_changes,
     plan_subscriptions,
 )
+from shared.ratelimit import TokenBucket
 
 TRADE = b'{"e":"trade","E":1767225600123,"s":"BTCUSDT","t":5612345678,"p":"94250.01000000","q":"0.00210000","T":1767225600122,"m":true,"M":true}'  # noqa: E501
 
@@ -328,3 +329,51 @@ def test_pacer_allows_at_next_allowed(rate: float, advances: list[float]) -> Non
         if not pacer.try_acquire():
             clock.now = pacer.next_allowed()
             assert pacer.try_acquire()
+
+
+# ---- the token bucket under the pacer (and the gateway's inbound limit) ----
+
+
+def test_bucket_rejects_rates_and_bursts_that_are_not_numbers() -> None:
+    for rate in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="rate"):
+            TokenBucket(rate, 1.0, 0.0)
+    for burst in (0.5, math.inf, math.nan):
+        with pytest.raises(ValueError, match="burst"):
+            TokenBucket(5.0, burst, 0.0)
+
+
+def test_bucket_charge_overdraws_and_available_at_says_when() -> None:
+    bucket = TokenBucket(2.0, 2.0, 100.0)
+    assert bucket.allow(100.0) and bucket.available_at(100.0) == 100.0
+    bucket.charge(100.0, 3.0)  # one token left, three charged: two in debt
+    assert bucket.tokens == -2.0 and not bucket.allow(100.0)
+    assert bucket.available_at(100.0) == pytest.approx(101.5)  # 3 tokens at 2/s
+    assert bucket.delay_until_available(101.0) == pytest.approx(0.5)
+    assert bucket.delay_until_available(102.0) == 0.0
+    with pytest.raises(ValueError, match="never fits"):
+        bucket.available_at(102.0, 3.0)
+
+
+@given(
+    st.floats(0.1, 50.0),
+    st.floats(1.0, 5.0),
+    st.floats(0.0, 1e9),
+    st.lists(st.tuples(st.floats(0.0, 2.0), st.booleans()), min_size=1, max_size=50),
+)
+def test_bucket_allows_at_available_at_whatever_the_round_off(
+    rate: float, burst: float, start: float, steps: list[tuple[float, bool]]
+) -> None:
+    """A caller that waits exactly until available_at is never refused (large clock values included)."""
+    now = start
+    bucket = TokenBucket(rate, burst, now)
+    for advance, charge in steps:
+        now += advance
+        if charge:
+            bucket.charge(now)
+        elif not bucket.allow(now):
+            at = bucket.available_at(now)
+            assert at > now
+            assert bucket.allow(at)
+            now = at
+

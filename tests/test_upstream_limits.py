@@ -21,8 +21,6 @@ from tests.test_upstream import running
 pytestmark = pytest.mark.timeout(60)
 
 
-
-
 def fast_backoff() -> AsyncIterator[float]:
     while True:
         yield 0.01  # type: ignore[misc]

@@ -29,6 +29,7 @@ import orjson
 from shared.binance.identity import event_identity
 from shared.broker.contract import EventId
 from shared.frames import split_combined_frame
+from shared.ratelimit import TokenBucket
 from shared.streams import MAX_STREAM_NAME_LENGTH
 
 MAX_STREAMS_PER_CONNECTION = 1024
@@ -342,7 +343,8 @@ def plan_changes(
 
 
 class ControlPacer:
-    """A token bucket for the messages one connection sends upstream, on an injected clock.
+    """The messages one connection sends upstream, paced by a :class:`~shared.ratelimit.TokenBucket` on an
+    injected clock.
 
     ``rate_per_s`` tokens accrue per second up to ``burst``; a control message spends one. With ``burst``
     = 1 (the default) consecutive messages are at least ``1 / rate_per_s`` apart, so any window of W
@@ -359,54 +361,24 @@ class ControlPacer:
         burst: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not math.isfinite(rate_per_s) or rate_per_s <= 0:
-            raise ValueError(f"rate_per_s must be a positive number, not {rate_per_s!r}")
-        if not math.isfinite(burst) or burst < 1:
-            raise ValueError(f"burst must be at least 1, not {burst!r}")
-        self.rate_per_s = rate_per_s
-        self.burst = burst
         self._clock = clock
-        # Float round-off must not make a token that is due at next_allowed() look one ulp short.
-        self._threshold = 1.0 - 1e-9
-        self._tokens = burst
-        self._updated = clock()
-
-    def _refill(self) -> float:
-        now = self._clock()
-        if now > self._updated:
-            self._tokens = min(self.burst, self._tokens + (now - self._updated) * self.rate_per_s)
-            self._updated = now
-        return now
-
-    @property
-    def tokens(self) -> float:
-        self._refill()
-        return self._tokens
+        self._bucket = TokenBucket(rate_per_s, burst, clock())
 
     def next_allowed(self) -> float:
         """Clock time from which :meth:`try_acquire` succeeds (now, if a token is available)."""
-        now = self._refill()
-        if self._tokens >= self._threshold:
-            return now
-        return now + (1 - self._tokens) / self.rate_per_s
+        return self._bucket.available_at(self._clock())
 
     def delay(self) -> float:
         """Seconds until :meth:`try_acquire` succeeds."""
-        now = self._refill()
-        return max(0.0, self.next_allowed() - now)
+        return self._bucket.delay_until_available(self._clock())
 
     def try_acquire(self) -> bool:
         """Spend a token for a message about to be sent; False (and nothing spent) if it is too early."""
-        self._refill()
-        if self._tokens >= self._threshold:
-            self._tokens -= 1
-            return True
-        return False
+        return self._bucket.allow(self._clock())
 
     def charge(self) -> None:
         """Account for a message that went out regardless (a pong); may leave the bucket overdrawn."""
-        self._refill()
-        self._tokens -= 1
+        self._bucket.charge(self._clock())
 
 
 class ConnectionAttemptPacer:
