@@ -19,12 +19,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ingest.metrics import IngestMetrics, UpstreamCollector
 from ingest.publish.backfill import TradeBackfiller
+from ingest.publish.continuity import IdRange
 from ingest.publish.leader import LeaderLease
 from ingest.service import IngestService
 from ingest.sources.binance.source import BinanceSource
 from shared.binance.rest import BinanceRest, RestUnavailable
 from shared.broker.redis import RedisBroker
 from shared.settings import Settings
+from shared.streams import StreamKind
 from tests.fake_binance import FakeBinance
 from tests.polling import eventually
 
@@ -202,6 +204,21 @@ async def test_rest_stays_within_its_weight_share_using_the_exchanges_count() ->
             await rest.get_json("/api/v3/aggTrades", {"symbol": "BTCUSDT", "limit": 1}, 4, deadline=loop.time() + 5)
         # Our share is spent: nothing was sent, so the exchange never had to say 429.
         assert fake.rest_statuses("aggTrades") == [200] * 5 and fake.rest_used_weight == 60
+
+
+async def test_trade_gaps_are_no_longer_fetched_once_the_exchange_wants_an_api_key() -> None:
+    async with FakeBinance() as fake:
+        backfiller = TradeBackfiller(BinanceRest(fake.rest_url))
+        deadline = asyncio.get_running_loop().time() + 5
+        fake.fail_next_rest(1, 500)  # a failure of the exchange stops this backfill only
+        failed = await backfiller.fetch_trades(StreamKind.TRADE, TRADE, "BTCUSDT", IdRange(1, 5), deadline)
+        assert failed.messages == [] and failed.missing == [IdRange(1, 5)] and backfiller.trades
+        fake.fail_next_rest(1, 401)  # a refusal of historicalTrades itself (Binance's -2014/-2015 need a key)
+        refused = await backfiller.fetch_trades(StreamKind.TRADE, TRADE, "BTCUSDT", IdRange(1, 5), deadline)
+        assert refused.missing == [IdRange(1, 5)] and not backfiller.can_fill(StreamKind.TRADE)
+        assert backfiller.can_fill(StreamKind.AGG_TRADE)
+        await backfiller.fetch_trades(StreamKind.TRADE, TRADE, "BTCUSDT", IdRange(1, 5), deadline)
+        assert fake.rest_statuses("historicalTrades") == [500, 401]  # not asked again
 
 
 async def test_a_restarted_ingest_backfills_what_was_missed_while_it_was_down(redis_url: str, key_prefix: str) -> None:

@@ -1,5 +1,6 @@
 """ingest.sources.binance.wire without sockets or an event loop: frame parsing (incl. arbitrary bytes), subscription
-planning within Binance's limits, and the control-message pacer with the token bucket under it."""
+planning within Binance's limits, and the control-message pacer with the token bucket under it; and the one
+``Retry-After`` parser every Binance answer goes through."""
 
 from __future__ import annotations
 
@@ -23,6 +24,13 @@ from ingest.sources.binance.wire import (
     parse_frame,
     plan_changes,
     plan_subscriptions,
+)
+from shared.binance.weight import (
+    DEFAULT_RETRY_AFTER_S,
+    MAX_RETRY_AFTER_S,
+    RestWeightBudget,
+    depth_weight,
+    parse_retry_after,
 )
 from shared.ratelimit import TokenBucket
 
@@ -377,3 +385,51 @@ def test_bucket_allows_at_available_at_whatever_the_round_off(
             assert bucket.allow(at)
             now = at
 
+
+# ---- Retry-After and the REST weight table ----
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        (None, None),
+        ("7", 7.0),
+        (" 2.5 ", 2.5),
+        ("0", 0.0),
+        ("-3", None),  # negative
+        ("inf", None),
+        ("-inf", None),
+        ("Infinity", None),
+        ("nan", None),
+        ("NaN", None),
+        ("1e400", None),  # overflows to inf
+        ("1e12", MAX_RETRY_AFTER_S),  # huge: capped at Binance's longest ban (3 days)
+        ("259201", MAX_RETRY_AFTER_S),
+        ("soon", None),  # not a number (Binance sends seconds, never an HTTP date)
+        ("Wed, 21 Oct 2015 07:28:00 GMT", None),
+        ("", None),
+        ("0x10", None),
+    ],
+)
+def test_retry_after_is_parsed_once_for_every_caller(header: str | None, seconds: float | None) -> None:
+    assert parse_retry_after(header) == seconds
+
+
+@pytest.mark.parametrize(("header", "blocked_s"), [("0", 1.0), ("nan", DEFAULT_RETRY_AFTER_S), ("1e12", 259_200.0)])
+def test_a_429_blocks_at_least_a_second_and_at_most_the_longest_ban(header: str, blocked_s: float) -> None:
+    budget = RestWeightBudget(6000, clock=lambda: 600.0)
+    budget.observe(429, None, parse_retry_after(header))
+    assert budget.blocked_s() == pytest.approx(blocked_s)
+
+
+def test_depth_weight_follows_binances_table() -> None:
+    assert [depth_weight(limit) for limit in (1, 100, 101, 500, 501, 1000, 1001, 5000)] == [
+        5,
+        5,
+        25,
+        25,
+        50,
+        50,
+        250,
+        250,
+    ]

@@ -1,12 +1,14 @@
 """REST on the real backends: candles in PostgreSQL (a fresh schema per test), the response cache in Redis,
 and the exchange's REST API faked by a local server. Covered ranges come from the database, holes from the
 exchange, merged without duplicates; identical misses make one backend call per replica and across replicas;
-an exchange failure serves the last good body marked stale; the exchange's 429 makes the gateway back off."""
+an exchange failure serves the last good body marked stale; the exchange's 429 makes the gateway back off, and
+so does its own weight budget."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.rest.technicals import analyse, technicals_json
+from shared.binance.rest import BinanceRest, RestUnavailable
 from shared.broker.memory import MemoryBroker
 from shared.candles.model import Candle, candle_from_row
 from shared.candles.postgres import PostgresCandleStore
@@ -202,6 +205,33 @@ async def test_the_exchanges_429_makes_the_gateway_back_off(
         assert after.status_code == 200 and len(after.json()) == 4
         metrics = (await client.get("/metrics")).text
         assert 'pricegate_gateway_exchange_requests_total{endpoint="klines",result="backoff"} 1.0' in metrics
+
+
+async def test_the_fallbacks_weight_budget_fails_fast_rather_than_keep_a_client_waiting(fake: FakeBinance) -> None:
+    """The gateway's client (no patience, a pool) holds back what would overrun its budget and says so at once."""
+    fake.wall_clock = lambda: 600.0  # one wall-clock minute for the whole test
+    results: Counter[tuple[str, str]] = Counter()
+    rest = BinanceRest(
+        fake.rest_url,
+        weight_limit_per_min=60,
+        max_wait_s=0.0,
+        max_connections=2,
+        on_result=lambda endpoint, result: results.update([(endpoint, result)]),
+        wall_clock=lambda: 600.0,
+    )
+    try:
+        for _ in range(2):
+            assert len(orjson.loads(await rest.depth("BTCUSDT", 500))["bids"]) == 500  # weight 25 each
+        started = time.monotonic()
+        with pytest.raises(RestUnavailable, match="budget"):
+            await rest.depth("BTCUSDT", 500)  # 75 > 60: the next minute is 60 s away
+        assert time.monotonic() - started < 1 and len(fake.rest_calls("depth")) == 2
+        prices = orjson.loads(await rest.ticker_prices(["ETHUSDT", "BTCUSDT"]))  # weight 4 still fits
+        assert [entry["symbol"] for entry in prices] == ["ETHUSDT", "BTCUSDT"]
+        assert results == {("depth", "ok"): 2, ("depth", "backoff"): 1, ("ticker/price", "ok"): 1}
+        assert rest.budget.used == 54  # Binance's weights (the fake charges less and says so: the larger wins)
+    finally:
+        await rest.aclose()
 
 
 async def test_the_exchanges_own_refusal_reaches_the_client(

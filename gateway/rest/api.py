@@ -27,12 +27,13 @@ from starlette.routing import Route
 from gateway.node import GatewayNode
 from gateway.rest import params
 from gateway.rest.cache import MemoryResponseCache, RedisResponseCache, ResponseCache, Served, SingleFlight
-from gateway.rest.exchange import ExchangeRefused, ExchangeRest
 from gateway.rest.klines import KlineSource
 from gateway.rest.market_data import LiveMarket
 from gateway.rest.params import Query, RestError
 from gateway.rest.technicals import analyse, technicals_json
 from gateway.rest.weights import WeightLimiter
+from shared.binance.rest import BinanceRest, RestRefused
+from shared.binance.weight import IP_WEIGHT_LIMIT_PER_MIN
 from shared.candles.model import CandleStore, klines_json
 from shared.errors import PricegateError
 from shared.settings import Settings
@@ -98,7 +99,7 @@ class RestApi:
         *,
         candles: CandleStore | None,
         cache: ResponseCache | None = None,
-        exchange: ExchangeRest | None = None,
+        exchange: BinanceRest | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         """Without ``cache``: Redis when ``redis_url`` is set, else in memory. Without ``exchange``: the
@@ -115,11 +116,17 @@ class RestApi:
             )
         self.cache = cache
         if exchange is None and settings.source == "binance":
-            exchange = ExchangeRest(
+            results = self.metrics.exchange
+            exchange = BinanceRest(
                 settings.binance_rest_url,
+                # Its own budget, counted with the exchange's figure for the IP: it holds back only calls Binance
+                # would answer with 429 (and, after a 429/418, every call until Retry-After).
+                weight_limit_per_min=IP_WEIGHT_LIMIT_PER_MIN,
                 timeout_s=settings.exchange_timeout_s,
+                connect_timeout_s=settings.exchange_timeout_s,
+                max_wait_s=0.0,  # never keep a client waiting for budget: the cache serves stale meanwhile
                 max_connections=settings.exchange_max_connections,
-                requests=self.metrics.exchange,
+                on_result=lambda endpoint, result: results.labels(endpoint=endpoint, result=result).inc(),
             )
         self.exchange = exchange
         self.flights = SingleFlight(
@@ -128,7 +135,7 @@ class RestApi:
             # Long enough for the slowest backend call, so a second replica rarely repeats it.
             lock_ttl_ms=int((settings.exchange_timeout_s + 1.0) * 1000),
             results=self.metrics.cache,
-            passthrough=(RestError, ExchangeRefused),
+            passthrough=(RestError, RestRefused),
             clock=clock,
         )
         self.klines = KlineSource(candles, exchange, node.broker, served=self.metrics.candles)
@@ -201,7 +208,7 @@ class RestApi:
             if error.status == 503:
                 headers["Retry-After"] = "1"
             return Response(error.body(), error.status, headers, _JSON)
-        except ExchangeRefused as error:
+        except RestRefused as error:
             return _error(error.status, error.code, error.msg, headers)
         except BACKEND_ERRORS as error:
             logger.warning("%s failed and nothing is cached: %r", name, error)
@@ -283,22 +290,19 @@ class RestApi:
             return Reply(orjson.dumps(entries[0]), served)
         return Reply(orjson.dumps(entries), served)
 
-    async def _all_exchange_prices(self, exchange: ExchangeRest) -> Reply:
+    async def _all_exchange_prices(self, exchange: BinanceRest) -> Reply:
         """Every symbol's price: only the exchange has them all."""
         ttl_s = self.settings.cache_ttl_live_s
-        served = await self.flights.get(
-            "ticker_price", "ticker_price:all", ttl_s, lambda: exchange.get("ticker/price", {})
-        )
+        served = await self.flights.get("ticker_price", "ticker_price:all", ttl_s, exchange.ticker_prices)
         return Reply(served.body, served)
 
     async def _wait_for_price(self, symbol: str) -> str | None:
         return await self.market.wait_for(lambda: self.market.price(symbol), self.settings.rest_last_value_wait_s)
 
-    async def _exchange_prices(self, exchange: ExchangeRest, symbols: list[str]) -> tuple[Served, dict[str, str]]:
+    async def _exchange_prices(self, exchange: BinanceRest, symbols: list[str]) -> tuple[Served, dict[str, str]]:
         key = "ticker_price:" + ",".join(symbols)
-        arguments = {"symbols": orjson.dumps(symbols).decode()}
         served = await self.flights.get(
-            "ticker_price", key, self.settings.cache_ttl_live_s, lambda: exchange.get("ticker/price", arguments)
+            "ticker_price", key, self.settings.cache_ttl_live_s, lambda: exchange.ticker_prices(symbols)
         )
         try:
             document = orjson.loads(served.body)
@@ -317,13 +321,12 @@ class RestApi:
             await self.market.request([f"{symbol.lower()}@depth20@100ms"])
         if self.exchange is not None:
             exchange = self.exchange
-            arguments: dict[str, str | int] = {"symbol": symbol, "limit": limit}
             try:
                 served = await self.flights.get(
                     "depth",
                     f"depth:{symbol}:{limit}",
                     self.settings.cache_ttl_live_s,
-                    lambda: exchange.get("depth", arguments),
+                    lambda: exchange.depth(symbol, limit),
                 )
             except BACKEND_ERRORS:
                 if book is None:

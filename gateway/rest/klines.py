@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from prometheus_client import Counter
 
-from gateway.rest.exchange import ExchangeRest
+from shared.binance.rest import BinanceRest
 from shared.broker.contract import Broker
 from shared.candles.model import Candle, CandleStore, MalformedKline, candle_from_event, kline_stream
 from shared.errors import BrokerError
@@ -33,7 +33,7 @@ class KlineSource:
     def __init__(
         self,
         store: CandleStore | None,
-        exchange: ExchangeRest | None,
+        exchange: BinanceRest | None,
         broker: Broker,
         *,
         served: Counter | None = None,

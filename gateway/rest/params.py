@@ -16,6 +16,13 @@ from dataclasses import dataclass
 
 import orjson
 
+from shared.binance.weight import (
+    WEIGHT_EXCHANGE_INFO as WEIGHT_EXCHANGE_INFO,
+    WEIGHT_KLINES as WEIGHT_KLINES,
+    WEIGHT_TICKER_MANY,
+    WEIGHT_TICKER_ONE,
+    depth_weight as depth_limit_weight,
+)
 from shared.streams import KLINE_INTERVALS
 
 Query = Mapping[str, Sequence[str]]
@@ -31,11 +38,8 @@ KLINES_DEFAULT_LIMIT, KLINES_MAX_LIMIT = 500, 1000
 DEPTH_DEFAULT_LIMIT, DEPTH_MAX_LIMIT = 100, 5000
 _UTC_TIME_ZONES = frozenset({"0", "+0", "-0", "00:00", "0:00", "+00:00", "-00:00", "+0:00", "-0:00"})
 
-# Request weights (Binance's figures; technicals is ours).
+# Request weights: Binance's figures (the rest from shared.binance.weight); technicals is ours.
 WEIGHT_PING = WEIGHT_TIME = 1
-WEIGHT_EXCHANGE_INFO = 20
-WEIGHT_KLINES = 2
-WEIGHT_TICKER_ONE, WEIGHT_TICKER_MANY = 2, 4
 WEIGHT_TECHNICALS = 5
 
 
@@ -196,13 +200,7 @@ def depth_weight(query: Query) -> int:
     """Binance's weight for ``GET /api/v3/depth``, by limit (an unreadable limit weighs as the default)."""
     values = query.get("limit") or ["100"]
     requested = int(values[0]) if _NUMBER.fullmatch(values[0]) else DEPTH_DEFAULT_LIMIT
-    if requested <= 100:
-        return 5
-    if requested <= 500:
-        return 25
-    if requested <= 1000:
-        return 50
-    return 250
+    return depth_limit_weight(requested)
 
 
 def ticker_weight(query: Query) -> int:

@@ -1,12 +1,13 @@
-"""Ingest's share of Binance's REST request weight, and its answer to 429/418 (pure, clock injected).
+"""Binance's REST request weights, a client's share of them, and its answer to 429/418 (pure, clock injected).
 
 Binance limits REST by *weight* per IP and minute (6000 in its docs' example; every response says how much the
 IP has used this minute in ``X-MBX-USED-WEIGHT-1M``). Going over earns 429 with ``Retry-After``; continuing
-after a 429 earns 418, an IP ban from 2 minutes to 3 days. :class:`RestWeightBudget` keeps ingest under its own
-``limit`` (a share of the IP's budget, leaving the rest to gateways' exchange fallback on the same IP): it counts
-what it spends in the current wall-clock minute, takes the exchange's figure when one arrives (it includes
-everyone else on the IP), and after a 429 or 418 refuses everything until ``Retry-After`` has passed. Callers ask
-:meth:`delay` before a request and report the response with :meth:`observe`.
+after a 429 earns 418, an IP ban from 2 minutes to 3 days. The endpoints' weights (Binance's published table)
+are declared here once, for the gateway's own limits and for the exchange client alike. :class:`RestWeightBudget`
+keeps one client (ingest's, or a gateway's exchange fallback) under its own ``limit`` (a share of the IP's
+budget): it counts what it spends in the current wall-clock minute, takes the exchange's figure when one
+arrives (it includes everyone else on the IP), and after a 429 or 418 refuses everything until ``Retry-After``
+has passed. Callers ask :meth:`delay` before a request and report the response with :meth:`observe`.
 """
 
 from __future__ import annotations
@@ -16,18 +17,41 @@ import time
 from collections.abc import Callable
 
 MINUTE_S = 60.0
+IP_WEIGHT_LIMIT_PER_MIN = 6000  # Binance's weight per IP and minute: a budget this large holds back only 429s
 DEFAULT_RETRY_AFTER_S = 60.0  # a 429/418 without a usable Retry-After: assume a minute, never retry at once
+MIN_RETRY_AFTER_S = 1.0  # "Retry-After: 0" on a 429 still means not at once: an immediate retry risks a 418 ban
+MAX_RETRY_AFTER_S = 3 * 86_400.0  # Binance's longest IP ban; a larger figure is taken as this
+RATE_LIMIT_STATUSES = (418, 429)
+
+# Request weights of Binance's market-data endpoints (GET /api/v3/...), from its REST docs.
+WEIGHT_EXCHANGE_INFO = 20
+WEIGHT_KLINES = 2
+WEIGHT_TICKER_ONE, WEIGHT_TICKER_MANY = 2, 4  # ticker/price for one symbol; for a list or every symbol
+
+
+def depth_weight(limit: int) -> int:
+    """Binance's weight for ``GET /api/v3/depth?limit=``."""
+    if limit <= 100:
+        return 5
+    if limit <= 500:
+        return 25
+    if limit <= 1000:
+        return 50
+    return 250
 
 
 def parse_retry_after(value: str | None) -> float | None:
-    """Seconds from a ``Retry-After`` header (Binance sends seconds), or None if absent or unusable."""
+    """Seconds from a ``Retry-After`` header (Binance sends seconds), or None if absent or unusable (not a
+    number, negative, infinite or NaN). A finite figure beyond Binance's longest ban is capped to it."""
     if value is None:
         return None
     try:
         seconds = float(value.strip())
     except ValueError:
         return None
-    return seconds if math.isfinite(seconds) and seconds >= 0 else None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, MAX_RETRY_AFTER_S)
 
 
 def parse_used_weight(value: str | None) -> int | None:
@@ -91,7 +115,7 @@ class RestWeightBudget:
         if used_weight is not None:
             # The exchange's figure covers everyone on the IP; ours covers requests still in flight. Keep the larger.
             self._used = max(self._used, used_weight)
-        if status in (418, 429):
-            wait = DEFAULT_RETRY_AFTER_S if retry_after_s is None else retry_after_s
+        if status in RATE_LIMIT_STATUSES:
+            wait = DEFAULT_RETRY_AFTER_S if retry_after_s is None else max(MIN_RETRY_AFTER_S, retry_after_s)
             self.blocked_until = max(self.blocked_until, now + wait)
             self.last_status_block = status

@@ -32,7 +32,6 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 
-import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.frames import Frame, Opcode
@@ -65,8 +64,9 @@ from ingest.sources.binance.wire import (
 from shared.backoff import backoff_delays
 from shared.binance.identity import CONTIGUOUS_KINDS
 from shared.binance.rest import BinanceRest
+from shared.binance.weight import parse_retry_after
 from shared.broker.contract import OutgoingMessage
-from shared.errors import ConfigError, ProtocolError, UpstreamError
+from shared.errors import ConfigError, ProtocolError
 from shared.streams import parse_stream
 
 log = logging.getLogger(__name__)
@@ -284,13 +284,7 @@ class BinanceSource:
     async def exchange_info(self, symbols: Collection[str] | None = None) -> bytes:
         """Binance's ``GET /api/v3/exchangeInfo`` document, as bytes: for ``symbols`` only, or (the
         default) for every symbol, which is what the gateway needs to reject unknown ones. Weight 20."""
-        params: dict[str, str | int] = {}
-        if symbols:
-            params["symbols"] = orjson.dumps(sorted({symbol.upper() for symbol in symbols})).decode()
-        document, body = await self.rest.get_json("/api/v3/exchangeInfo", params, 20)
-        if not isinstance(document, dict) or not isinstance(document.get("symbols"), list):
-            raise UpstreamError(f"GET {self.rest_url}/api/v3/exchangeInfo returned a document without a symbols list")
-        return body
+        return await self.rest.exchange_info(symbols)
 
     # ---- state for diagnostics, metrics and tests ----
 
@@ -773,12 +767,7 @@ class _Slot:
 def _retry_after(error: BaseException) -> float:
     """Seconds a rejected handshake asks us to wait (429/418 carry Retry-After), else 0."""
     if isinstance(error, InvalidStatus):
-        value = error.response.headers.get("Retry-After")
-        if value is not None:
-            try:
-                return max(0.0, float(value))
-            except ValueError:
-                return 0.0
+        return parse_retry_after(error.response.headers.get("Retry-After")) or 0.0
     return 0.0
 
 
