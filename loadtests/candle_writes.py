@@ -41,9 +41,9 @@ from gateway.auth.api_keys import ApiKeys
 from shared.candles.model import Candle
 from shared.candles.postgres import PostgresCandleStore, upsert_arguments
 from shared.db import create_pool, migrate
+from shared.intervals import MINUTE_MS
 
-MINUTE = 60_000
-START = 1_700_000_000_000 // MINUTE * MINUTE
+START = 1_700_000_000_000 // MINUTE_MS * MINUTE_MS
 COLUMNS = (
     "symbol", "kline_interval", "open_time", "close_time", "open", "high", "low", "close", "volume", "quote_volume",
     "trades", "taker_buy_base_volume", "taker_buy_quote_volume",
@@ -68,10 +68,11 @@ Write = Callable[[Any, list[Candle]], Awaitable[None]]
 
 
 def candle_at(index: int) -> Candle:
-    open_time = START + index * MINUTE
+    """The candle with the given minute index; its values depend on the index only (any writer writes the same)."""
+    open_time = START + index * MINUTE_MS
     price = 100 + index % 97
     return Candle(
-        "BTCUSDT", "1m", open_time, open_time + MINUTE - 1, f"{price}.10000000", f"{price + 1}.00000000",
+        "BTCUSDT", "1m", open_time, open_time + MINUTE_MS - 1, f"{price}.10000000", f"{price + 1}.00000000",
         f"{price - 1}.00000000", f"{price}.20000000", f"{index % 13}.00000000", f"{price * (index % 13)}.00000000",
         index % 50, "0.50000000", f"{price / 2:.8f}",
     )  # fmt: skip

@@ -41,10 +41,9 @@ from shared.broker.memory import MemoryBroker
 from shared.candles.model import Candle, CandleStore
 from shared.candles.postgres import PostgresCandleStore
 from shared.db import open_pool
-from shared.intervals import candle_window
+from shared.intervals import HOUR_MS, candle_window
 from shared.settings import Settings
 
-HOUR = 3_600_000
 PATHS = {
     "klines": "/api/v3/klines?symbol=BTCUSDT&interval=1h&limit=1000",
     "technical": "/api/v1/technical/BTCUSDT?interval=1h",
@@ -56,14 +55,14 @@ def history(count: int) -> list[Candle]:
     current = candle_window("1h", int(time.time() * 1000))[0]
     candles = []
     for i in range(count):
-        open_time = current - (count - i) * HOUR
+        open_time = current - (count - i) * HOUR_MS
         price = 90_000 + (i * 37) % 1000 + i
         candles.append(
             Candle(
                 symbol="BTCUSDT",
                 interval="1h",
                 open_time=open_time,
-                close_time=open_time + HOUR - 1,
+                close_time=open_time + HOUR_MS - 1,
                 open=f"{price}.00000000",
                 high=f"{price + 150}.00000000",
                 low=f"{price - 150}.00000000",

@@ -20,6 +20,9 @@ ENV_PREFIX = "PRICEGATE_"
 SOURCES = ("synthetic", "replay", "binance")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+DEFAULT_SYMBOLS: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT")
+BINANCE_WS_URL = "wss://stream.binance.com:9443"
+BINANCE_REST_URL = "https://api.binance.com"
 
 
 def _parse_bool(raw: str) -> bool:
@@ -83,7 +86,7 @@ class Settings:
     history_max_age_s: float = _setting(300.0, "float", "Idle history is dropped after this many seconds.", min=1)
     # --- ingest / sources ---
     symbols: tuple[str, ...] = _setting(
-        ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT"),
+        DEFAULT_SYMBOLS,
         "symbols",
         "Comma-separated market symbols served by the synthetic source (and allowed on the gateway when no "
         "exchangeInfo is cached yet).",
@@ -99,8 +102,8 @@ class Settings:
     always_on_streams: tuple[str, ...] = _setting(
         (), "csv", "Streams ingest always keeps flowing, whether or not a client asks (comma-separated)."
     )
-    binance_ws_url: str = _setting("wss://stream.binance.com:9443", "str", "Binance market-stream base URL.")
-    binance_rest_url: str = _setting("https://api.binance.com", "str", "Binance REST base URL.")
+    binance_ws_url: str = _setting(BINANCE_WS_URL, "str", "Binance market-stream base URL.")
+    binance_rest_url: str = _setting(BINANCE_REST_URL, "str", "Binance REST base URL.")
     upstream_max_streams: int = _setting(
         1024, "int", "Streams per upstream connection (Binance allows 1024).", min=1, max=1024
     )

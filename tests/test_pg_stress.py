@@ -12,9 +12,10 @@ import time
 import pytest
 
 from gateway.auth.api_keys import ApiKeys
-from shared.candles.model import Candle
+from loadtests.candle_writes import START, candle_at
 from shared.candles.postgres import PostgresCandleStore
 from shared.db import open_pool
+from shared.intervals import MINUTE_MS
 from shared.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -23,19 +24,6 @@ WRITERS = 50
 UPSERTS_PER_WRITER = 2000
 BATCH = 100
 READERS = 10
-MINUTE = 60_000
-START = 1_700_000_000_000 // MINUTE * MINUTE
-
-
-def candle_at(index: int) -> Candle:
-    """The candle with the given minute index; its values depend on the index only (any writer writes the same)."""
-    open_time = START + index * MINUTE
-    price = 100 + index % 97
-    return Candle(
-        "BTCUSDT", "1m", open_time, open_time + MINUTE - 1, f"{price}.10000000", f"{price + 1}.00000000",
-        f"{price - 1}.00000000", f"{price}.20000000", f"{index % 13}.00000000", f"{price * (index % 13)}.00000000",
-        index % 50, "0.50000000", f"{price / 2:.8f}",
-    )  # fmt: skip
 
 
 async def test_concurrent_writers_and_key_readers_lose_nothing_and_fail_never(
@@ -77,7 +65,7 @@ async def test_concurrent_writers_and_key_readers_lose_nothing_and_fail_never(
                 found = await keys.lookup(key)
                 assert found is not None and found.label == labels[key]
                 assert await keys.lookup(revoked) is None
-                await store.range("BTCUSDT", "1m", START, START + 100 * MINUTE)
+                await store.range("BTCUSDT", "1m", START, START + 100 * MINUTE_MS)
                 lookups += 1
 
         readers = [asyncio.create_task(reader(n)) for n in range(READERS)]

@@ -23,14 +23,13 @@ from shared.broker.memory import MemoryBroker
 from shared.candles.model import Candle, candle_from_row
 from shared.candles.postgres import PostgresCandleStore
 from shared.db import open_pool
-from shared.intervals import candle_window
+from shared.intervals import HOUR_MS, candle_window
 from shared.settings import Settings
 from tests.fake_binance import FakeBinance, fake_kline_row
 from tests.harness import message, running_gateway
 
 pytestmark = pytest.mark.integration
 
-HOUR = 3_600_000
 SYMBOLS = "BTCUSDT,ETHUSDT,BNBUSDT,SOLUSDT"  # SOLUSDT is unknown to the fake exchange
 
 
@@ -42,7 +41,7 @@ def stored_candle(open_time: int) -> Candle:
     """What ingest stored: deliberately different from the fake exchange's candle for the same hour, so a
     response shows where each candle came from."""
     return Candle(
-        "BTCUSDT", "1h", open_time, open_time + HOUR - 1, "1.00000000", "3.00000000", "0.50000000", "2.00000000",
+        "BTCUSDT", "1h", open_time, open_time + HOUR_MS - 1, "1.00000000", "3.00000000", "0.50000000", "2.00000000",
         "7.00000000", "14.00000000", 3, "1.00000000", "2.00000000",
     )  # fmt: skip
 
@@ -76,7 +75,7 @@ async def test_covered_ranges_come_from_postgresql_and_holes_from_the_exchange(
     store: PostgresCandleStore, fake: FakeBinance, redis_url: str, key_prefix: str
 ) -> None:
     now_hour = current_hour()
-    stored = [stored_candle(now_hour - i * HOUR) for i in range(100, 0, -1)]  # the 100 closed hours before now
+    stored = [stored_candle(now_hour - i * HOUR_MS) for i in range(100, 0, -1)]  # the 100 closed hours before now
     await store.upsert(stored)
     async with (
         running_gateway(MemoryBroker(), candles=store, **gateway_settings(fake, redis_url, key_prefix)) as gateway,
@@ -91,7 +90,7 @@ async def test_covered_ranges_come_from_postgresql_and_holes_from_the_exchange(
 
         newest = await client.get("/api/v3/klines", params={"symbol": "BTCUSDT", "interval": "1h", "limit": 150})
         rows = newest.json()
-        opens = [now_hour - i * HOUR for i in range(149, -1, -1)]
+        opens = [now_hour - i * HOUR_MS for i in range(149, -1, -1)]
         assert [row[0] for row in rows] == opens  # every hour once, oldest first
         by_store = {candle.open_time: candle.kline_row() for candle in stored}
         assert rows == [by_store.get(t, fake_kline_row("BTCUSDT", "1h", t)) for t in opens]
@@ -250,7 +249,7 @@ async def test_technicals_over_stored_and_fetched_candles(
     store: PostgresCandleStore, fake: FakeBinance, redis_url: str, key_prefix: str
 ) -> None:
     now_hour = current_hour()
-    await store.upsert([stored_candle(now_hour - i * HOUR) for i in range(300, 0, -1)])
+    await store.upsert([stored_candle(now_hour - i * HOUR_MS) for i in range(300, 0, -1)])
     async with (
         running_gateway(MemoryBroker(), candles=store, **gateway_settings(fake, redis_url, key_prefix)) as gateway,
         httpx.AsyncClient(base_url=gateway.http_base) as client,

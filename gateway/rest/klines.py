@@ -11,7 +11,6 @@ what the store and the streams have.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 
 from prometheus_client import Counter
@@ -19,14 +18,11 @@ from prometheus_client import Counter
 from shared.binance.rest import BinanceRest
 from shared.broker.contract import Broker
 from shared.candles.model import Candle, CandleStore, MalformedKline, candle_from_event, kline_stream
+from shared.clock import wall_clock_ms
 from shared.errors import BrokerError
 from shared.intervals import candle_window, open_times
 
 logger = logging.getLogger("pricegate.gateway.klines")
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000
 
 
 class KlineSource:

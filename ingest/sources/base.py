@@ -7,11 +7,11 @@ and describes its symbols as a Binance exchangeInfo document. Implemented by the
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 from shared.broker.contract import OutgoingMessage
+from shared.clock import wall_clock_ms as wall_clock_ms  # the sources' default clock, re-exported
 
 Publish = Callable[[Sequence[OutgoingMessage]], Awaitable[None]]
 
@@ -32,7 +32,3 @@ class MarketSource(Protocol):
     async def exchange_info(self) -> bytes:
         """A Binance-layout exchangeInfo document for the symbols this source serves."""
         ...
-
-
-def wall_clock_ms() -> int:
-    return time.time_ns() // 1_000_000

@@ -67,6 +67,7 @@ from shared.binance.rest import BinanceRest
 from shared.binance.weight import parse_retry_after
 from shared.broker.contract import OutgoingMessage
 from shared.errors import ConfigError, ProtocolError
+from shared.settings import BINANCE_REST_URL, BINANCE_WS_URL
 from shared.streams import parse_stream
 
 log = logging.getLogger(__name__)
@@ -157,8 +158,8 @@ class BinanceSource:
 
     def __init__(
         self,
-        ws_url: str = "wss://stream.binance.com:9443",
-        rest_url: str = "https://api.binance.com",
+        ws_url: str = BINANCE_WS_URL,
+        rest_url: str = BINANCE_REST_URL,
         *,
         always_on: Collection[str] = (),
         max_streams_per_connection: int = MAX_STREAMS_PER_CONNECTION,
