@@ -11,9 +11,10 @@ import pytest
 
 from ingest.publish.candle_writer import CandleRecorder
 from ingest.service import IngestService
-from ingest.sources.synthetic.market import SyntheticMarket, symbol_spec
+from ingest.sources.synthetic.market import SyntheticMarket
 from ingest.sources.synthetic.past_candles import synthetic_history
 from ingest.sources.synthetic.source import SyntheticSource
+from ingest.sources.synthetic.symbols import symbol_spec
 from shared.broker.contract import OutgoingMessage
 from shared.broker.memory import MemoryBroker
 from shared.candles.memory import MemoryCandleStore

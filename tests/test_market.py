@@ -16,19 +16,17 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from ingest.sources.synthetic.market import (
-    DEFAULT_SYMBOLS,
-    SyntheticMarket,
-    candle_window,
-    fixed8,
-    symbol_spec,
-)
+from ingest.sources.synthetic.market import SyntheticMarket
+from ingest.sources.synthetic.ohlc import Ohlc
+from ingest.sources.synthetic.rolling import DayWindow
+from ingest.sources.synthetic.symbols import DEFAULT_SYMBOLS, fixed8, symbol_spec
 from shared.binance.exchange_info import (
     SymbolInfo,
     build_exchange_info,
     split_symbol,
     symbols_from_exchange_info,
 )
+from shared.intervals import candle_window
 from shared.streams import DEPTH_LEVELS, KLINE_INTERVALS, MINI_TICKER_ARR, StreamKind, parse_stream
 
 START_MS = 1_767_225_600_000 - 123_457  # deliberately not on a 100 ms boundary
@@ -634,3 +632,29 @@ def test_symbol_info_is_what_build_exchange_info_needs() -> None:
         "maxQty": "90000.00000000",
         "stepSize": "0.01000000",
     }
+
+
+def test_a_bar_without_trades_shows_its_opening_price_and_the_first_trade_replaces_it() -> None:
+    bar = Ohlc(60_000, 120_000, 500)
+    assert (bar.open, bar.high, bar.low, bar.close) == (500, 500, 500, 500)
+    assert (bar.trades, bar.first_id, bar.last_id) == (0, -1, -1)
+    bar.add(7, 510, 3, 1530, True)
+    bar.add(8, 490, 2, 980, False)
+    bar.add(9, 505, 1, 505, True)
+    assert (bar.open, bar.high, bar.low, bar.close) == (510, 510, 490, 505)
+    assert (bar.volume, bar.quote, bar.taker_volume, bar.taker_quote) == (6, 3015, 4, 2035)
+    assert (bar.trades, bar.first_id, bar.last_id) == (3, 7, 9)
+
+
+def test_the_day_window_keeps_one_bucket_per_minute_and_drops_minutes_a_day_old() -> None:
+    day = DayWindow([], prev_close=100)
+    day.add(60_000, 1, 101, 1, 101, True)
+    day.add(119_999, 2, 99, 2, 198, False)
+    day.add(120_000, 3, 103, 1, 103, True)
+    assert [(bucket.open_ms, bucket.trades) for bucket in day.buckets] == [(60_000, 2), (120_000, 1)]
+    assert (day.volume, day.quote, day.trades) == (4, 402, 3)
+    assert day.high_low(last_price=0) == (103, 99)
+    assert not day.expire(86_400_000 + 119_999)
+    assert day.expire(86_400_000 + 120_000)
+    assert (day.prev_close, day.volume, day.quote, day.trades) == (99, 1, 103, 1)
+    assert day.high_low(last_price=0) == (103, 103)

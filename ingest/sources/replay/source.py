@@ -12,7 +12,7 @@ import orjson
 
 from ingest.sources.base import Publish, wall_clock_ms
 from ingest.sources.replay.recording import RecordedFrame, parse_recording_line, read_recording
-from ingest.sources.synthetic.market import symbol_spec
+from ingest.sources.synthetic.symbols import symbol_spec
 from shared.binance.exchange_info import build_exchange_info
 from shared.broker.contract import OutgoingMessage
 from shared.errors import ProtocolError

@@ -16,14 +16,8 @@ import math
 import random
 from collections.abc import Iterable
 
-from ingest.sources.synthetic.market import (
-    ATOMS_PER_UNIT,
-    PRIOR_MINUTE_VOLATILITY,
-    TAKER_NOTIONAL,
-    TRADES_PER_ORDER,
-    fixed8,
-    symbol_spec,
-)
+from ingest.sources.synthetic.symbol_market import PRIOR_MINUTE_VOLATILITY, TAKER_NOTIONAL, TRADES_PER_ORDER
+from ingest.sources.synthetic.symbols import ATOMS_PER_UNIT, fixed8, symbol_spec
 from shared.candles.model import Candle
 from shared.intervals import MINUTE_MS, candle_window
 
