@@ -3,7 +3,8 @@
 a payload is stored with the exchange's own bytes and replayed verbatim. ``RecordingWriter`` writes such a file
 (the live ``pricegate record`` command uses it), ``read_recording`` reads one back as ``RecordedFrame`` values,
 and ``generate_sample`` writes a recording of the synthetic market over simulated time; the shipped
-``ingest/sources/replay/data/synthetic-sample.jsonl`` is made with ``python -m ingest.sources.replay.recording --generate PATH``.
+``ingest/sources/replay/data/synthetic-sample.jsonl`` is made with
+``python -m ingest.sources.replay.recording --generate PATH``.
 """
 
 from __future__ import annotations
