@@ -24,7 +24,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from gateway.node import GatewayNode
 from gateway.rest import params
 from gateway.rest.cache import MemoryResponseCache, RedisResponseCache, ResponseCache, Served, SingleFlight
 from gateway.rest.klines import KlineSource
@@ -32,8 +31,10 @@ from gateway.rest.market_data import LiveMarket
 from gateway.rest.params import Query, RestError
 from gateway.rest.technicals import analyse, technicals_json
 from gateway.rest.weights import WeightLimiter
+from gateway.symbols import SymbolDirectory
 from shared.binance.rest import BinanceRest, RestRefused
 from shared.binance.weight import IP_WEIGHT_LIMIT_PER_MIN
+from shared.broker.contract import Broker
 from shared.candles.model import CandleStore, klines_json
 from shared.errors import PricegateError
 from shared.settings import Settings
@@ -95,7 +96,9 @@ class RestApi:
     def __init__(
         self,
         settings: Settings,
-        node: GatewayNode,
+        broker: Broker,
+        symbols: SymbolDirectory,
+        registry: CollectorRegistry,
         *,
         candles: CandleStore | None,
         cache: ResponseCache | None = None,
@@ -105,8 +108,8 @@ class RestApi:
         """Without ``cache``: Redis when ``redis_url`` is set, else in memory. Without ``exchange``: the
         exchange's REST API when the market source is Binance, else none (serve what the store has)."""
         self.settings = settings
-        self.node = node
-        self.metrics = RestMetrics(node.metrics.registry)
+        self.symbols = symbols
+        self.metrics = RestMetrics(registry)
         self._clock = clock
         if cache is None:
             cache = (
@@ -138,9 +141,9 @@ class RestApi:
             passthrough=(RestError, RestRefused),
             clock=clock,
         )
-        self.klines = KlineSource(candles, exchange, node.broker, served=self.metrics.candles)
+        self.klines = KlineSource(candles, exchange, broker, served=self.metrics.candles)
         self.market = LiveMarket(
-            node.broker, kline_intervals=settings.candle_intervals, demand_ttl_s=settings.demand_ttl_s, clock=clock
+            broker, kline_intervals=settings.candle_intervals, demand_ttl_s=settings.demand_ttl_s, clock=clock
         )
         self.limiter = WeightLimiter(settings.rest_weight_limit_per_min)
         self._info_source: bytes | None = None
@@ -228,10 +231,10 @@ class RestApi:
         return Reply(orjson.dumps({"serverTime": int(self._clock() * 1000)}))
 
     async def exchange_info(self, request: Request, query: Query) -> Reply:
-        document = self.node.exchange_info or await self.node.load_exchange_info()
+        document = self.symbols.exchange_info or await self.symbols.load()
         if document is None:
             raise RestError(-1001, "exchangeInfo not available yet; retry shortly.", 503)
-        wanted = params.one_or_many_symbols(query, self.node.known_symbols)
+        wanted = params.one_or_many_symbols(query, self.symbols.known)
         if wanted is None:
             return Reply(document)
         if document is not self._info_source:
@@ -240,7 +243,7 @@ class RestApi:
         return Reply(orjson.dumps({**self._info, "symbols": [by_symbol[symbol] for symbol in wanted]}))
 
     async def klines_endpoint(self, request: Request, query: Query) -> Reply:
-        wanted = params.klines_request(query, self.node.known_symbols)
+        wanted = params.klines_request(query, self.symbols.known)
 
         async def compute() -> bytes:
             candles = await self.klines.klines(
@@ -252,7 +255,7 @@ class RestApi:
         return Reply(served.body, served)
 
     async def technical(self, request: Request, query: Query) -> Reply:
-        symbol = params.check_symbol(str(request.path_params["symbol"]).upper(), self.node.known_symbols)
+        symbol = params.check_symbol(str(request.path_params["symbol"]).upper(), self.symbols.known)
         interval = params.optional(query, "interval") or DEFAULT_TECHNICALS_INTERVAL
         if interval not in KLINE_INTERVALS:
             raise RestError(-1120, "Invalid interval.")
@@ -267,10 +270,10 @@ class RestApi:
         return Reply(served.body, served)
 
     async def ticker_price(self, request: Request, query: Query) -> Reply:
-        wanted = params.one_or_many_symbols(query, self.node.known_symbols)
+        wanted = params.one_or_many_symbols(query, self.symbols.known)
         if wanted is None and self.exchange is not None:
             return await self._all_exchange_prices(self.exchange)
-        symbols = wanted if wanted is not None else sorted(self.node.known_symbols)
+        symbols = wanted if wanted is not None else sorted(self.symbols.known)
         prices = dict(zip(symbols, await asyncio.gather(*(self.market.price(s) for s in symbols)), strict=True))
         missing = [symbol for symbol, price in prices.items() if price is None]
         served: Served | None = None
@@ -312,7 +315,7 @@ class RestApi:
         return served, fetched
 
     async def depth(self, request: Request, query: Query) -> Reply:
-        symbol = params.symbol(query, self.node.known_symbols)
+        symbol = params.symbol(query, self.symbols.known)
         limit = params.limit(query, default=params.DEPTH_DEFAULT_LIMIT, maximum=params.DEPTH_MAX_LIMIT, clamp=True)
         book = await self.market.book(symbol, limit)
         if book is not None and (book.levels >= limit or self.exchange is None):
