@@ -15,6 +15,8 @@ from starlette.applications import Starlette
 from gateway.app import BackgroundJob, create_app
 from gateway.node import GatewayNode
 from gateway.server import bound_port, uvicorn_config
+from gateway.ws.session import Session
+from gateway.ws.uvicorn_protocol import PricegateWebSocketProtocol
 from shared.broker.contract import Broker, OutgoingMessage
 from shared.candles.model import CandleStore
 from shared.settings import Settings
@@ -40,6 +42,14 @@ class RunningGateway:
     @property
     def http_base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+def native(session: Session) -> PricegateWebSocketProtocol:
+    """The session's connection, for tests that need it at socket level (a native connection, not the ASGI
+    fallback)."""
+    connection = session.connection
+    assert isinstance(connection, PricegateWebSocketProtocol)
+    return connection
 
 
 @contextlib.asynccontextmanager

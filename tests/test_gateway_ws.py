@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import orjson
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from shared.broker.memory import MemoryBroker
 from shared.settings import Settings
-from tests.harness import message, running_gateway
+from tests.harness import RunningGateway, message, native, running_gateway
 from tests.polling import eventually
 
 EXCHANGE_INFO = orjson.dumps(
@@ -23,12 +25,15 @@ EXCHANGE_INFO = orjson.dumps(
 )
 
 
-async def recv_json(ws: object, timeout: float = 3.0) -> object:
-    return json.loads(await asyncio.wait_for(ws.recv(), timeout))  # type: ignore[attr-defined]
+async def recv_json(ws: ClientConnection, timeout: float = 3.0) -> Any:
+    return json.loads(await asyncio.wait_for(ws.recv(), timeout))
+
+
+Gateway = tuple[RunningGateway, MemoryBroker]
 
 
 @pytest.fixture
-async def gateway():  # type: ignore[no-untyped-def]
+async def gateway() -> AsyncIterator[Gateway]:
     broker = MemoryBroker()
     async with running_gateway(broker) as running:
         await broker.put_exchange_info(EXCHANGE_INFO)
@@ -36,12 +41,14 @@ async def gateway():  # type: ignore[no-untyped-def]
         yield running, broker
 
 
-async def publish_when_subscribed(gw, broker, stream: str, payload: dict) -> None:  # type: ignore[no-untyped-def]
+async def publish_when_subscribed(
+    gw: RunningGateway, broker: MemoryBroker, stream: str, payload: dict[str, Any]
+) -> None:
     await eventually(lambda: stream in gw.node.relay.active, what="the relay's subscription to the stream")
     await broker.publish([message(stream, payload)])
 
 
-async def test_raw_path_stream_delivers_payload_bytes_verbatim(gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_raw_path_stream_delivers_payload_bytes_verbatim(gateway: Gateway) -> None:
     gw, broker = gateway
     async with connect(f"{gw.ws_base}/ws/btcusdt@trade") as ws:
         await eventually(
@@ -54,14 +61,14 @@ async def test_raw_path_stream_delivers_payload_bytes_verbatim(gateway) -> None:
         assert await asyncio.wait_for(ws.recv(decode=False), 3) == payload
 
 
-async def test_combined_path_wraps_in_envelope(gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_combined_path_wraps_in_envelope(gateway: Gateway) -> None:
     gw, broker = gateway
     async with connect(f"{gw.ws_base}/stream?streams=btcusdt@trade/ETHUSDT@bookTicker") as ws:
         await publish_when_subscribed(gw, broker, "ethusdt@bookTicker", {"u": 1, "s": "ETHUSDT"})
         assert await recv_json(ws) == {"stream": "ethusdt@bookTicker", "data": {"u": 1, "s": "ETHUSDT"}}
 
 
-async def test_subscribe_list_unsubscribe_and_properties(gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_subscribe_list_unsubscribe_and_properties(gateway: Gateway) -> None:
     gw, broker = gateway
     async with connect(f"{gw.ws_base}/ws") as ws:
         await ws.send('{"method":"SUBSCRIBE","params":["btcusdt@trade","btcusdt@depth5@1000ms"],"id":1}')
@@ -81,7 +88,7 @@ async def test_subscribe_list_unsubscribe_and_properties(gateway) -> None:  # ty
         await eventually(lambda: "btcusdt@trade" not in gw.node.relay.active, what="the relay to drop btcusdt@trade")
 
 
-async def test_bad_input_gets_binance_errors_and_connection_lives(gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_bad_input_gets_binance_errors_and_connection_lives(gateway: Gateway) -> None:
     gw, broker = gateway
     async with connect(f"{gw.ws_base}/ws", max_size=None) as ws:
         bad_frames = [
@@ -109,7 +116,7 @@ async def test_bad_input_gets_binance_errors_and_connection_lives(gateway) -> No
         assert await recv_json(ws) == {"e": "trade", "t": 2}
 
 
-async def test_oversized_frame_closes_1009_and_others_unaffected(gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_oversized_frame_closes_1009_and_others_unaffected(gateway: Gateway) -> None:
     gw, broker = gateway
     async with connect(f"{gw.ws_base}/ws/btcusdt@trade") as bystander:
         async with connect(f"{gw.ws_base}/ws", max_size=None) as attacker:
@@ -121,20 +128,20 @@ async def test_oversized_frame_closes_1009_and_others_unaffected(gateway) -> Non
         assert await recv_json(bystander) == {"e": "trade", "t": 3}
 
 
-async def test_non_utf8_text_closes_1007(gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_non_utf8_text_closes_1007(gateway: Gateway) -> None:
     gw, _ = gateway
     async with connect(f"{gw.ws_base}/ws") as ws:
         # websockets refuses to send invalid UTF-8 as text; write a raw masked text frame instead.
         from websockets.frames import Frame, Opcode
 
         ws.protocol.send_frame(Frame(Opcode.TEXT, b"\xff\xfe"))
-        ws.send_data()  # type: ignore[attr-defined]
+        ws.send_data()
         with pytest.raises(ConnectionClosed) as closed:
             await asyncio.wait_for(ws.recv(), 3)
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1007
 
 
-async def test_control_rate_limit_closes_1008(gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_control_rate_limit_closes_1008(gateway: Gateway) -> None:
     gw, _ = gateway
     async with connect(f"{gw.ws_base}/ws") as ws:
         for index in range(30):
@@ -145,7 +152,7 @@ async def test_control_rate_limit_closes_1008(gateway) -> None:  # type: ignore[
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
-async def test_rest_start_up_endpoints(gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_rest_start_up_endpoints(gateway: Gateway) -> None:
     gw, _ = gateway
     async with httpx.AsyncClient(base_url=gw.http_base) as client:
         assert (await client.get("/api/v3/ping")).json() == {}
@@ -160,7 +167,7 @@ async def test_rest_start_up_endpoints(gateway) -> None:  # type: ignore[no-unty
         assert "pricegate_gateway_pubsub_lag_seconds_bucket" in metrics
 
 
-async def test_one_broker_subscription_for_many_clients(gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_one_broker_subscription_for_many_clients(gateway: Gateway) -> None:
     gw, broker = gateway
     clients = [await connect(f"{gw.ws_base}/ws/btcusdt@bookTicker") for _ in range(50)]
     try:
@@ -177,7 +184,7 @@ async def test_one_broker_subscription_for_many_clients(gateway) -> None:  # typ
     assert broker._subscribed == set()
 
 
-async def test_live_ticker_page_is_served(gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_live_ticker_page_is_served(gateway: Gateway) -> None:
     gw, _ = gateway
     async with httpx.AsyncClient(base_url=gw.http_base) as client:
         page = await client.get("/")
@@ -187,7 +194,9 @@ async def test_live_ticker_page_is_served(gateway) -> None:  # type: ignore[no-u
     assert "/api/v3/exchangeInfo" in page.text and "/stream?streams=" in page.text
 
 
-async def expect_rounds(single, combined, streams: list[str], rounds: range) -> None:  # type: ignore[no-untyped-def]
+async def expect_rounds(
+    single: dict[str, list[ClientConnection]], combined: ClientConnection, streams: list[str], rounds: range
+) -> None:
     for stream, clients in single.items():
         for client in clients:
             assert [(await recv_json(client))["t"] for _ in rounds] == list(rounds), stream
@@ -228,14 +237,14 @@ async def test_chunked_flushes_deliver_every_message_in_order() -> None:
                 await client.close()
 
 
-async def test_native_sessions_share_one_keepalive_timer(gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_native_sessions_share_one_keepalive_timer(gateway: Gateway) -> None:
     gw, _ = gateway
     clients = [await connect(f"{gw.ws_base}/ws/btcusdt@trade") for _ in range(10)]
     try:
         await eventually(lambda: len(gw.node.sessions) == 10, what="10 sessions")
         assert len(gw.node.keepalive) == 10
         # No per-connection timers: the node's schedule pings them (uvicorn would hold a ping timer each).
-        assert all(session.connection.ping_timer is None for session in gw.node.sessions)
+        assert all(native(session).ping_timer is None for session in gw.node.sessions)
     finally:
         for client in clients:
             await client.close()
@@ -253,7 +262,7 @@ async def test_client_sockets_get_a_fixed_kernel_send_buffer() -> None:
             async with connect(f"{gw.ws_base}/ws/btcusdt@trade"):
                 await eventually(lambda: len(gw.node.sessions) == 1, what="the session")
                 (session,) = gw.node.sessions
-                sock = session.connection.transport.get_extra_info("socket")
+                sock = native(session).transport.get_extra_info("socket")
                 sndbuf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
                 if setting:
                     assert sndbuf == 2 * setting

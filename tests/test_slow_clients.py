@@ -28,10 +28,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from gateway.ws.close_codes import REASONS, CloseCode
 from gateway.ws.frames import encode_text_frames
 from gateway.ws.session import Session
-from gateway.ws.uvicorn_protocol import PricegateWebSocketProtocol
 from shared.broker.contract import OutgoingMessage
 from shared.broker.memory import MemoryBroker
-from tests.harness import RunningGateway, running_gateway
+from tests.harness import RunningGateway, native, running_gateway
 from tests.polling import eventually
 
 pytestmark = pytest.mark.timeout(60)
@@ -41,13 +40,6 @@ BOOK = "btcusdt@bookTicker"
 BUFFER = 64 * 1024  # client_buffer_bytes for these tests
 PAD = b"x" * 960  # payloads of ~1 KB
 OP_TEXT, OP_CLOSE, OP_PING = 0x1, 0x8, 0x9
-
-
-def native(session: Session) -> PricegateWebSocketProtocol:
-    """The session's connection, which these tests need at socket level (always native here)."""
-    connection = session.connection
-    assert isinstance(connection, PricegateWebSocketProtocol)
-    return connection
 
 
 def socket_buffered(session: Session) -> int:
