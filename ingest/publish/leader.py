@@ -11,7 +11,7 @@ Stopping at once on loss: a renewal that fails, for whatever reason (refused bec
 Redis unreachable, too slow), ends this process's leadership immediately, and :meth:`LeaderLease.holds` also turns
 false as soon as the local clock passes the last successful renewal's start plus the TTL, even if this loop could
 not run (a process paused by the OS). The guarantee does not rest on this process noticing, though: every publish
-carries the lease token and Redis checks it in the same script that writes (``shared.broker.redis``), so a process
+carries the lease token and Redis checks it in the same script that writes (``shared.redis.scripts``), so a process
 that lost the lease cannot publish even once, however late it notices.
 
 Why not redis-py's ``Lock``: its ``extend()`` adds to the remaining TTL by default (renewing every second with
