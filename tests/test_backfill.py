@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import orjson
@@ -37,9 +38,9 @@ TRADE = "btcusdt@trade"
 ID_KEY = {AGG: "a", TRADE: "t"}
 
 
-def fast_backoff() -> AsyncIterator[float]:
+def fast_backoff() -> Iterator[float]:
     while True:
-        yield 0.05  # type: ignore[misc]
+        yield 0.05
 
 
 @contextlib.asynccontextmanager
@@ -92,9 +93,9 @@ async def test_a_drop_mid_burst_is_backfilled_in_order_through_429_and_418(redis
         missed_up_to = {stream: sent_ids(fake, stream)[-1] for stream in (AGG, TRADE)}
         for stream in (AGG, TRADE):
             await eventually(
-                lambda s=stream: _reaches(broker, s, missed_up_to[s] + 5),
+                functools.partial(_reaches, broker, stream, missed_up_to[stream] + 5),
                 timeout=15,
-                what=f"{stream} past the drop",  # type: ignore[misc]
+                what=f"{stream} past the drop",
             )
         for stream in (AGG, TRADE):
             ids = await published_ids(broker, stream)
@@ -114,8 +115,10 @@ async def test_a_drop_mid_burst_is_backfilled_in_order_through_429_and_418(redis
         # (The two backfills asked at once, so the 418 answered a request already on its way when the 429 came.)
         assert calls[2][0] - max(calls[0][0], calls[1][0]) >= 0.95
         # Weight as the exchange reports it (X-MBX-USED-WEIGHT-1M), never past our share.
-        assert service.source.rest.budget.used >= 4 + 25  # type: ignore[attr-defined]
-        assert service.source.rest.rate_limited == {429: 1, 418: 1}  # type: ignore[attr-defined]
+        source = service.source
+        assert isinstance(source, BinanceSource)
+        assert source.rest.budget.used >= 4 + 25
+        assert source.rest.rate_limited == {429: 1, 418: 1}
         # All of it is visible on ingest's /metrics.
         scraped = scrape(metrics)
         assert scraped[("pricegate_ingest_is_leader", ())] == 1
@@ -160,7 +163,7 @@ async def test_what_cannot_be_backfilled_is_counted_and_logged(
         overrides = {"backfill_max_trades": 10, "backfill_trades": False}
     async with (
         FakeBinance(keep_trading=True, data_interval_s=0.05) as fake,
-        ingest(fake, redis_url, key_prefix, **overrides) as (_, broker, metrics),
+        ingest(fake, redis_url, key_prefix, leased=False, **overrides) as (_, broker, metrics),
     ):
         await eventually(lambda: _has(broker, 5), timeout=5, what="live trades")
         if case == "banned":
@@ -168,7 +171,8 @@ async def test_what_cannot_be_backfilled_is_counted_and_logged(
         last_live = {stream: sent_ids(fake, stream)[-1] for stream in (AGG, TRADE)}
         await fake.drop_mid_burst([AGG, TRADE], count=40, delivered=0)
         for stream in (AGG, TRADE):
-            await eventually(lambda s=stream: _reaches(broker, s, last_live[s] + 50), timeout=10, what=stream)  # type: ignore[misc]
+            reached = functools.partial(_reaches, broker, stream, last_live[stream] + 50)
+            await eventually(reached, timeout=10, what=stream)
         for stream, kind in ((AGG, "aggTrade"), (TRADE, "trade")):
             ids = await published_ids(broker, stream)
             holes = [(a + 1, b - 1) for a, b in itertools.pairwise(ids) if b != a + 1]
@@ -231,7 +235,7 @@ async def test_a_restarted_ingest_backfills_what_was_missed_while_it_was_down(re
         async with ingest(fake, redis_url, key_prefix, leased=True) as (_, broker, metrics):
             targets = {stream: sent_ids(fake, stream)[-1] + 5 for stream in (AGG, TRADE)}
             for stream in (AGG, TRADE):
-                await eventually(lambda s=stream: _reaches(broker, s, targets[s]), timeout=10, what=stream)  # type: ignore[misc]
+                await eventually(functools.partial(_reaches, broker, stream, targets[stream]), timeout=10, what=stream)
                 ids = await published_ids(broker, stream)
                 assert ids == list(range(ids[0], ids[-1] + 1)), stream
             assert metrics.backfilled.labels(kind="aggTrade")._value.get() >= 15

@@ -7,7 +7,7 @@ with every event delivered exactly once, in order."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 
 import orjson
 import pytest
@@ -21,9 +21,9 @@ from tests.test_upstream import running
 pytestmark = pytest.mark.timeout(60)
 
 
-def fast_backoff() -> AsyncIterator[float]:
+def fast_backoff() -> Iterator[float]:
     while True:
-        yield 0.01  # type: ignore[misc]
+        yield 0.01
 
 
 @pytest.mark.parametrize("per_connection", [1024, 600])
