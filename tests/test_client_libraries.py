@@ -202,7 +202,9 @@ async def test_python_binance_raw_sockets(
         async with quick_exit(socket) as connection:
             await publish_when_subscribed(gw, broker, stream, payload)
             assert await asyncio.wait_for(connection.recv(), 3) == orjson.loads(payload), stream
-        await eventually(lambda stream=stream: stream not in gw.node.relay.active, what="the relay to drop the stream")
+        await eventually(
+            lambda: stream not in gw.node.relay.active, what="the relay to drop the stream"  # noqa: B023
+        )
     await eventually(lambda: not gw.node.sessions, what="every session closed")
 
 

@@ -30,8 +30,9 @@ from websockets.exceptions import ConnectionClosed
 from ingest.service import IngestService
 from ingest.sources.replay.recording import SAMPLE_PATH, read_recording
 from ingest.sources.synthetic.source import SyntheticSource
+from shared.broker.contract import OutgoingMessage
 from shared.broker.memory import MemoryBroker
-from shared.frames import combined_frame
+from shared.frames import Publication, combined_frame
 from shared.settings import Settings
 from tests.fake_binance import FakeBinance
 from tests.polling import eventually
@@ -402,9 +403,11 @@ class SwallowingBroker(MemoryBroker):
             except asyncio.CancelledError:
                 pass  # lost: the call returns normally
 
-    async def publish(self, messages):  # type: ignore[no-untyped-def]
+    async def publish(
+        self, messages: Sequence[OutgoingMessage], *, fencing_token: str | None = None
+    ) -> list[Publication]:
         await self._maybe_swallow("publish")
-        return await super().publish(messages)
+        return await super().publish(messages, fencing_token=fencing_token)
 
     async def publish_heartbeat(self, now_ms: int) -> None:
         await self._maybe_swallow("publish_heartbeat")

@@ -102,13 +102,12 @@ def test_quick_mode_plumbing_at_tiny_scale(tmp_path: Path) -> None:
 async def test_packed_publisher_sends_exactly_what_redis_broker_publish_sends(monkeypatch: pytest.MonkeyPatch) -> None:
     from redis.asyncio.connection import Connection
 
-    import shared.broker.redis
     from loadtests.publisher import PackedScript, record_publish
     from shared.broker.contract import OutgoingMessage
     from shared.broker.redis import RedisBroker
 
     # The candidate epoch (used only by a channel that has none) is drawn per publish call: fix it.
-    monkeypatch.setattr(shared.broker.redis.random, "randrange", lambda *_: 4242)
+    monkeypatch.setattr("shared.broker.redis.random.randrange", lambda *_: 4242)
     broker = RedisBroker("redis://127.0.0.1:1/0", prefix="pgbench:test", history_maxlen=1000, history_max_age_s=300)
     broker._script_sha = "0123456789abcdef0123456789abcdef01234567"
     packed = await PackedScript.from_broker(broker, STREAMS)

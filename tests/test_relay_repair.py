@@ -112,7 +112,7 @@ class Rig:
         but its PUBLISH goes to a channel no gateway reads."""
         keys = ChannelNamer(self.prefix, "binance").keys(STREAM)
         for payload in payloads:
-            await self.redis.eval(  # type: ignore[misc]  # redis-py types eval() as sync-or-async
+            await self.redis.eval(
                 PUBLISH_SCRIPT, 4, keys.epoch, keys.seq, keys.history, keys.last,
                 f"{self.prefix}:nobody-listens", random.randrange(1, 2**31), time.time_ns() // 1_000_000,
                 payload, 0, self.ingest.history_maxlen, 300_000,

@@ -149,7 +149,7 @@ async def test_the_open_candle_comes_from_the_kline_streams_last_value(
 
 
 async def test_repeated_requests_are_served_from_the_cache(client: httpx.AsyncClient) -> None:
-    query = {"symbol": "BTCUSDT", "interval": "1h", "limit": 50}
+    query: dict[str, str | int] = {"symbol": "BTCUSDT", "interval": "1h", "limit": 50}
     first = await client.get("/api/v3/klines", params=query)
     second = await client.get("/api/v3/klines", params=query)
     assert first.headers["x-pricegate-cache"] == "miss" and second.headers["x-pricegate-cache"] == "hit"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 
 import orjson
 import pytest
@@ -79,8 +80,8 @@ class RecordedBackoff:
             yield 0.0
 
 
-def source_for(fake: FakeBinance, **kwargs: object) -> BinanceSource:
-    return BinanceSource(fake.ws_url, fake.rest_url, **kwargs)  # type: ignore[arg-type]
+def source_for(fake: FakeBinance, **kwargs: Any) -> BinanceSource:
+    return BinanceSource(fake.ws_url, fake.rest_url, **kwargs)
 
 
 def assert_run(received: Sequence[bytes], sent: Sequence[bytes]) -> None:
