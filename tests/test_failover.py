@@ -14,12 +14,13 @@ import re
 import signal
 import time
 from collections.abc import AsyncIterator
+from typing import cast
 
 import httpx
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 
 from shared.streams import ChannelNamer
 from tests.fake_binance import FakeBinance
@@ -76,8 +77,16 @@ async def leader_pid(redis_url: str, prefix: str) -> int:
         token = await client.get(ChannelNamer(prefix, "binance").leader_key)
     finally:
         await client.aclose()
-    assert token is not None, "nobody holds the lease"
+    assert isinstance(token, bytes), "nobody holds the lease"
     return int(token.decode().split(":")[1])  # <host>:<pid>:<random>
+
+
+# XRANGE as redis-py returns it from a client that does not decode responses: (entry id, fields) in bytes.
+HistoryEntries = list[tuple[bytes, dict[bytes, bytes]]]
+
+
+async def history_entries(client: aioredis.Redis, key: str) -> HistoryEntries:
+    return cast(HistoryEntries, await client.xrange(key))
 
 
 def took_lease(process: PricegateProcess) -> bool:
@@ -117,8 +126,8 @@ async def test_kill_9_the_leader_a_standby_takes_over_without_duplicates_or_gaps
 
         frames: list[tuple[float, str, int]] = []
 
-        async def read(ws: object) -> None:
-            async for raw in ws:  # type: ignore[attr-defined]
+        async def read(ws: ClientConnection) -> None:
+            async for raw in ws:
                 frame = orjson.loads(raw)
                 if "stream" in frame:
                     frames.append((time.monotonic(), frame["stream"], frame["data"][ID_KEY[frame["stream"]]]))
@@ -161,7 +170,7 @@ async def test_kill_9_the_leader_a_standby_takes_over_without_duplicates_or_gaps
         client = aioredis.from_url(redis_url)
         try:
             keys = ChannelNamer(key_prefix, "binance").keys("btcusdt@aggTrade")
-            entries = await client.xrange(keys.history)
+            entries = await history_entries(client, keys.history)
         finally:
             await client.aclose()
         seqs = [int(entry_id.decode().split("-")[0]) for entry_id, _ in entries]
@@ -205,7 +214,7 @@ async def test_a_paused_leader_loses_the_lease_and_steps_down_when_resumed(redis
         client = aioredis.from_url(redis_url)
         try:
             for stream in STREAMS:
-                entries = await client.xrange(ChannelNamer(key_prefix, "binance").keys(stream).history)
+                entries = await history_entries(client, ChannelNamer(key_prefix, "binance").keys(stream).history)
                 ids = [orjson.loads(fields[b"e"].split(b":", 3)[3])[ID_KEY[stream]] for _, fields in entries]
                 assert_contiguous(ids, stream)
         finally:

@@ -32,6 +32,13 @@ def agg(trade_id: int) -> OutgoingMessage:
     return OutgoingMessage(TRADE, b'{"e":"aggTrade","a":%d}' % trade_id, False, EventId(trade_id, trade_id, 1))
 
 
+async def stored(client: aioredis.Redis, key: str) -> bytes:
+    """A key's value as Redis holds it (the ``plain`` client does not decode responses)."""
+    value = await client.get(key)
+    assert isinstance(value, bytes), (key, value)
+    return value
+
+
 @pytest.fixture
 async def plain(redis_url: str, key_prefix: str) -> AsyncIterator[aioredis.Redis]:
     client = aioredis.from_url(redis_url)
@@ -102,7 +109,7 @@ async def test_a_fenced_publish_needs_the_lease_atomically(
         await plain.set(namer.leader_key, "successor")
         with pytest.raises(NotLeaderError, match="0/2"):
             await broker.publish([agg(2), agg(3)], fencing_token="me")
-        assert int(await plain.get(keys.seq)) == 1
+        assert int(await stored(plain, keys.seq)) == 1
         # Unfenced publishing (the demo, tests) is not checked at all.
         assert [p.seq for p in await broker.publish([agg(2)])] == [2]
 
@@ -163,7 +170,7 @@ async def test_one_holder_and_takeover_after_the_holder_dies(
         async with lease_running(second, seen_second) as second_task:
             await asyncio.sleep(2 * TTL_S)  # renewed all along: the second never gets it
             assert first.holds() and not second.is_leader and seen_second.events == []
-            assert second.holder == first.token and (await plain.get(key)).decode() == first.token
+            assert second.holder == first.token and (await stored(plain, key)).decode() == first.token
             assert first.renewals >= 7
             # The holder dies without releasing (kill -9): the key expires, the standby takes it.
             first._leader = False  # so cancelling it does not count as a clean stop
@@ -209,7 +216,7 @@ async def test_a_holder_that_cannot_renew_stops_at_once(redis_url: str, key_pref
         assert seen.events[2] == "acquired"
         # Server-wide, so kept short, but long enough that a whole renewal period plus the lease's own socket timeout,
         # min(renew, TTL / 3), fit inside it: some renewal surely starts and times out while Redis is paused.
-        await plain.execute_command("CLIENT", "PAUSE", 600, "WRITE")
+        await plain.client_pause(600, all=False)  # CLIENT PAUSE 600 WRITE
         await eventually(lambda: len(seen.events) >= 4, timeout=2 * TTL_S, what="stepping down on a failed renewal")
         assert seen.events[3] == "lost:error"
         # ... and, still owning the key, takes it back once Redis answers again.
@@ -249,14 +256,14 @@ async def test_a_paused_ex_leader_cannot_publish_even_once(
         await plain.set(namer.leader_key, "old-leader")
         await publisher.take_over()
         await publisher.publish([agg(1)])
-        assert int(await plain.get(namer.keys(TRADE).seq)) == 1
+        assert int(await stored(plain, namer.keys(TRADE).seq)) == 1
         await plain.set(namer.leader_key, "new-leader")  # the lease moved while the old leader was paused
         await publisher.publish([agg(2)])
-        assert int(await plain.get(namer.keys(TRADE).seq)) == 1  # nothing more was published
+        assert int(await stored(plain, namer.keys(TRADE).seq)) == 1  # nothing more was published
         assert not publisher.active and metrics.is_leader._value.get() == 0
         assert publisher.standby.drain(publisher._clock()) == [agg(2)]
         await publisher.publish([agg(3)])  # a standby buffers from then on
-        assert int(await plain.get(namer.keys(TRADE).seq)) == 1
+        assert int(await stored(plain, namer.keys(TRADE).seq)) == 1
 
 
 async def test_the_lease_loop_stops_even_when_a_redis_call_loses_the_cancellation(redis_url: str) -> None:
@@ -266,7 +273,7 @@ async def test_the_lease_loop_stops_even_when_a_redis_call_loses_the_cancellatio
     class Swallowing(LeaderLease):
         inside = asyncio.Event()
 
-        async def _try_acquire(self, *args: object) -> None:  # type: ignore[override]
+        async def _try_acquire(self, *args: object) -> None:
             self.inside.set()
             try:
                 await asyncio.sleep(0.2)
