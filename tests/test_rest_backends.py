@@ -106,7 +106,7 @@ async def test_covered_ranges_come_from_postgresql_and_holes_from_the_exchange(
 async def test_responses_are_cached_in_redis_under_a_versioned_key(
     store: PostgresCandleStore, fake: FakeBinance, redis_url: str, key_prefix: str
 ) -> None:
-    query = {"symbol": "ETHUSDT", "interval": "1h", "limit": 10}
+    query: dict[str, str | int] = {"symbol": "ETHUSDT", "interval": "1h", "limit": 10}
     async with (
         running_gateway(MemoryBroker(), candles=store, **gateway_settings(fake, redis_url, key_prefix)) as gateway,
         httpx.AsyncClient(base_url=gateway.http_base) as client,
@@ -118,7 +118,9 @@ async def test_responses_are_cached_in_redis_under_a_versioned_key(
     client_redis = aioredis.from_url(redis_url)
     try:
         key = f"{key_prefix}:cache:v1:klines:ETHUSDT:1h:None:None:10"
-        stamp, _, body = (await client_redis.get(key)).partition(b":")
+        cached = await client_redis.get(key)
+        assert isinstance(cached, bytes), cached
+        stamp, _, body = cached.partition(b":")
         assert body == first.content and abs(int(stamp) - time.time() * 1000) < 10_000
         ttl = await client_redis.ttl(key)
         assert 60 < ttl <= 60 + 900  # fresh for cache_ttl_klines_s, then kept cache_stale_s to serve stale
@@ -130,7 +132,7 @@ async def test_concurrent_identical_misses_make_one_exchange_call(
     store: PostgresCandleStore, fake: FakeBinance, redis_url: str, key_prefix: str
 ) -> None:
     fake.rest_delay_s = 0.3
-    query = {"symbol": "BNBUSDT", "interval": "1h", "limit": 20}
+    query: dict[str, str | int] = {"symbol": "BNBUSDT", "interval": "1h", "limit": 20}
     async with (
         running_gateway(MemoryBroker(), candles=store, **gateway_settings(fake, redis_url, key_prefix)) as gateway,
         httpx.AsyncClient(base_url=gateway.http_base) as client,
@@ -149,7 +151,7 @@ async def test_replicas_elect_one_caller_through_a_redis_lock(
     store: PostgresCandleStore, fake: FakeBinance, redis_url: str, key_prefix: str
 ) -> None:
     fake.rest_delay_s = 0.3
-    query = {"symbol": "BTCUSDT", "interval": "4h", "limit": 30}
+    query: dict[str, str | int] = {"symbol": "BTCUSDT", "interval": "4h", "limit": 30}
     settings = gateway_settings(fake, redis_url, key_prefix)
     async with (
         running_gateway(MemoryBroker(), candles=store, **settings) as one,
@@ -168,7 +170,7 @@ async def test_an_exchange_failure_serves_the_last_good_body_marked_stale(
 ) -> None:
     # Fresh for no time at all: the cached body is stale from the start (kept cache_stale_s), with no wait.
     settings = gateway_settings(fake, redis_url, key_prefix, cache_ttl_klines_s="0")
-    query = {"symbol": "ETHUSDT", "interval": "1d", "limit": 5}
+    query: dict[str, str | int] = {"symbol": "ETHUSDT", "interval": "1d", "limit": 5}
     async with (
         running_gateway(MemoryBroker(), candles=store, **settings) as gateway,
         httpx.AsyncClient(base_url=gateway.http_base) as client,
