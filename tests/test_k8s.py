@@ -307,19 +307,21 @@ def reference_problems(docs: list[Obj]) -> list[str]:
         for rule in ingress["spec"]["rules"]:
             for path in rule["http"]["paths"]:
                 backend = path["backend"]["service"]
-                service = next((s for s in services if s["metadata"]["name"] == backend["name"]), None)
-                if service is None:
+                backend_service = next((s for s in services if s["metadata"]["name"] == backend["name"]), None)
+                if backend_service is None:
                     problems.append(f"{describe(ingress)}: backend Service {backend['name']!r} does not exist")
-                elif backend["port"].get("name") not in {p.get("name") for p in service["spec"]["ports"]}:
-                    problems.append(f"{describe(ingress)}: backend port {backend['port']} not on {describe(service)}")
+                elif backend["port"].get("name") not in {p.get("name") for p in backend_service["spec"]["ports"]}:
+                    problems.append(
+                        f"{describe(ingress)}: backend port {backend['port']} not on {describe(backend_service)}"
+                    )
     # HPAs and PDBs point at Deployments; a Deployment under an HPA carries no spec.replicas (an apply would
     # otherwise reset the autoscaled count and drop sockets).
     for hpa in by_kind(docs, "HorizontalPodAutoscaler"):
-        target = next((d for d in deployments if d["metadata"]["name"] == hpa["spec"]["scaleTargetRef"]["name"]), None)
-        if target is None:
+        scaled = next((d for d in deployments if d["metadata"]["name"] == hpa["spec"]["scaleTargetRef"]["name"]), None)
+        if scaled is None:
             problems.append(f"{describe(hpa)}: scale target does not exist")
-        elif "replicas" in target["spec"]:
-            problems.append(f"{describe(target)}: sets spec.replicas although {describe(hpa)} owns it")
+        elif "replicas" in scaled["spec"]:
+            problems.append(f"{describe(scaled)}: sets spec.replicas although {describe(hpa)} owns it")
     for pdb in by_kind(docs, "PodDisruptionBudget"):
         selector = pdb["spec"]["selector"]["matchLabels"]
         if not any(selects(selector, d["spec"]["template"]["metadata"]["labels"]) for d in deployments):
