@@ -71,11 +71,15 @@ def pong_policy_connection(pong_payload: bytes | None) -> type[ClientConnection]
         def __init__(self, protocol: ClientProtocol, **kwargs: Any) -> None:
             # Same object, same state; only the ping handling differs (see _PongPolicyProtocol).
             protocol.__class__ = _PongPolicyProtocol
-            protocol.pong_payload = pong_payload  # type: ignore[attr-defined]
+            assert isinstance(protocol, _PongPolicyProtocol)
+            protocol.pong_payload = pong_payload
             super().__init__(protocol, **kwargs)
 
-        @property
-        def pings_received(self) -> int:
-            return int(self.protocol.pings_received)  # type: ignore[attr-defined]
-
     return PongPolicyConnection
+
+
+def pings_received(ws: ClientConnection) -> int:
+    """Server pings received by a client connected with a :func:`pong_policy_connection` class."""
+    protocol = ws.protocol
+    assert isinstance(protocol, _PongPolicyProtocol)
+    return protocol.pings_received

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -55,7 +56,7 @@ async def test_demo_serves_synthetic_market_and_drains_on_sigterm() -> None:
             assert info["symbols"][0]["filters"][0]["filterType"] == "PRICE_FILTER"
         streams = "btcusdt@trade/btcusdt@ticker/ethusdt@bookTicker/btcusdt@kline_1m"
         async with connect(f"ws://{base}/stream?streams={streams}") as ws:
-            seen: dict[str, dict[str, object]] = {}
+            seen: dict[str, dict[str, Any]] = {}
             async with asyncio.timeout(10):
                 while len(seen) < 4:
                     frame = json.loads(await ws.recv())
@@ -63,7 +64,7 @@ async def test_demo_serves_synthetic_market_and_drains_on_sigterm() -> None:
             assert seen["btcusdt@trade"]["e"] == "trade"
             assert seen["btcusdt@ticker"]["e"] == "24hrTicker"
             assert "e" not in seen["ethusdt@bookTicker"]
-            assert seen["btcusdt@kline_1m"]["k"]["i"] == "1m"  # type: ignore[index]
+            assert seen["btcusdt@kline_1m"]["k"]["i"] == "1m"
             demo.process.send_signal(15)
             with pytest.raises(ConnectionClosed) as closed:
                 async with asyncio.timeout(10):

@@ -17,8 +17,11 @@ from tests.processes import PricegateProcess, free_port, start_pricegate
 pytestmark = pytest.mark.integration
 
 
+Cluster = tuple[list[int], dict[str, str]]  # the gateways' ports, the environment every process runs with
+
+
 @pytest.fixture
-async def cluster(redis_url: str) -> AsyncIterator[tuple[list[int], dict[str, str]]]:
+async def cluster(redis_url: str) -> AsyncIterator[Cluster]:
     env = {
         "PRICEGATE_REDIS_URL": redis_url,
         "PRICEGATE_CHANNEL_PREFIX": f"pgtest{uuid.uuid4().hex[:10]}",
@@ -53,7 +56,7 @@ async def collect_trades(ws: ClientConnection, seconds: float) -> list[int]:
     return ids
 
 
-async def test_replicas_deliver_the_same_events_in_the_same_order(cluster) -> None:  # type: ignore[no-untyped-def]
+async def test_replicas_deliver_the_same_events_in_the_same_order(cluster: Cluster) -> None:
     ports, _ = cluster
     async with (
         connect(f"ws://127.0.0.1:{ports[0]}/ws") as first,
@@ -79,7 +82,7 @@ async def test_replicas_deliver_the_same_events_in_the_same_order(cluster) -> No
     assert [t for t in a if t in common] == [t for t in b if t in common]
 
 
-async def test_readiness_and_metrics_on_each_replica(cluster) -> None:  # type: ignore[no-untyped-def]
+async def test_readiness_and_metrics_on_each_replica(cluster: Cluster) -> None:
     ports, _ = cluster
     async with httpx.AsyncClient() as client:
         for port in ports:
