@@ -17,13 +17,17 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import make_asgi_app
+from prometheus_client import make_asgi_app, start_http_server
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
+from gateway.edge.client_ip import TrustedProxies
+from gateway.edge.guard import EdgeGuard, EdgeLimits
+from gateway.edge.http_protocol import EDGE_STATE_KEY
+from gateway.edge.origins import OriginPolicy
 from gateway.metrics import GatewayMetrics
 from gateway.node import GatewayNode
 from gateway.rest.api import RestApi
@@ -69,7 +73,9 @@ def create_app(
     """``candles`` is the candle store klines and technicals are served from (opened and closed by the caller,
     like the broker); without one they come from the exchange, or are empty for a synthetic market."""
     symbols = SymbolDirectory(broker, settings.symbols)
-    node = GatewayNode(settings, broker, symbols, metrics)
+    metrics = metrics or GatewayMetrics()
+    edge = edge_guard(settings, metrics)
+    node = GatewayNode(settings, broker, symbols, metrics, edge=edge)
     rest_api = RestApi(settings, broker, symbols, node.metrics.registry, candles=candles)
     failed: list[str] = []
 
@@ -112,17 +118,24 @@ def create_app(
         ]
         jobs += [(getattr(job, "__qualname__", "background"), job) for job in background]
         tasks: list[asyncio.Task[None]] = []
+        metrics_server = None
+        if settings.metrics_port:
+            # Its own port (kept internal, e.g. not behind the Ingress): clients cannot read it. A thread of
+            # prometheus_client's; the collectors only read plain ints, which the GIL keeps consistent.
+            metrics_server, _ = start_http_server(settings.metrics_port, settings.host, node.metrics.registry)
         for name, job in jobs:
             task = asyncio.create_task(job(), name=name)
             task.add_done_callback(functools.partial(watch, name))
             tasks.append(task)
         try:
-            yield {DRAIN_STATE_KEY: node.begin_drain, HOST_STATE_KEY: node}
+            yield {DRAIN_STATE_KEY: node.begin_drain, HOST_STATE_KEY: node, EDGE_STATE_KEY: edge}
         finally:
             node.draining = True
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            if metrics_server is not None:
+                metrics_server.shutdown()
             await node.relay.aclose()
             await rest_api.aclose()
 
@@ -135,10 +148,34 @@ def create_app(
         Route("/", ticker_page),
         Route("/livez", livez),
         Route("/readyz", readyz),
-        Route("/metrics", _MetricsEndpoint(node.metrics)),
     ]
+    if not settings.metrics_port:
+        routes.append(Route("/metrics", _MetricsEndpoint(node.metrics)))
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.node = node
+    app.state.edge = edge
     app.state.symbols = symbols
     app.state.rest = rest_api
     return app
+
+
+def edge_guard(settings: Settings, metrics: GatewayMetrics) -> EdgeGuard:
+    """The process's edge: per-IP limits, trusted proxies and allowed origins, from the settings."""
+    limits = EdgeLimits(
+        max_connections=settings.max_connections,
+        max_connections_per_ip=settings.max_connections_per_ip,
+        attempts_per_ip=settings.connection_attempts_per_ip,
+        attempt_window_s=settings.connection_attempt_window_s,
+        max_subscriptions_per_ip=settings.max_subscriptions_per_ip,
+        handshake_timeout_s=settings.handshake_timeout_s,
+        max_request_line_bytes=settings.max_request_line_bytes,
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+    )
+    return EdgeGuard(
+        limits,
+        proxies=TrustedProxies(settings.forwarded_allow_ips),
+        origins=OriginPolicy(settings.allowed_origins),
+        clock=time.monotonic,
+        on_refused=lambda reason: metrics.connections_rejected.labels(reason=reason).inc(),
+    )

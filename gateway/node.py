@@ -14,14 +14,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from gateway.auth.principal import Principal
+from gateway.edge.guard import EdgeGuard
+from gateway.edge.ip_limits import LimitHit
 from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay
 from gateway.symbols import SymbolDirectory
-from gateway.ws.admission import Admission, Rejection
+from gateway.ws.admission import Admission, Admitted, Authenticate, Decision, Handshake, Rejection
 from gateway.ws.close_codes import CloseCode, metric_label
-from gateway.ws.control import ConnectRequest
 from gateway.ws.hub import Hub, Subscriber
 from gateway.ws.keepalive import KeepaliveSchedule, KeptAlive
 from gateway.ws.session import Connection, Session, SessionLimits
@@ -34,9 +36,18 @@ logger = logging.getLogger("pricegate.gateway")
 
 class GatewayNode:
     def __init__(
-        self, settings: Settings, broker: Broker, symbols: SymbolDirectory, metrics: GatewayMetrics | None = None
+        self,
+        settings: Settings,
+        broker: Broker,
+        symbols: SymbolDirectory,
+        metrics: GatewayMetrics | None = None,
+        *,
+        edge: EdgeGuard | None = None,
+        authenticate: Authenticate | None = None,
+        key_limit: Callable[[Principal], bool] | None = None,
     ) -> None:
         self.broker = broker
+        self.edge = edge
         self.symbols = symbols
         self.metrics = metrics or GatewayMetrics()
         self.hub = Hub()
@@ -53,6 +64,9 @@ class GatewayNode:
             is_known_symbol=symbols.is_known,
             unavailable=self._unavailable,
             rejected=lambda reason: self.metrics.connections_rejected.labels(reason=reason).inc(),
+            origins=edge.origins if edge is not None else None,
+            authenticate=authenticate,
+            key_limit=key_limit,
         )
         self.client_buffer_bytes = settings.client_buffer_bytes
         self.client_sndbuf_bytes = settings.client_sndbuf_bytes
@@ -74,11 +88,32 @@ class GatewayNode:
         self.metrics.attach(self.hub, self.buffer_drops, broker, lambda: self.sent_bytes)
 
     # ---- ConnectionHost: what a connection needs ----
-    def admit(self, path: str, query_string: str) -> ConnectRequest | Rejection:
-        return self.admission.admit(path, query_string)
+    def admit(self, handshake: Handshake) -> Decision | Awaitable[Decision]:
+        return self.admission.admit(handshake)
 
-    def open_session(self, connection: Connection, combined: bool) -> Session:
-        return Session(self, connection, combined, self.limits)
+    def open_session(self, connection: Connection, admitted: Admitted) -> Session:
+        return Session(
+            self,
+            connection,
+            admitted.connect.combined,
+            self.limits,
+            principal=admitted.principal,
+            client_ip=admitted.client_ip if self.edge is not None else "",
+        )
+
+    def identify(self, transport: object, peer: str | None, forwarded_for: str | None) -> str | Rejection:
+        if self.edge is None:
+            return peer or ""
+        identity = self.edge.identify(transport, peer, forwarded_for)
+        if isinstance(identity, LimitHit):
+            status = 503 if identity.reason == "tracked_ips" else 429
+            retry_after = str(max(1, round(identity.retry_after_s + 0.499)))
+            return Rejection(status, f"too many connections: {identity.reason}", {"Retry-After": retry_after})
+        return identity
+
+    def connection_closed(self, connection: object) -> None:
+        if self.edge is not None:
+            self.edge.release(connection)
 
     def _unavailable(self) -> str | None:
         if self.draining:
@@ -98,6 +133,16 @@ class GatewayNode:
     def unsubscribe(self, stream_names: list[str], subscriber: Subscriber) -> None:
         for name in self.hub.remove_all(stream_names, subscriber):
             self.relay.unwant(name)
+
+    def reserve_subscriptions(self, client_ip: str, count: int) -> bool:
+        if self.edge is None or self.edge.ledger.add_subscriptions(client_ip, count):
+            return True
+        self.metrics.connections_rejected.labels(reason="subscriptions_per_ip").inc()
+        return False
+
+    def release_subscriptions(self, client_ip: str, count: int) -> None:
+        if self.edge is not None:
+            self.edge.ledger.remove_subscriptions(client_ip, count)
 
     def newest_frames(self, stream_names: set[str], combined: bool) -> list[bytes]:
         hub = self.hub

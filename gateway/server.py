@@ -5,6 +5,7 @@ from __future__ import annotations
 import uvicorn
 from starlette.applications import Starlette
 
+from gateway.edge.http_protocol import PricegateHttpProtocol
 from gateway.ws.uvicorn_protocol import PricegateWebSocketProtocol
 from shared.settings import Settings
 
@@ -14,7 +15,11 @@ def uvicorn_config(app: Starlette, settings: Settings) -> uvicorn.Config:
         app,
         host=settings.host,
         port=settings.port,
+        http=PricegateHttpProtocol,
         ws=PricegateWebSocketProtocol,
+        # uvicorn's own cap counts connections and running requests; the edge refuses beyond max_connections
+        # already at accept (gateway.edge.http_protocol), this is the backstop for requests in flight.
+        limit_concurrency=settings.max_connections + 1,
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.ping_interval_s,
         ws_ping_timeout=settings.ping_timeout_s,

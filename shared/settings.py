@@ -2,12 +2,13 @@
 
 ``Settings.from_env(environ)`` reads the environment; ``with_overrides`` applies CLI flags on top (flags win).
 Any invalid value raises one ``ConfigError`` naming the variable and the value, which the CLI prints as a
-single line before exiting. The table in README.md ("Configuration") is generated from ``SETTINGS_DOC``.
+single line before exiting. The table in README.md ("Configuration") is :func:`settings_table`, checked by tests/test_readme.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from shared.streams import KLINE_INTERVALS
 ENV_PREFIX = "PRICEGATE_"
 SOURCES = ("synthetic", "replay", "binance")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+AUTH_MODES = ("none", "apikey", "jwt")
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 DEFAULT_SYMBOLS: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT")
 BINANCE_WS_URL = "wss://stream.binance.com:9443"
@@ -109,6 +111,13 @@ class Settings:
     )
     demand_linger_s: float = _setting(
         60.0, "float", "Seconds ingest keeps a stream upstream after the last client left.", min=0
+    )
+    max_upstream_streams: int = _setting(
+        5000,
+        "int",
+        "Most streams ingest keeps upstream: always-on streams, then the most recently announced demand; demand "
+        "beyond it is refused (logged, counted).",
+        min=1,
     )
     exchange_info_refresh_s: float = _setting(3600.0, "float", "How often ingest refreshes exchangeInfo.", min=1)
     ingest_metrics_port: int = _setting(
@@ -221,8 +230,22 @@ class Settings:
     cache_stale_s: float = _setting(
         900.0, "float", "How long a cached response is kept to be served stale when its backend fails.", min=0
     )
+    cache_max_bytes: int = _setting(
+        67108864,
+        "int",
+        "Bytes of responses the gateway's in-process cache holds (least recently used out first); one response "
+        "above 1/16 of it is served but not cached (in Redis too).",
+        min=65536,
+    )
     exchange_timeout_s: float = _setting(10.0, "float", "Timeout of one exchange REST call.", min=0.1)
     exchange_max_connections: int = _setting(20, "int", "Pooled HTTP connections to the exchange REST API.", min=1)
+    exchange_weight_limit_per_min: int = _setting(
+        2000,
+        "int",
+        "REST request weight per minute each gateway's exchange fallback allows itself on Binance (the IP's limit "
+        "is 6000, shared with ingest's PRICEGATE_UPSTREAM_REST_WEIGHT_LIMIT).",
+        min=1,
+    )
     rest_weight_limit_per_min: int = _setting(
         6000, "int", "Request weight one IP may use per minute on the REST API (Binance: 6000).", min=1
     )
@@ -262,7 +285,81 @@ class Settings:
     )
     ping_interval_s: float = _setting(20.0, "float", "Server ping interval (Binance: 20 s).", min=0.05)
     ping_timeout_s: float = _setting(60.0, "float", "Close a client whose pong is this late (Binance: 60 s).", min=0.05)
-    max_connections: int = _setting(50000, "int", "Open WebSockets per gateway process (beyond: HTTP 503).", min=1)
+    max_connections: int = _setting(
+        50000,
+        "int",
+        "Open connections per gateway process, WebSockets, HTTP and unfinished handshakes alike (beyond: 503).",
+        min=1,
+    )
+    max_fragments_per_message: int = _setting(
+        64, "int", "Frames one fragmented inbound message may span (close 1009 beyond).", min=1
+    )
+    # --- the edge: per-IP limits, handshakes, origins, proxies ---
+    max_connections_per_ip: int = _setting(
+        300, "int", "Open connections per client IP (IPv6: per /64) on one gateway process (beyond: 429).", min=1
+    )
+    connection_attempts_per_ip: int = _setting(
+        300,
+        "int",
+        "New connections one IP may open per PRICEGATE_CONNECTION_ATTEMPT_WINDOW_S (Binance: 300 per 5 min; "
+        "beyond: 429 with Retry-After).",
+        min=1,
+    )
+    connection_attempt_window_s: float = _setting(
+        300.0, "float", "Window of PRICEGATE_CONNECTION_ATTEMPTS_PER_IP.", min=1
+    )
+    max_subscriptions_per_ip: int = _setting(
+        20000, "int", "Live stream subscriptions all connections of one IP may hold together on one process.", min=1
+    )
+    handshake_timeout_s: float = _setting(
+        10.0,
+        "float",
+        "Time from accepting a TCP connection to the end of its request headers (and from one keep-alive request "
+        "to the next one's headers); slower clients are closed.",
+        min=0.1,
+    )
+    max_request_line_bytes: int = _setting(
+        8000, "int", "Longest request target (URL) accepted (414 beyond).", min=256, max=8000
+    )
+    max_header_bytes: int = _setting(
+        16384, "int", "Most bytes of request headers accepted (431 beyond; one header line at most 8000).", min=1024
+    )
+    max_headers: int = _setting(100, "int", "Most request headers accepted (431 beyond).", min=8, max=120)
+    allowed_origins: tuple[str, ...] = _setting(
+        (),
+        "csv",
+        "Origins a browser may open WebSockets from (comma list, * wildcards, e.g. https://*.example.com); empty: "
+        "any. A handshake without Origin (a non-browser client) is always allowed.",
+    )
+    forwarded_allow_ips: tuple[str, ...] = _setting(
+        (),
+        "csv",
+        "Proxies (IPs or CIDRs, * = any) whose X-Forwarded-For names the client for per-IP limits and weights; "
+        "empty: no proxy is trusted.",
+    )
+    metrics_port: int = _setting(
+        0,
+        "int",
+        "Serve the gateway's /metrics on this port only (keep it internal); 0: on the client port.",
+        min=0,
+        max=65535,
+    )
+    # --- authentication ---
+    auth: str = _setting("none", "str", "Client authentication: none, apikey, jwt or apikey,jwt (either).")
+    auth_cache_ttl_s: float = _setting(
+        30.0,
+        "float",
+        "How long a validated API key is trusted without asking PostgreSQL again; a revoked key stops working "
+        "within this (new and open connections).",
+        min=1,
+    )
+    jwt_secret: str | None = _setting(None, "optional_str", "HS256 key of connection tokens (its UTF-8 bytes).")
+    jwt_public_key: str | None = _setting(
+        None, "optional_str", "PEM public key (or a path to one) verifying RS256/ES256 connection tokens."
+    )
+    max_connections_per_key: int = _setting(
+        1000, "int", "Open WebSockets per API key across all replicas (beyond: 429).", min=1
+    )
     demand_ttl_s: float = _setting(5.0, "float", "Lifetime of a gateway's demand announcement in Redis.", min=1)
     shutdown_drain_s: float = _setting(
         5.0, "float", "On SIGTERM, spread client closes (1001) over this many seconds.", min=0
@@ -317,6 +414,29 @@ class Settings:
                 env_name("leader_renew_s"), self.leader_renew_s, "must be at most half of PRICEGATE_LEADER_TTL_S"
             )
         self._validate_storage()
+        self._validate_edge()
+
+    def _validate_edge(self) -> None:
+        modes = [mode.strip() for mode in self.auth.split(",") if mode.strip()]
+        if not modes or any(mode not in AUTH_MODES for mode in modes) or ("none" in modes and len(modes) > 1):
+            raise ConfigError(env_name("auth"), self.auth, "must be none, apikey, jwt or apikey,jwt")
+        if "jwt" in modes and not (self.jwt_secret or self.jwt_public_key):
+            raise ConfigError(env_name("auth"), self.auth, "jwt needs PRICEGATE_JWT_SECRET or PRICEGATE_JWT_PUBLIC_KEY")
+        if "apikey" in modes and not self.database_url:
+            raise ConfigError(env_name("auth"), self.auth, "apikey needs PRICEGATE_DATABASE_URL (keys live there)")
+        for entry in self.forwarded_allow_ips:
+            if entry != "*":
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ConfigError(env_name("forwarded_allow_ips"), entry, "not an IP address or network") from None
+        if self.metrics_port and self.metrics_port == self.port:
+            raise ConfigError(env_name("metrics_port"), self.metrics_port, "must differ from PRICEGATE_PORT")
+
+    @property
+    def auth_modes(self) -> frozenset[str]:
+        """The enabled credential kinds (empty when authentication is off)."""
+        return frozenset(mode.strip() for mode in self.auth.split(",") if mode.strip() not in ("", "none"))
 
     def _validate_storage(self) -> None:
         if self.database_url is not None and not self.database_url.startswith(("postgresql://", "postgres://")):

@@ -271,7 +271,7 @@ BAD_REQUESTS: list[tuple[str, dict[str, Any], int, int]] = [
     ("/api/v3/ticker/price", {"symbols": '["BTCUSDT","BTCUSDT"]'}, 400, -1151),
     ("/api/v3/ticker/price", {"symbols": '["BTCUSDT","NOPE"]'}, 400, -1121),
     ("/api/v3/ticker/price", {"symbols": orjson.dumps([f"S{i}USDT" for i in range(101)]).decode()}, 400, -1130),
-    ("/api/v3/ticker/price", {"symbols": "[" + ",".join(['"BTCUSDT"'] * 2000) + "]"}, 400, -1130),
+    ("/api/v3/ticker/price", {"symbols": "[" + ",".join(['"BTCUSDT"'] * 300) + "]"}, 400, -1130),
     ("/api/v3/ticker/price", {"symbols": '["BTCUSDT\\"); SELECT 1; --"]'}, 400, -1100),
     ("/api/v3/depth", {"symbol": "BTCUSDT", "limit": 0}, 400, -1130),
     ("/api/v3/depth", {}, 400, -1102),

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from gateway.ws.admission import Rejection
+from gateway.ws.admission import Admitted, Decision, Handshake, Rejection, query_token
 from gateway.ws.asgi_outbox import Outbox
 from gateway.ws.close_codes import CloseCode
 from gateway.ws.host import HOST_STATE_KEY, ConnectionHost
@@ -77,18 +77,35 @@ class AsgiConnection:
 
 async def websocket_endpoint(websocket: WebSocket) -> None:
     host: ConnectionHost = websocket.scope["state"][HOST_STATE_KEY]
-    admission = host.admit(websocket.scope["path"], websocket.scope.get("query_string", b"").decode("latin-1"))
-    if isinstance(admission, Rejection):
-        response = PlainTextResponse(admission.reason, status_code=admission.status, headers=admission.headers)
+    headers = websocket.headers
+    query = websocket.scope.get("query_string", b"").decode("latin-1")
+    client = websocket.client
+    identity = host.identify(websocket, client.host if client else None, headers.get("x-forwarded-for"))
+    decision: Decision
+    if isinstance(identity, Rejection):
+        decision = identity
+    else:
+        handshake = Handshake(
+            path=websocket.scope["path"],
+            query=query,
+            origin=headers.get("origin"),
+            api_key=headers.get("x-mbx-apikey"),
+            token=query_token(query),
+            client_ip=identity,
+        )
+        pending = host.admit(handshake)
+        decision = pending if isinstance(pending, Admitted | Rejection) else await pending
+    if isinstance(decision, Rejection):
+        response = PlainTextResponse(decision.reason, status_code=decision.status, headers=decision.headers)
         await websocket.send_denial_response(response)
         return
     await websocket.accept()
     connection = AsgiConnection(websocket, host.client_buffer_bytes)
-    session = host.open_session(connection, admission.combined)
+    session = host.open_session(connection, decision)
     writer = asyncio.create_task(connection.write_forever(session))
     code: int | None = None
     try:
-        session.start(admission)
+        session.start(decision.connect)
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":

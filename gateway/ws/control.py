@@ -236,10 +236,16 @@ class ControlState:
         combined: bool,
         max_streams: int = DEFAULT_MAX_STREAMS,
         is_known_symbol: Callable[[str], bool] = lambda s: True,
+        is_allowed: Callable[[str], bool] | None = None,
+        reserve: Callable[[int], bool] | None = None,
     ) -> None:
         self.combined = combined
         self.max_streams = max_streams
         self.is_known_symbol = is_known_symbol
+        # May this connection's credential have the stream (a token's ``streams`` claim)? None: every stream.
+        self.is_allowed = is_allowed
+        # Takes n more subscriptions from a budget shared beyond this connection (per IP); False: none left.
+        self.reserve = reserve
         self.subscriptions: dict[str, Stream] = {}  # canonical name -> Stream, insertion-ordered
         self._handlers: dict[str, Callable[[object, RequestId], ControlOutcome]] = {
             "SUBSCRIBE": self._subscribe,
@@ -259,6 +265,8 @@ class ControlState:
             if stream.name in self.subscriptions:
                 continue
             if len(self.subscriptions) >= self.max_streams:
+                break
+            if self.reserve is not None and not self.reserve(1):
                 break
             self.subscriptions[stream.name] = stream
             added.append(stream)
@@ -300,10 +308,16 @@ class ControlState:
         for raw in names:
             stream = _parse_stream_name(raw)
             _check_known_symbol(raw, stream, self.is_known_symbol)
+            if self.is_allowed is not None and not self.is_allowed(stream.name):
+                raise ProtocolError(
+                    INVALID_REQUEST, f"Invalid request: stream {_quote(raw)!r} is not allowed by your token"
+                )
             if stream.name not in self.subscriptions:
                 new.setdefault(stream.name, stream)
         if len(self.subscriptions) + len(new) > self.max_streams:
             raise _too_many_streams(self.max_streams)
+        if new and self.reserve is not None and not self.reserve(len(new)):
+            raise ProtocolError(INVALID_REQUEST, "Invalid request: too many subscriptions from your address")
         # Only now, with every name valid and the limit respected, is anything applied (atomicity).
         self.subscriptions.update(new)
         return ControlOutcome(result_frame(None, request_id), list(new.values()), [])

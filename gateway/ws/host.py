@@ -8,10 +8,10 @@ fallback (:mod:`gateway.ws.asgi_fallback`) — find a :class:`ConnectionHost` in
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import Protocol
 
-from gateway.ws.admission import Rejection
-from gateway.ws.control import ConnectRequest
+from gateway.ws.admission import Admitted, Decision, Handshake, Rejection
 from gateway.ws.keepalive import KeptAlive
 from gateway.ws.session import Connection, Session
 
@@ -22,10 +22,19 @@ class ConnectionHost(Protocol):
     client_buffer_bytes: int  # outbound bytes a client may have waiting before it counts as slow
     client_sndbuf_bytes: int  # fixed kernel send buffer per client (0: kernel autotuning)
 
-    def admit(self, path: str, query_string: str) -> ConnectRequest | Rejection: ...
+    def admit(self, handshake: Handshake) -> Decision | Awaitable[Decision]: ...
 
-    def open_session(self, connection: Connection, combined: bool) -> Session:
-        """A session for an accepted handshake (the caller starts it with the parsed URL)."""
+    def open_session(self, connection: Connection, admitted: Admitted) -> Session:
+        """A session for an accepted handshake (the caller starts it with ``admitted.connect``)."""
+        ...
+
+    def identify(self, transport: object, peer: str | None, forwarded_for: str | None) -> str | Rejection:
+        """The client's address (behind a trusted proxy: from X-Forwarded-For, charged to its per-IP limits now),
+        or why the connection is refused."""
+        ...
+
+    def connection_closed(self, connection: object) -> None:
+        """The socket is gone: release what the edge counted for it (idempotent)."""
         ...
 
     def keep_alive(self, connection: KeptAlive) -> None: ...

@@ -29,11 +29,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from gateway.auth.principal import ANONYMOUS, Principal
 from gateway.ws.close_codes import REASONS, CloseCode
-from gateway.ws.control import ConnectRequest, ControlOutcome, ControlState
+from gateway.ws.control import ConnectRequest, ControlOutcome, ControlState, error_frame
 from gateway.ws.hub import StreamBatch, Subscriber
 from shared.ratelimit import TokenBucket
-from shared.streams import Stream
+from shared.streams import INVALID_REQUEST, Stream
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +81,12 @@ class SessionHost(Protocol):
 
     def unsubscribe(self, stream_names: list[str], subscriber: Subscriber) -> None: ...
 
+    def reserve_subscriptions(self, client_ip: str, count: int) -> bool:
+        """Take ``count`` more subscriptions from the client IP's budget; False when it has none left."""
+        ...
+
+    def release_subscriptions(self, client_ip: str, count: int) -> None: ...
+
     def newest_frames(self, stream_names: set[str], combined: bool) -> list[bytes]:
         """The newest value of each state stream whose batch does not still wait in the hub."""
         ...
@@ -98,12 +105,27 @@ class SessionHost(Protocol):
 
 
 class Session:
-    def __init__(self, host: SessionHost, connection: Connection, combined: bool, limits: SessionLimits) -> None:
+    def __init__(
+        self,
+        host: SessionHost,
+        connection: Connection,
+        combined: bool,
+        limits: SessionLimits,
+        *,
+        principal: Principal = ANONYMOUS,
+        client_ip: str = "",
+    ) -> None:
         self.host = host
         self.connection = connection
         self.combined = combined
+        self.principal = principal
+        self.client_ip = client_ip
         self.control = ControlState(
-            combined=combined, max_streams=limits.max_streams, is_known_symbol=host.is_known_symbol
+            combined=combined,
+            max_streams=limits.max_streams,
+            is_known_symbol=host.is_known_symbol,
+            is_allowed=principal.allows if principal.patterns is not None else None,
+            reserve=self._reserve if client_ip else None,
         )
         self.bucket = TokenBucket(limits.control_rate_per_s, limits.control_burst, time.monotonic())
         self.closing = False
@@ -125,7 +147,11 @@ class Session:
         self.host.session_opened(self)
         for frame in connect.errors:
             self._send_reply(frame)
-        self._subscribe(self.control.add_initial(connect.streams))
+        added = self.control.add_initial(connect.streams)
+        if len(added) < len(connect.streams) and len(added) < self.control.max_streams:
+            msg = "Invalid request: too many subscriptions from your address"
+            self._send_reply(error_frame(INVALID_REQUEST, msg, None))
+        self._subscribe(added)
 
     def on_text(self, text: str) -> None:
         if self.closing or not self._allow_control():
@@ -239,8 +265,15 @@ class Session:
             self.host.subscribe(stream, self)
         self.multi = len(self.control.subscriptions) > 1
 
+    def _reserve(self, count: int) -> bool:
+        return self.host.reserve_subscriptions(self.client_ip, count)
+
     def _unsubscribe(self, names: list[str]) -> None:
+        if not names:
+            return
         self.host.unsubscribe(names, self)
+        if self.client_ip:
+            self.host.release_subscriptions(self.client_ip, len(names))
         self.stale.difference_update(names)
         self.multi = len(self.control.subscriptions) > 1
 

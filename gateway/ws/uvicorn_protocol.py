@@ -23,18 +23,20 @@ upgrade changes those hooks.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import unquote
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 from websockets.frames import Frame
-from websockets.http11 import Request
+from websockets.http11 import Request, Response
 
-from gateway.ws.admission import Rejection
+from gateway.ws.admission import Admitted, Decision, Handshake, Rejection, query_token
 from gateway.ws.close_codes import REASONS, CloseCode
 from gateway.ws.frames import encode_text_frames
 from gateway.ws.host import HOST_STATE_KEY, ConnectionHost
@@ -128,22 +130,54 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
             super().handle_connect(event)
             return
         self.handshake_initiated = True
+        self.host = host
         self.conn.logger = _connection_logger
         response = self.conn.accept(event)
-        if response.status_code == 101:
-            admission = host.admit(path, query)
-            if isinstance(admission, Rejection):
-                response = self.conn.reject(admission.status, admission.reason)
-                for name, value in admission.headers.items():
-                    response.headers[name] = value
         if response.status_code != 101:
-            self.handshake_complete = True
-            self.close_sent = True
-            self.conn.send_response(response)
-            self.transport.write(b"".join(self.conn.data_to_send()))
-            self.transport.close()
+            self._answer_refused(response)
             return
-        assert not isinstance(admission, Rejection)
+        headers = event.headers
+        peer = self.client[0] if self.client else None
+        identity = host.identify(self.transport, peer, headers.get("X-Forwarded-For"))
+        if isinstance(identity, Rejection):
+            self._refuse(identity)
+            return
+        handshake = Handshake(
+            path=path,
+            query=query,
+            origin=headers.get("Origin"),
+            api_key=headers.get("X-MBX-APIKEY"),
+            token=query_token(query),
+            client_ip=identity,
+        )
+        decision = host.admit(handshake)
+        if isinstance(decision, Admitted | Rejection):
+            self._complete_handshake(event, response, decision)
+            return
+        # Deciding needs I/O (an API key no cache knows): hold the client's bytes until the answer.
+        self.transport.pause_reading()
+        task = self.loop.create_task(_awaited(decision))
+        task.add_done_callback(functools.partial(self._decided, event, response))
+
+    def _decided(self, event: Request, response: Response, task: asyncio.Task[Decision]) -> None:
+        if self.disconnected or task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            logger.error("admission failed", exc_info=error)
+            decision: Decision = Rejection(503, "gateway unavailable: admission failed", {"Retry-After": "1"})
+        else:
+            decision = task.result()
+        self._complete_handshake(event, response, decision)
+        if not self.disconnected and not self.close_sent:
+            self.transport.resume_reading()
+
+    def _complete_handshake(self, event: Request, response: Response, decision: Decision) -> None:
+        if isinstance(decision, Rejection):
+            self._refuse(decision)
+            return
+        host = self.host
+        assert host is not None
         self.handshake_complete = True
         self.conn.send_response(response)
         self.transport.write(b"".join(self.conn.data_to_send()))
@@ -162,11 +196,23 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
         limit = host.client_buffer_bytes
         # Pause (and so later resume, which resends stale state) around our own limit, not the loop's default.
         self.transport.set_write_buffer_limits(high=limit, low=limit // 4)
-        self.host = host
         self.write = self.transport.write
-        self.session = host.open_session(self, admission.combined)
+        self.session = host.open_session(self, decision)
         self.start_keepalive()
-        self.session.start(admission)
+        self.session.start(decision.connect)
+
+    def _refuse(self, rejection: Rejection) -> None:
+        response = self.conn.reject(rejection.status, rejection.reason)
+        for name, value in rejection.headers.items():
+            response.headers[name] = value
+        self._answer_refused(response)
+
+    def _answer_refused(self, response: Response) -> None:
+        self.handshake_complete = True
+        self.close_sent = True
+        self.conn.send_response(response)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        self.transport.close()
 
     # ---- inbound frames on native sessions ----
     def handle_text(self, event: Frame) -> None:
@@ -254,6 +300,9 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
             self.close_now(CloseCode.INTERNAL_ERROR, REASONS[CloseCode.INTERNAL_ERROR])
 
     def connection_lost(self, exc: Exception | None) -> None:
+        host: ConnectionHost | None = self.app_state.get(HOST_STATE_KEY)
+        if host is not None:
+            host.connection_closed(self.transport)  # every upgraded socket was counted by the edge at accept
         super().connection_lost(exc)
         if self.session is not None:
             self.session.closed(CloseCode.ABNORMAL)
@@ -281,3 +330,7 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
                 drain()
                 return
         super().shutdown()
+
+
+async def _awaited(decision: Awaitable[Decision]) -> Decision:
+    return await decision

@@ -1,0 +1,60 @@
+"""Which address a request comes from: the TCP peer, unless the peer is a proxy we trust (pure).
+
+Per-IP limits and REST weights are charged to this address. ``X-Forwarded-For`` is believed only from peers
+listed in ``PRICEGATE_FORWARDED_ALLOW_IPS`` (addresses or CIDR networks; ``*`` trusts every peer, for a gateway
+reachable only through its proxy). From a trusted peer the header is read right to left, skipping every hop that
+is itself a trusted proxy: the first untrusted address is the client (an address a client wrote at the left
+of the header itself is never reached while a trusted proxy appended the real one). By default no proxy is
+trusted, so a client cannot choose the address it is charged to.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+_Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class TrustedProxies:
+    def __init__(self, entries: Iterable[str]) -> None:
+        self.any = False
+        networks: list[_Network] = []
+        for entry in entries:
+            entry = entry.strip()
+            if entry == "*":
+                self.any = True
+            elif entry:
+                networks.append(ipaddress.ip_network(entry, strict=False))  # ValueError names a bad entry
+        self.networks = tuple(networks)
+
+    def __bool__(self) -> bool:
+        return self.any or bool(self.networks)
+
+    def trusts(self, address: str) -> bool:
+        if self.any:
+            return True
+        if not self.networks:
+            return False
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        return any(ip in network for network in self.networks)
+
+
+def client_ip(peer: str, forwarded_for: str | None, proxies: TrustedProxies) -> str:
+    """The address to charge: ``peer``, or from a trusted peer the nearest untrusted hop of X-Forwarded-For."""
+    if not forwarded_for or not proxies.trusts(peer):
+        return peer
+    hops = [hop.strip() for hop in forwarded_for.split(",")]
+    for hop in reversed(hops):
+        if not hop:
+            continue
+        try:
+            ipaddress.ip_address(hop)
+        except ValueError:
+            return peer  # a malformed header from the proxy chain: charge the proxy, never a made-up name
+        if not proxies.trusts(hop):
+            return hop
+    return peer
