@@ -79,7 +79,7 @@ async def watch(redis_url: str, prefix: str, feed: Feed, ready: asyncio.Event) -
             event_id = orjson.loads(payload)[ID_KEY[stream]]
             feed.entries.append((time.monotonic(), stream, int(epoch), int(seq), event_id))
     finally:
-        await pubsub.aclose()
+        await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves PubSub.aclose unannotated
         await client.aclose()
 
 
@@ -167,7 +167,10 @@ async def holder_pid(redis_url: str, prefix: str) -> int | None:
         token = await client.get(ChannelNamer(prefix, "binance").leader_key)
     finally:
         await client.aclose()
-    return None if token is None else int(token.decode().split(":")[1])
+    if token is None:
+        return None
+    assert isinstance(token, bytes)
+    return int(token.decode().split(":")[1])
 
 
 def lease_lines(process: PricegateProcess) -> int:

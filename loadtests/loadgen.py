@@ -222,7 +222,7 @@ class LoadGenGroup:
             for bound, count in histogram["buckets"]:
                 merged[bound] = merged.get(bound, 0) + count
         total = sum(merged.values())
-        max_us = max(h["max_us"] for h in histograms)
+        max_us: int = max(h["max_us"] for h in histograms)
 
         def percentile(q: float) -> int:
             if not total:

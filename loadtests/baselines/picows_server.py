@@ -18,6 +18,7 @@ import asyncio
 import signal
 import sys
 from collections.abc import Callable
+from typing import cast
 from urllib.parse import urlsplit
 
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, WSUpgradeRequest, ws_create_server
@@ -34,7 +35,8 @@ class PubSubProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         args = [b"SUBSCRIBE", *self.channels]
-        transport.write(b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args))
+        command = b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%b\r\n" % (len(a), a) for a in args)
+        cast(asyncio.Transport, transport).write(command)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed.done():
@@ -118,9 +120,14 @@ async def serve(host: str, port: int, redis_url: str, prefix: str, streams: list
         lambda: PubSubProtocol(list(channels), on_message), url.hostname or "127.0.0.1", url.port or 6379
     )
     server = await ws_create_server(factory, host, port, backlog=4096, enable_auto_ping=False)
-    stop = loop.create_future()
+    stop: asyncio.Future[None] = loop.create_future()
+
+    def request_stop() -> None:
+        if not stop.done():
+            stop.set_result(None)
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, lambda: stop.done() or stop.set_result(None))
+        loop.add_signal_handler(sig, request_stop)
     await asyncio.wait([stop, protocol.closed], return_when=asyncio.FIRST_COMPLETED)
     server.close()
 
