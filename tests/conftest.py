@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator
+from typing import NoReturn
 
 import asyncpg
 import pytest
@@ -15,7 +16,7 @@ REDIS_URL = os.environ.get("PRICEGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/9
 POSTGRES_DSN = os.environ.get("PRICEGATE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def service_missing(what: str, error: BaseException) -> None:
+def service_missing(what: str, error: BaseException) -> NoReturn:
     """Fail under CI=true, otherwise skip loudly with the reason: a missing service is never silent."""
     message = (
         f"{what} is not reachable ({error!r}); start it "

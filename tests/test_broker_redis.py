@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -78,10 +79,10 @@ async def delete_keys(url: str, prefix: str) -> None:
 
 @contextlib.asynccontextmanager
 async def redis_broker(
-    url: str, prefix: str, cleanup_url: str | None = None, **options: float
+    url: str, prefix: str, cleanup_url: str | None = None, **options: Any
 ) -> AsyncIterator[RedisBroker]:
     """A started RedisBroker; afterwards closed and its keys deleted (through ``cleanup_url`` if given)."""
-    broker = RedisBroker(url, prefix=prefix, **options)  # type: ignore[arg-type]
+    broker = RedisBroker(url, prefix=prefix, **options)
     await broker.start()
     try:
         yield broker
