@@ -70,6 +70,8 @@ class GatewayNode:
         )
         self.client_buffer_bytes = settings.client_buffer_bytes
         self.client_sndbuf_bytes = settings.client_sndbuf_bytes
+        self.max_message_bytes = settings.max_frame_bytes
+        self.max_fragments_per_message = settings.max_fragments_per_message
         self.max_connections = settings.max_connections
         self.flush_chunk_clients = settings.flush_chunk_clients
         self.shutdown_drain_s = settings.shutdown_drain_s

@@ -12,6 +12,8 @@ import asyncpg
 import pytest
 import redis.asyncio as aioredis
 
+from tests.raw_sockets import close_raw_sockets
+
 REDIS_URL = os.environ.get("PRICEGATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/9")
 POSTGRES_DSN = os.environ.get("PRICEGATE_TEST_DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -68,3 +70,10 @@ async def pg_schema(postgres_dsn: str) -> AsyncIterator[str]:
 def key_prefix() -> str:
     """A key prefix no other test (or earlier run) uses, so tests never see each other's data."""
     return f"pgtest{uuid.uuid4().hex[:12]}"
+
+
+@pytest.fixture(autouse=True)
+async def _close_raw_sockets() -> AsyncIterator[None]:
+    """Raw sockets a test opened through tests/raw_sockets.py are closed after it, whatever it asserted."""
+    yield
+    await close_raw_sockets()

@@ -4,82 +4,15 @@ trusted proxies. Every refusal happens before the upgrade, with the status READM
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
-import os
 import time
-from collections.abc import AsyncIterator
 
 import pytest
 from websockets.asyncio.client import connect
 
 from shared.broker.memory import MemoryBroker
-from tests.harness import RunningGateway, running_gateway
+from tests.harness import running_gateway
 from tests.polling import eventually
-
-_OPENED: list[asyncio.StreamWriter] = []
-
-
-@pytest.fixture(autouse=True)
-async def close_raw_sockets() -> AsyncIterator[None]:
-    """Raw sockets a test opened are closed after it, whatever it asserted."""
-    yield
-    while _OPENED:
-        writer = _OPENED.pop()
-        writer.close()
-        with contextlib.suppress(Exception):
-            await writer.wait_closed()
-
-
-async def open_raw(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    _OPENED.append(writer)
-    return reader, writer
-
-
-def upgrade_request(path: str = "/ws/btcusdt@trade", headers: dict[str, str] | None = None) -> bytes:
-    key = base64.b64encode(os.urandom(16)).decode()
-    lines = [
-        f"GET {path} HTTP/1.1",
-        "Host: 127.0.0.1",
-        "Upgrade: websocket",
-        "Connection: Upgrade",
-        f"Sec-WebSocket-Key: {key}",
-        "Sec-WebSocket-Version: 13",
-        *(f"{name}: {value}" for name, value in (headers or {}).items()),
-    ]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-async def handshake(
-    gw: RunningGateway, request: bytes | None = None, *, timeout: float = 5.0
-) -> tuple[int, dict[str, str], asyncio.StreamReader, asyncio.StreamWriter]:
-    """Send an upgrade request on a raw socket; (status, headers, reader, writer) of the answer."""
-    reader, writer = await open_raw(gw.port)
-    writer.write(request if request is not None else upgrade_request())
-    await writer.drain()
-    status, headers = await read_response_head(reader, timeout)
-    return status, headers, reader, writer
-
-
-async def read_response_head(reader: asyncio.StreamReader, timeout: float) -> tuple[int, dict[str, str]]:
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in header_lines:
-        if ":" in line:
-            name, value = line.split(":", 1)
-            headers[name.strip().lower()] = value.strip()
-    return int(status_line.split()[1]), headers
-
-
-async def closed_by_server(reader: asyncio.StreamReader, timeout: float) -> bool:
-    try:
-        while await asyncio.wait_for(reader.read(65536), timeout):
-            pass
-    except (ConnectionError, TimeoutError):
-        return False
-    return True
+from tests.raw_sockets import closed_by_server, handshake, open_raw, read_response_head, upgrade_request
 
 
 async def test_per_ip_connections_are_capped_before_the_upgrade_and_freed_on_close() -> None:

@@ -111,6 +111,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
             if message["type"] == "websocket.disconnect":
                 code = int(message.get("code") or CloseCode.NORMAL)
                 break
+            if not session.allow_frame():  # ASGI hands over messages, not frames: one charge each
+                continue
             text = message.get("text")
             if text is not None:
                 session.on_text(text)

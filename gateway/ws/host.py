@@ -21,6 +21,8 @@ HOST_STATE_KEY = "pricegate.ws_host"
 class ConnectionHost(Protocol):
     client_buffer_bytes: int  # outbound bytes a client may have waiting before it counts as slow
     client_sndbuf_bytes: int  # fixed kernel send buffer per client (0: kernel autotuning)
+    max_message_bytes: int  # largest inbound message, fragments together (close 1009 beyond)
+    max_fragments_per_message: int  # frames one inbound message may span (close 1009 beyond)
 
     def admit(self, handshake: Handshake) -> Decision | Awaitable[Decision]: ...
 

@@ -153,15 +153,27 @@ class Session:
             self._send_reply(error_frame(INVALID_REQUEST, msg, None))
         self._subscribe(added)
 
+    def allow_frame(self) -> bool:
+        """Charge one inbound frame — data, ping, pong or continuation: Binance counts them all — to the control
+        rate; beyond it the client is closed with 1008 and False returned (the connection drops the frame)."""
+        if self.closing:
+            return False
+        if self.bucket.allow(time.monotonic()):
+            return True
+        self.host.control_message("rate_limited")
+        self.close(CloseCode.POLICY_VIOLATION)
+        return False
+
     def on_text(self, text: str) -> None:
-        if self.closing or not self._allow_control():
+        """A complete text message (its frames already charged by :meth:`allow_frame`)."""
+        if self.closing:
             return
         outcome = self.control.handle_text(text)
         self.host.control_message("error" if outcome.reply.startswith(b'{"error"') else "ok")
         self._apply(outcome)
 
     def on_binary(self, data: bytes) -> None:
-        if self.closing or not self._allow_control():
+        if self.closing:
             return
         self.host.control_message("error")
         self._apply(self.control.handle_binary(data))
@@ -250,13 +262,6 @@ class Session:
         return self.conflated + queue_conflated, queue_dropped
 
     # ---- internals ----
-    def _allow_control(self) -> bool:
-        if self.bucket.allow(time.monotonic()):
-            return True
-        self.host.control_message("rate_limited")
-        self.close(CloseCode.POLICY_VIOLATION)
-        return False
-
     def _send_reply(self, frame: bytes) -> None:
         self.host.sent_bytes += self.connection.write_frames([frame])
 

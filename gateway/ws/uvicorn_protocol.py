@@ -44,6 +44,7 @@ from gateway.ws.hub import StreamBatch
 from gateway.ws.session import Session
 
 DRAIN_STATE_KEY = "pricegate.drain"  # a plain-ASGI WebSocket route's drain hook (see shutdown())
+READ_SLICE_BYTES = 16384  # bytes parsed at a time for native sessions (see data_received)
 PING_FRAME = b"\x89\x00"  # FIN + ping, unmasked, empty payload: the same bytes for every connection
 ABORT_AFTER_CLOSE_S = 5.0  # a client that does not read cannot receive our close frame either
 STREAM_PREFIXES = ("/ws/", "/stream/")
@@ -79,7 +80,12 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
     # The session's direct write: the transport's own write, set once the handshake is accepted.
     write: Callable[[bytes], object] | None = None
     dropped = (0, 0)  # no queue of our own: a full socket buffer pauses the session instead
-    _text_fragments: list[bytes] | None = None
+    # A fragmented inbound message being assembled (text), or counted only (binary: refused whatever it holds).
+    _fragments: list[bytes] | None = None
+    _fragments_are_text = True
+    _fragment_bytes = 0
+    _max_fragments = 64
+    _max_message_bytes = 1 << 20
     ping_deadline = 0.0  # the node's keepalive schedule: unanswered ping's deadline, 0.0 when none
 
     # ---- Connection (what a Session needs) ----
@@ -197,6 +203,8 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
         # Pause (and so later resume, which resends stale state) around our own limit, not the loop's default.
         self.transport.set_write_buffer_limits(high=limit, low=limit // 4)
         self.write = self.transport.write
+        self._max_fragments = host.max_fragments_per_message
+        self._max_message_bytes = host.max_message_bytes
         self.session = host.open_session(self, decision)
         self.start_keepalive()
         self.session.start(decision.connect)
@@ -215,26 +223,71 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
         self.transport.close()
 
     # ---- inbound frames on native sessions ----
+    def data_received(self, data: bytes) -> None:
+        if self.session is None or len(data) <= READ_SLICE_BYTES:
+            super().data_received(data)
+            return
+        # websockets parses everything it is given into events at once: a read full of tiny frames would be
+        # parsed whole even after the first few got the client closed. Slices bound the work done after that.
+        view = memoryview(data)
+        for start in range(0, len(data), READ_SLICE_BYTES):
+            if self.close_sent or self.disconnected:
+                return
+            super().data_received(bytes(view[start : start + READ_SLICE_BYTES]))
+
     def handle_text(self, event: Frame) -> None:
-        if self.session is None:
+        session = self.session
+        if session is None:
             super().handle_text(event)
+        elif not session.allow_frame():
+            return
         elif event.fin:
             self._dispatch_text(event.data)
         else:
-            self._text_fragments = [bytes(event.data)]
+            self._start_fragments(event, text=True)
+
+    def handle_bytes(self, event: Frame) -> None:
+        session = self.session
+        if session is None:
+            super().handle_bytes(event)
+        elif not session.allow_frame():
+            return
+        elif event.fin:
+            session.on_binary(bytes(event.data))
+        else:
+            self._start_fragments(event, text=False)
 
     def handle_cont(self, event: Frame) -> None:
-        if self.session is None:
+        session = self.session
+        if session is None:
             super().handle_cont(event)
             return
-        if self._text_fragments is None:  # continuation of a binary message: treat as one binary message
-            if event.fin:
-                self.session.on_binary(bytes(event.data))
+        # Every frame counts against the control-message rate, continuations included (an unfinished message
+        # of empty fragments would otherwise be free and endless).
+        if not session.allow_frame():
             return
-        self._text_fragments.append(bytes(event.data))
-        if event.fin:
-            data, self._text_fragments = b"".join(self._text_fragments), None
-            self._dispatch_text(data)
+        fragments = self._fragments
+        if fragments is None:
+            return  # a continuation without a start: websockets' parser refuses those; nothing to assemble
+        self._fragment_bytes += len(event.data)
+        if len(fragments) >= self._max_fragments or self._fragment_bytes > self._max_message_bytes:
+            self._fragments = None
+            self.close_now(CloseCode.MESSAGE_TOO_BIG, "message too big or in too many fragments")
+            return
+        if self._fragments_are_text:
+            fragments.append(bytes(event.data))
+        if not event.fin:
+            return
+        self._fragments = None
+        if self._fragments_are_text:
+            self._dispatch_text(b"".join(fragments))
+        else:
+            session.on_binary(b"")  # binary messages are refused whatever they hold: keep none of it
+
+    def _start_fragments(self, event: Frame, *, text: bool) -> None:
+        self._fragments = [bytes(event.data)] if text else []
+        self._fragments_are_text = text
+        self._fragment_bytes = len(event.data)
 
     def _dispatch_text(self, data: bytes | bytearray | memoryview) -> None:
         assert self.session is not None
@@ -245,18 +298,18 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
             return
         self.session.on_text(text)
 
-    def handle_bytes(self, event: Frame) -> None:
-        if self.session is None:
-            super().handle_bytes(event)
-        elif event.fin:
-            self.session.on_binary(bytes(event.data))
-        else:
-            self._text_fragments = None
+    def handle_ping(self) -> None:
+        session = self.session
+        if session is not None and not session.allow_frame():
+            return  # closed for the rate: the pong websockets queued goes out before the close frame, no more
+        super().handle_ping()
 
     def handle_pong(self, event: Frame) -> None:
         # Any pong answers the outstanding ping (see the module docstring).
-        if self.session is not None:
-            self.ping_deadline = 0.0
+        session = self.session
+        if session is not None:
+            if session.allow_frame():
+                self.ping_deadline = 0.0
             return
         if self.pending_ping_payload is not None:
             self.pending_ping_payload = bytes(event.data)
@@ -310,11 +363,16 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
     def pause_writing(self) -> None:
         super().pause_writing()
         if self.session is not None:
+            # A client that does not read gets nothing more read from it either: its pings would pile up pongs
+            # (and its requests replies) in our buffer without bound.
+            self.transport.pause_reading()
             self.session.on_pause()
 
     def resume_writing(self) -> None:
         super().resume_writing()
         if self.session is not None:
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
             self.session.on_writable()
 
     # ---- shutdown: let the gateway drain with 1001 instead of an instant 1012 ----
