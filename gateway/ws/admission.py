@@ -65,6 +65,18 @@ def query_token(query: str) -> str | None:
     return None
 
 
+def handshake_from(path: str, query: str, header: Callable[[str], str | None], client_ip: str) -> Handshake:
+    """A :class:`Handshake` from an upgrade request's parts (``header`` looks a header up, case-insensitively)."""
+    return Handshake(
+        path=path,
+        query=query,
+        origin=header("origin"),
+        api_key=header("x-mbx-apikey"),
+        token=query_token(query),
+        client_ip=client_ip,
+    )
+
+
 class Admission:
     """Decides on handshakes for one gateway process."""
 

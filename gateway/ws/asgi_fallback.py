@@ -15,7 +15,7 @@ from collections.abc import Callable
 from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from gateway.ws.admission import Admitted, Decision, Handshake, Rejection, query_token
+from gateway.ws.admission import Admitted, Decision, Rejection, handshake_from
 from gateway.ws.asgi_outbox import Outbox
 from gateway.ws.close_codes import CloseCode
 from gateway.ws.host import HOST_STATE_KEY, ConnectionHost
@@ -85,15 +85,7 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     if isinstance(identity, Rejection):
         decision = identity
     else:
-        handshake = Handshake(
-            path=websocket.scope["path"],
-            query=query,
-            origin=headers.get("origin"),
-            api_key=headers.get("x-mbx-apikey"),
-            token=query_token(query),
-            client_ip=identity,
-        )
-        pending = host.admit(handshake)
+        pending = host.admit(handshake_from(websocket.scope["path"], query, headers.get, identity))
         decision = pending if isinstance(pending, Admitted | Rejection) else await pending
     if isinstance(decision, Rejection):
         response = PlainTextResponse(decision.reason, status_code=decision.status, headers=decision.headers)

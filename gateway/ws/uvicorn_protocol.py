@@ -36,7 +36,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import Frame
 from websockets.http11 import Request, Response
 
-from gateway.ws.admission import Admitted, Decision, Handshake, Rejection, query_token
+from gateway.ws.admission import Admitted, Decision, Rejection, handshake_from
 from gateway.ws.close_codes import REASONS, CloseCode
 from gateway.ws.frames import encode_text_frames
 from gateway.ws.host import HOST_STATE_KEY, ConnectionHost
@@ -148,15 +148,7 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
         if isinstance(identity, Rejection):
             self._refuse(identity)
             return
-        handshake = Handshake(
-            path=path,
-            query=query,
-            origin=headers.get("Origin"),
-            api_key=headers.get("X-MBX-APIKEY"),
-            token=query_token(query),
-            client_ip=identity,
-        )
-        decision = host.admit(handshake)
+        decision = host.admit(handshake_from(path, query, headers.get, identity))
         if isinstance(decision, Admitted | Rejection):
             self._complete_handshake(event, response, decision)
             return
