@@ -501,7 +501,17 @@ def test_gateway_deployment_matches_the_app(name: str) -> None:
     settings = Settings.from_env(data)
     build_parser().parse_args(container["args"])  # a real `pricegate` command
     assert container["args"] == ["gateway"]
-    assert container_ports(template) == {"http": settings.port}
+    # /metrics on its own port, which the Service names for the ServiceMonitor and the Ingress never routes to.
+    assert settings.metrics_port != 0
+    assert container_ports(template) == {"http": settings.port, "metrics": settings.metrics_port}
+    (monitor,) = [m for m in by_kind(docs, "ServiceMonitor") if m["metadata"]["name"].endswith("gateway")]
+    assert [endpoint["port"] for endpoint in monitor["spec"]["endpoints"]] == ["metrics"]
+    for ingress in by_kind(docs, "Ingress"):
+        for rule in ingress["spec"]["rules"]:
+            assert all(path["backend"]["service"]["port"]["name"] == "http" for path in rule["http"]["paths"])
+    # Secrets come from a Secret, never from the ConfigMap.
+    assert {"secretRef": {"name": "pricegate-secrets", "optional": True}} in container["envFrom"]
+    assert not {"PRICEGATE_JWT_SECRET", "PRICEGATE_DATABASE_URL"} & set(data)
     assert _probe_paths(template) == {"startupProbe": "/livez", "livenessProbe": "/livez", "readinessProbe": "/readyz"}
     routes = _gateway_app_routes()
     for path in _probe_paths(template).values():
