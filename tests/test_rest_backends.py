@@ -117,7 +117,8 @@ async def test_responses_are_cached_in_redis_under_a_versioned_key(
     assert first.content == second.content and len(fake.rest_calls("klines")) == 1
     client_redis = aioredis.from_url(redis_url)
     try:
-        key = f"{key_prefix}:cache:v1:klines:ETHUSDT:1h:None:None:10"
+        first_open = first.json()[0][0]  # the key names the candles covered: the first open time and their count
+        key = f"{key_prefix}:cache:v1:klines:ETHUSDT:1h:{first_open}:10"
         cached = await client_redis.get(key)
         assert isinstance(cached, bytes), cached
         stamp, _, body = cached.partition(b":")

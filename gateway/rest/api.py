@@ -25,7 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from gateway.rest import params
-from gateway.rest.cache import MemoryResponseCache, RedisResponseCache, ResponseCache, Served, SingleFlight
+from gateway.rest.cache import ResponseCache, Served, SingleFlight, response_cache
 from gateway.rest.klines import KlineSource
 from gateway.rest.market_data import LiveMarket
 from gateway.rest.params import Query, RestError
@@ -33,7 +33,6 @@ from gateway.rest.technicals import analyse, technicals_json
 from gateway.rest.weights import WeightLimiter
 from gateway.symbols import SymbolDirectory
 from shared.binance.rest import BinanceRest, RestRefused
-from shared.binance.weight import IP_WEIGHT_LIMIT_PER_MIN
 from shared.broker.contract import Broker
 from shared.candles.model import CandleStore, klines_json
 from shared.errors import PricegateError
@@ -112,19 +111,16 @@ class RestApi:
         self.metrics = RestMetrics(registry)
         self._clock = clock
         if cache is None:
-            cache = (
-                RedisResponseCache(settings.redis_url, settings.channel_prefix)
-                if settings.redis_url
-                else MemoryResponseCache()
-            )
+            cache = response_cache(settings)
         self.cache = cache
         if exchange is None and settings.source == "binance":
             results = self.metrics.exchange
             exchange = BinanceRest(
                 settings.binance_rest_url,
-                # Its own budget, counted with the exchange's figure for the IP: it holds back only calls Binance
-                # would answer with 429 (and, after a 429/418, every call until Retry-After).
-                weight_limit_per_min=IP_WEIGHT_LIMIT_PER_MIN,
+                # Its own share of the IP's budget (ingest has another), counted with the exchange's figure for the
+                # IP, so a REST flood on the gateway cannot spend the weight ingest needs for backfills; after a
+                # 429/418 it holds back every call until Retry-After.
+                weight_limit_per_min=settings.exchange_weight_limit_per_min,
                 timeout_s=settings.exchange_timeout_s,
                 connect_timeout_s=settings.exchange_timeout_s,
                 max_wait_s=0.0,  # never keep a client waiting for budget: the cache serves stale meanwhile
@@ -244,14 +240,17 @@ class RestApi:
 
     async def klines_endpoint(self, request: Request, query: Query) -> Reply:
         wanted = params.klines_request(query, self.symbols.known)
+        window = self.klines.window(
+            wanted.symbol, wanted.interval, start_ms=wanted.start_ms, end_ms=wanted.end_ms, limit=wanted.limit
+        )
+        if not window.opens:
+            return Reply(b"[]")  # no candle can exist there (the future): no backend call, no cache entry
 
         async def compute() -> bytes:
-            candles = await self.klines.klines(
-                wanted.symbol, wanted.interval, start_ms=wanted.start_ms, end_ms=wanted.end_ms, limit=wanted.limit
-            )
-            return klines_json(candles)
+            return klines_json(await self.klines.candles(window))
 
-        served = await self.flights.get("klines", wanted.cache_key, self.settings.cache_ttl_klines_s, compute)
+        # Keyed by the candles covered, not the timestamps sent: times inside the same windows share one entry.
+        served = await self.flights.get("klines", window.cache_key, self.settings.cache_ttl_klines_s, compute)
         return Reply(served.body, served)
 
     async def technical(self, request: Request, query: Query) -> Reply:

@@ -9,7 +9,13 @@ error. Cache trouble (Redis down) never fails a request: the cache is skipped an
 
 Keys are namespaced and versioned (``<prefix>:cache:v<N>:<key>``); bump :data:`CACHE_VERSION` whenever a cached
 response's format changes, so replicas of different versions never read each other's bodies. The in-memory
-cache (embedded demo) has the same semantics within one process and a bounded number of entries.
+cache (embedded demo) has the same semantics within one process.
+
+Memory is bounded whatever the keys: the in-memory cache evicts least recently used entries beyond
+``max_bytes`` (bodies, keys and a per-entry overhead counted) and ``max_entries``; either cache refuses to store
+one body larger than ``max_entry_bytes`` (it is still served, only not kept; an older entry stays). Per key, the
+process keeps nothing else once a request is answered: :class:`SingleFlight` holds a key only while its
+computation runs, and the Redis cache keeps its entries in Redis, under a TTL.
 """
 
 from __future__ import annotations
@@ -27,10 +33,17 @@ from typing import Protocol
 import redis.asyncio as aioredis
 from prometheus_client import Counter
 
+from shared.settings import Settings
+
 logger = logging.getLogger("pricegate.gateway.cache")
 
 CACHE_VERSION = 1
 LOCK_POLL_S = 0.02
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
+ENTRY_FRACTION = 16  # one body may take at most 1/16 of the byte bound, so the LRU always holds several
+# What one in-memory entry costs beside its body and key: the OrderedDict node, the tuple, the CachedBody, the
+# float and the object headers of the key and body (measured with sys.getsizeof on CPython 3.11, rounded up).
+ENTRY_OVERHEAD_BYTES = 320
 _UNLOCK = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
@@ -62,28 +75,55 @@ class ResponseCache(Protocol):
 
 
 class MemoryResponseCache:
-    """One process's cache (no cross-replica locking needed): LRU-bounded, entries expire after ``keep_s``."""
+    """One process's cache (no cross-replica locking needed): LRU-bounded by bytes and by entries, entries
+    expire after ``keep_s``."""
 
-    def __init__(self, max_entries: int = 10_000, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.time,
+        *,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        max_entry_bytes: int | None = None,
+    ) -> None:
         self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.max_entry_bytes = max_bytes // ENTRY_FRACTION if max_entry_bytes is None else max_entry_bytes
         self._clock = clock
         self._entries: OrderedDict[str, tuple[CachedBody, float]] = OrderedDict()
+        self.bytes = 0  # what the entries cost, by entry_cost
+
+    @staticmethod
+    def entry_cost(key: str, body: bytes) -> int:
+        return len(key) + len(body) + ENTRY_OVERHEAD_BYTES
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     async def get(self, key: str) -> CachedBody | None:
         entry = self._entries.get(key)
         if entry is None:
             return None
         if entry[1] <= self._clock():
-            del self._entries[key]
+            self._remove(key)
             return None
         self._entries.move_to_end(key)
         return entry[0]
 
     async def put(self, key: str, body: bytes, stored_at_ms: int, keep_s: float) -> None:
+        if len(body) > self.max_entry_bytes:
+            return  # as in Redis: the previous entry, if any, stays to be served stale
+        self._remove(key)
         self._entries[key] = (CachedBody(body, stored_at_ms), self._clock() + keep_s)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+        self.bytes += self.entry_cost(key, body)
+        while self._entries and (len(self._entries) > self.max_entries or self.bytes > self.max_bytes):
+            oldest, (cached, _) = self._entries.popitem(last=False)
+            self.bytes -= self.entry_cost(oldest, cached.body)
+
+    def _remove(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= self.entry_cost(key, entry[0].body)
 
     async def try_lock(self, key: str, ttl_ms: int) -> str | None:
         return "local"  # SingleFlight already coalesces within the process
@@ -93,13 +133,24 @@ class MemoryResponseCache:
 
     async def aclose(self) -> None:
         self._entries.clear()
+        self.bytes = 0
 
 
 class RedisResponseCache:
-    """Bodies stored as ``<stored_at_ms>:<body>`` with a TTL of freshness + stale retention."""
+    """Bodies stored as ``<stored_at_ms>:<body>`` with a TTL of freshness + stale retention; a body larger
+    than ``max_entry_bytes`` is not stored. Nothing is kept in the process per key."""
 
-    def __init__(self, url: str, prefix: str, *, socket_timeout_s: float = 2.0, max_connections: int = 64) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        *,
+        socket_timeout_s: float = 2.0,
+        max_connections: int = 64,
+        max_entry_bytes: int = DEFAULT_MAX_BYTES // ENTRY_FRACTION,
+    ) -> None:
         self.prefix = f"{prefix}:cache:v{CACHE_VERSION}:"
+        self.max_entry_bytes = max_entry_bytes
         # Bounded: a burst of requests waits for a connection instead of opening thousands.
         self._pool = aioredis.BlockingConnectionPool.from_url(
             url,
@@ -120,6 +171,8 @@ class RedisResponseCache:
         return CachedBody(body, int(stamp))
 
     async def put(self, key: str, body: bytes, stored_at_ms: int, keep_s: float) -> None:
+        if len(body) > self.max_entry_bytes:
+            return
         await self._client.set(self.prefix + key, b"%d:%b" % (stored_at_ms, body), ex=max(1, math.ceil(keep_s)))
 
     async def try_lock(self, key: str, ttl_ms: int) -> str | None:
@@ -134,6 +187,15 @@ class RedisResponseCache:
     async def aclose(self) -> None:
         await self._client.aclose()
         await self._pool.aclose()
+
+
+def response_cache(settings: Settings) -> ResponseCache:
+    """Redis when ``PRICEGATE_REDIS_URL`` is set (shared by replicas), else this process's memory; either way
+    bounded by ``PRICEGATE_CACHE_MAX_BYTES``."""
+    max_entry_bytes = settings.cache_max_bytes // ENTRY_FRACTION
+    if settings.redis_url:
+        return RedisResponseCache(settings.redis_url, settings.channel_prefix, max_entry_bytes=max_entry_bytes)
+    return MemoryResponseCache(max_bytes=settings.cache_max_bytes, max_entry_bytes=max_entry_bytes)
 
 
 class SingleFlight:

@@ -6,12 +6,17 @@ that closed a moment ago and is not written yet, come from the kline stream's la
 the open times still missing after that are fetched from the exchange, in one call spanning them, and the
 exchange never overrides a stored candle. Without an exchange (synthetic or replayed market) the response holds
 what the store and the streams have.
+
+Those open times are also what a response depends on, so they are what it is cached under
+(:attr:`KlineWindow.cache_key`): every ``startTime``/``endTime`` inside the same candle windows names the same
+entry, and arbitrary timestamps cannot each make a new one.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from prometheus_client import Counter
 
@@ -23,6 +28,21 @@ from shared.errors import BrokerError
 from shared.intervals import candle_window, open_times
 
 logger = logging.getLogger("pricegate.gateway.klines")
+
+
+@dataclass(frozen=True, slots=True)
+class KlineWindow:
+    """The candles a klines request covers: consecutive open times, oldest first (empty: nothing can exist)."""
+
+    symbol: str
+    interval: str
+    opens: tuple[int, ...]
+
+    @property
+    def cache_key(self) -> str:
+        # The opens are consecutive windows, so the first and their count name them all.
+        first = self.opens[0] if self.opens else "-"
+        return f"klines:{self.symbol}:{self.interval}:{first}:{len(self.opens)}"
 
 
 class KlineSource:
@@ -42,13 +62,24 @@ class KlineSource:
         self.served = served
         self._clock_ms = clock_ms
 
+    def window(
+        self, symbol: str, interval: str, *, start_ms: int | None, end_ms: int | None, limit: int
+    ) -> KlineWindow:
+        """The open times Binance's ``startTime``/``endTime``/``limit`` resolve to now."""
+        opens = open_times(interval, now_ms=self._clock_ms(), start_ms=start_ms, end_ms=end_ms, limit=limit)
+        return KlineWindow(symbol, interval, tuple(opens))
+
     async def klines(
         self, symbol: str, interval: str, *, start_ms: int | None, end_ms: int | None, limit: int
     ) -> list[Candle]:
-        now_ms = self._clock_ms()
-        wanted = open_times(interval, now_ms=now_ms, start_ms=start_ms, end_ms=end_ms, limit=limit)
+        return await self.candles(self.window(symbol, interval, start_ms=start_ms, end_ms=end_ms, limit=limit))
+
+    async def candles(self, window: KlineWindow) -> list[Candle]:
+        """The candles of ``window`` that exist, oldest first."""
+        symbol, interval, wanted = window.symbol, window.interval, window.opens
         if not wanted:
             return []
+        now_ms = self._clock_ms()
         wanted_set = set(wanted)
         found: dict[int, Candle] = {}
         if self.store is not None:

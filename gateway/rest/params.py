@@ -2,8 +2,9 @@
 
 Every rule rejects with a :class:`RestError` carrying Binance's code and message (``-1100`` illegal characters,
 ``-1101`` duplicated parameter, ``-1102`` mandatory parameter missing, ``-1108`` overflow, ``-1120`` invalid
-interval, ``-1121`` invalid symbol, ``-1128`` bad combination, ``-1130`` invalid value, ``-1151`` duplicate
-symbols, ``-1023`` start after end), so outside input never reaches a query or a cache key unchecked. The
+interval, ``-1121`` invalid symbol, ``-1128`` bad combination, ``-1130`` invalid value (a ``limit`` out of range,
+a time outside ``shared.intervals``' supported range), ``-1151`` duplicate symbols, ``-1023`` start after end),
+so outside input never reaches a query, a date computation or a cache key unchecked. The
 request weights (the cost charged against an IP's per-minute budget) follow Binance's published table. Pure:
 strings in, values or errors out.
 """
@@ -23,6 +24,7 @@ from shared.binance.weight import (
     WEIGHT_TICKER_ONE,
     depth_weight as depth_limit_weight,
 )
+from shared.intervals import MAX_TIME_MS, MIN_TIME_MS
 from shared.streams import KLINE_INTERVALS
 
 Query = Mapping[str, Sequence[str]]
@@ -121,6 +123,15 @@ def number(query: Query, name: str) -> int | None:
     return parsed
 
 
+def time_ms(query: Query, name: str) -> int | None:
+    """A time in Unix ms within the supported range: up to 9999-11-30, whose candles of every interval close
+    within year 9999 (beyond a signed 64-bit integer it is Binance's overflow error)."""
+    value = number(query, name)
+    if value is not None and not MIN_TIME_MS <= value <= MAX_TIME_MS:
+        raise invalid(name, f"It must be between {MIN_TIME_MS} and {MAX_TIME_MS} (9999-11-30T23:59:59.999Z).")
+    return value
+
+
 def limit(query: Query, *, default: int, maximum: int, clamp: bool = False) -> int:
     """``limit`` in 1..maximum; above the maximum it is refused, or cut down with ``clamp`` (depth)."""
     value = number(query, "limit")
@@ -175,17 +186,13 @@ class KlinesRequest:
     end_ms: int | None
     limit: int
 
-    @property
-    def cache_key(self) -> str:
-        return f"klines:{self.symbol}:{self.interval}:{self.start_ms}:{self.end_ms}:{self.limit}"
-
 
 def klines_request(query: Query, known: Collection[str]) -> KlinesRequest:
     request = KlinesRequest(
         symbol=symbol(query, known),
         interval=interval(query),
-        start_ms=number(query, "startTime"),
-        end_ms=number(query, "endTime"),
+        start_ms=time_ms(query, "startTime"),
+        end_ms=time_ms(query, "endTime"),
         limit=limit(query, default=KLINES_DEFAULT_LIMIT, maximum=KLINES_MAX_LIMIT),
     )
     time_zone = optional(query, "timeZone")
