@@ -1,11 +1,12 @@
 """Which address a request comes from: the TCP peer, unless the peer is a proxy we trust (pure).
 
-Per-IP limits and REST weights are charged to this address. ``X-Forwarded-For`` is believed only from peers
-listed in ``PRICEGATE_FORWARDED_ALLOW_IPS`` (addresses or CIDR networks; ``*`` trusts every peer, for a gateway
-reachable only through its proxy). From a trusted peer the header is read right to left, skipping every hop that
-is itself a trusted proxy: the first untrusted address is the client (an address a client wrote at the left
-of the header itself is never reached while a trusted proxy appended the real one). By default no proxy is
-trusted, so a client cannot choose the address it is charged to.
+Per-IP limits and REST weights are charged to this address. ``X-Forwarded-For`` is believed only from peers listed
+in ``PRICEGATE_FORWARDED_ALLOW_IPS`` (addresses or CIDR networks; ``*`` trusts every peer and every hop, so the
+leftmost address counts: only for a gateway reachable solely through proxies that overwrite the header). From a
+trusted peer the header is read right to left, skipping every hop that is itself a trusted proxy: the first
+untrusted address is the client (an address a client wrote at the left of the header itself is never reached while a
+trusted proxy appended the real one). By default no proxy is trusted, so a client cannot choose the address it is
+charged to.
 """
 
 from __future__ import annotations
@@ -48,13 +49,23 @@ def client_ip(peer: str, forwarded_for: str | None, proxies: TrustedProxies) -> 
     if not forwarded_for or not proxies.trusts(peer):
         return peer
     hops = [hop.strip() for hop in forwarded_for.split(",")]
+    if proxies.any:
+        # Every hop is trusted, so the chain's origin is the leftmost address (as uvicorn's own "*" does).
+        first = next((hop for hop in hops if hop), "")
+        return first if _is_address(first) else peer
     for hop in reversed(hops):
         if not hop:
             continue
-        try:
-            ipaddress.ip_address(hop)
-        except ValueError:
+        if not _is_address(hop):
             return peer  # a malformed header from the proxy chain: charge the proxy, never a made-up name
         if not proxies.trusts(hop):
             return hop
     return peer
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
