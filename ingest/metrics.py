@@ -1,10 +1,11 @@
 """Ingest's Prometheus metrics: what it published, its leadership, and (read at scrape time) its upstream.
 
 :class:`IngestMetrics` holds the instruments ingest updates as it goes (published messages, duplicates, gaps,
-backfill, leadership, event-time lag). :class:`UpstreamCollector` turns the live Binance source's plain counters
-(connections, streams per connection, messages by kind, reconnects and rotations by reason, connection attempts,
-REST weight and rate limiting) into metrics when Prometheus scrapes, so the hot path only increments ints.
-Labels are bounded: stream kind, a reason enum, an HTTP status, a connection index (streams / 1024 of them).
+backfill, leadership, event-time lag, demand refused beyond the stream bound). :class:`UpstreamCollector` turns
+the live Binance source's plain counters (connections, streams per connection, messages by kind, reconnects and
+rotations by reason, connection attempts, REST weight and rate limiting) into metrics when Prometheus scrapes,
+so the hot path only increments ints. Labels are bounded: stream kind, a reason enum, an HTTP status, a
+connection index (streams / 1024 of them).
 """
 
 from __future__ import annotations
@@ -33,6 +34,17 @@ class IngestMetrics:
             "pricegate_ingest_publish_duration_seconds", "Time to publish one batch", registry=r
         )
         self.wanted_streams = Gauge("pricegate_ingest_wanted_streams", "Streams ingest keeps flowing", registry=r)
+        self.refused_streams = Gauge(
+            "pricegate_ingest_refused_streams",
+            "Demanded streams not subscribed upstream now: wanted streams would exceed PRICEGATE_MAX_UPSTREAM_STREAMS",
+            registry=r,
+        )
+        self.stream_refusals = Counter(
+            "pricegate_ingest_stream_refusals",
+            "Streams refused beyond PRICEGATE_MAX_UPSTREAM_STREAMS, counted each time one enters the refused set",
+            ["kind"],
+            registry=r,
+        )
         self.last_event = Gauge(
             "pricegate_ingest_last_event_timestamp_seconds", "Wall clock of the last published message", registry=r
         )

@@ -2,8 +2,12 @@
 
 Wanted streams = the configured always-on set plus the streams some gateway announced in the broker's demand set,
 kept for ``demand_linger_s`` after the last announcement so a client that reconnects does not make ingest
-churn its upstream subscriptions. A heartbeat is published every second (gateways use it to show whether
-data is flowing), and the source's exchangeInfo is cached in the broker for gateways to validate symbols.
+churn its upstream subscriptions. At most ``max_upstream_streams`` are wanted: beyond it the always-on streams
+and the most recently announced demand are kept (a stream announced in the latest poll before one only lingering;
+among equally recent ones, those already flowing first, so a full set does not churn) and the rest is refused:
+never subscribed upstream, logged when the refused set changes, counted in ``pricegate_ingest_refused_streams``.
+A heartbeat is published every second (gateways use it to show whether data is flowing), and the source's
+exchangeInfo is cached in the broker for gateways to validate symbols.
 With a candle recorder, every published batch also passes through it (closed candles go to the candle store)
 and its kline streams are part of the always-on set.
 
@@ -39,6 +43,7 @@ logger = logging.getLogger("pricegate.ingest")
 
 DEMAND_POLL_S = 0.5
 HEARTBEAT_S = 1.0
+REFUSED_EXAMPLES = 5  # refused streams named in the log line (the count says how many)
 STANDBY_POLL_S = 0.5  # how often leader-only loops look whether this process leads now
 
 
@@ -77,6 +82,7 @@ class IngestService:
             self.always_on |= candles.streams
         self._last_demanded: dict[str, float] = {}
         self.wanted: frozenset[str] = self.always_on
+        self.refused: frozenset[str] = frozenset()  # demanded, but beyond max_upstream_streams
         self.publisher = Publisher(
             broker,
             self.metrics,
@@ -116,14 +122,48 @@ class IngestService:
         raise_if_cancel_was_lost()  # sources call publish in a loop
 
     def update_wanted(self, demanded: set[str], now: float) -> frozenset[str]:
-        """Fold a demand reading into the wanted set, keeping streams for the linger period."""
+        """Fold a demand reading into the wanted set, keeping streams for the linger period and at most
+        ``max_upstream_streams`` in all (what is left out is :attr:`refused`; see the module docstring)."""
         for stream in demanded:
             self._last_demanded[stream] = now
         linger = self.settings.demand_linger_s
         for stream, seen in list(self._last_demanded.items()):
             if now - seen > linger:
                 del self._last_demanded[stream]
-        return self.always_on | frozenset(self._last_demanded)
+        candidates = [stream for stream in self._last_demanded if stream not in self.always_on]
+        room = max(0, self.settings.max_upstream_streams - len(self.always_on))
+        if len(candidates) <= room:
+            self.refused = frozenset()
+            return self.always_on | frozenset(candidates)
+        flowing = self.wanted
+        candidates.sort(key=lambda stream: (-self._last_demanded[stream], stream not in flowing, stream))
+        refused = candidates[room:]
+        for stream in refused:
+            if self._last_demanded[stream] < now:
+                del self._last_demanded[stream]  # lingering and refused: nothing to remember it for
+        self.refused = frozenset(refused)
+        return self.always_on | frozenset(candidates[:room])
+
+    def _report_refused(self, before: frozenset[str]) -> None:
+        """Log a change of the refused set (once, not per poll) and count the newly refused streams."""
+        self.metrics.refused_streams.set(len(self.refused))
+        if self.refused == before:
+            return
+        newly = self.refused - before
+        for stream in newly:
+            self.metrics.stream_refusals.labels(kind=parse_stream(stream).kind.value).inc()
+        if not self.refused:
+            logger.info("demand within PRICEGATE_MAX_UPSTREAM_STREAMS (%d) again", self.settings.max_upstream_streams)
+            return
+        examples = ", ".join(sorted(newly or self.refused)[:REFUSED_EXAMPLES])
+        logger.warning(
+            "demand beyond PRICEGATE_MAX_UPSTREAM_STREAMS (%d): refusing %d stream(s) (+%d -%d), e.g. %s",
+            self.settings.max_upstream_streams,
+            len(self.refused),
+            len(newly),
+            len(before - self.refused),
+            examples,
+        )
 
     async def _follow_demand_forever(self) -> None:
         while True:
@@ -138,7 +178,9 @@ class IngestService:
                         valid.add(parse_stream(name).name)
                     except Exception:  # a malformed demand entry must not stop the others
                         logger.warning("ignoring malformed demand entry %r", name)
+                refused_before = self.refused
                 wanted = self.update_wanted(valid, time.monotonic())
+                self._report_refused(refused_before)
                 if wanted != self.wanted:
                     added, removed = wanted - self.wanted, self.wanted - wanted
                     logger.info("wanted streams: +%d -%d (now %d)", len(added), len(removed), len(wanted))
