@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
@@ -82,8 +83,11 @@ def create_app(
     async def ticker_page(request: Request) -> Response:
         return HTMLResponse(TICKER_PAGE)
 
+    # The process's pid: under `pricegate gateway --workers N` it says which worker took the connection.
+    alive = b'{"status":"alive","pid":%d}' % os.getpid()
+
     async def livez(request: Request) -> Response:
-        return _json(b'{"status":"alive"}')
+        return _json(alive)
 
     async def readyz(request: Request) -> Response:
         ready = node.ready and not failed

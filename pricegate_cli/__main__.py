@@ -13,8 +13,9 @@ import dataclasses
 import logging
 import os
 import signal
+import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,12 +173,21 @@ def _ignore_stop_signals() -> None:
 
 
 async def serve(
-    settings: Settings, broker: Any, *, background: Sequence[Any] = (), banner: str = "", candles: Any = None
+    settings: Settings,
+    broker: Any,
+    *,
+    background: Sequence[Any] = (),
+    banner: str = "",
+    candles: Any = None,
+    sockets: Sequence[socket.socket] | None = None,
+    on_serving: Callable[[int], None] | None = None,
 ) -> None:
+    """Serve until SIGTERM/SIGINT. A worker of ``--workers`` (pricegate_cli/workers.py) passes its own
+    ``sockets`` to listen on, and ``on_serving`` to be told the port instead of printing the banner."""
     import uvicorn
 
     from gateway.app import create_app
-    from gateway.server import bound_port, uvicorn_config
+    from gateway.server import bound_port, serving_banner, uvicorn_config
 
     await _start_broker(broker, settings)
     try:
@@ -190,22 +200,13 @@ async def serve(
             while not server.started:  # noqa: ASYNC110 - uvicorn exposes only a flag, no event
                 await asyncio.sleep(0.05)
             port = bound_port(server)
-            scheme = "wss" if settings.ssl_certfile else "ws"
-            http = "https" if settings.ssl_certfile else "http"
-            base = f"{settings.host}:{port}"
-            print(
-                f"{banner}pricegate is serving on {http}://{base}\n"
-                f"  raw streams:      {scheme}://{base}/ws/btcusdt@trade   (or {scheme}://{base}/ws + SUBSCRIBE)\n"
-                f"  combined streams: {scheme}://{base}/stream?streams=btcusdt@trade/ethusdt@bookTicker\n"
-                f"  REST:             {http}://{base}/api/v3/exchangeInfo\n"
-                f"                    {http}://{base}/api/v3/klines?symbol=BTCUSDT&interval=1h\n"
-                f"                    {http}://{base}/api/v1/technical/BTCUSDT?interval=1h\n"
-                f"  ops:              {http}://{base}/metrics  /livez  /readyz",
-                flush=True,
-            )
+            if on_serving is not None:
+                on_serving(port)
+            else:
+                print(f"{banner}{serving_banner(settings, port)}", flush=True)
 
         announcer = asyncio.create_task(announce())
-        await server.serve()
+        await server.serve(sockets=list(sockets) if sockets is not None else None)
         announcer.cancel()
     finally:
         await broker.close()
@@ -240,11 +241,16 @@ async def run_demo(settings: Settings) -> None:
     )
 
 
-async def run_gateway(settings: Settings) -> None:
+async def run_gateway(
+    settings: Settings,
+    *,
+    sockets: Sequence[socket.socket] | None = None,
+    on_serving: Callable[[int], None] | None = None,
+) -> None:
     from pricegate_cli.storage import open_candle_store
 
     broker = _make_redis_broker(settings)
-    await serve(settings, broker, candles=await open_candle_store(settings))
+    await serve(settings, broker, candles=await open_candle_store(settings), sockets=sockets, on_serving=on_serving)
 
 
 async def run_ingest(settings: Settings) -> None:
@@ -339,6 +345,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings(args, dict(os.environ))
         _configure_logging(settings)
+        if args.command == "gateway":
+            from pricegate_cli.workers import supervise, worker_count
+
+            workers = worker_count(settings)
+            if workers > 1:  # --workers 1 is the single process, exactly as without the setting
+                return supervise(settings, workers)
         with _runner() as runner:
             if args.command == "demo":
                 runner.run(run_demo(settings))

@@ -2,7 +2,8 @@
 
 ``Settings.from_env(environ)`` reads the environment; ``with_overrides`` applies CLI flags on top (flags win).
 Any invalid value raises one ``ConfigError`` naming the variable and the value, which the CLI prints as a
-single line before exiting. The table in README.md ("Configuration") is :func:`settings_table`, checked by tests/test_readme.py.
+single line before exiting. The table in README.md ("Configuration") is :func:`settings_table`, checked by
+tests/test_readme.py.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 DEFAULT_SYMBOLS: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT")
 BINANCE_WS_URL = "wss://stream.binance.com:9443"
 BINANCE_REST_URL = "https://api.binance.com"
+# PRICEGATE_WORKERS=auto: one gateway worker per core, counted where the gateway starts (this module stays pure).
+WORKERS_AUTO = 0
 
 
 def _parse_bool(raw: str) -> bool:
@@ -52,6 +55,15 @@ def _parse_optional_str(raw: str) -> str | None:
     return raw.strip() or None
 
 
+def _parse_workers(raw: str) -> int:
+    text = raw.strip().lower()
+    if text == "auto":
+        return WORKERS_AUTO
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError("expected a whole number (1 or more) or auto")
+    return int(text)
+
+
 _PARSERS: dict[str, Callable[[str], Any]] = {
     "int": int,
     "float": float,
@@ -60,6 +72,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "symbols": _parse_csv_upper,
     "csv": _parse_csv,
     "optional_str": _parse_optional_str,
+    "process count": _parse_workers,
 }
 
 
@@ -72,6 +85,13 @@ class Settings:
     # --- network / serving ---
     host: str = _setting("127.0.0.1", "str", "Address the gateway (or demo) listens on.")
     port: int = _setting(8000, "int", "TCP port of the gateway (or demo).", min=0, max=65535)
+    workers: int = _setting(
+        1,
+        "process count",
+        "Gateway processes sharing PRICEGATE_PORT (SO_REUSEPORT) under one supervisor, or auto (one per core); "
+        "above 1 needs PRICEGATE_METRICS_PORT (worker i serves /metrics on it + i).",
+        min=WORKERS_AUTO,
+    )
     ssl_certfile: str | None = _setting(None, "optional_str", "PEM certificate: serve https/wss directly.")
     ssl_keyfile: str | None = _setting(None, "optional_str", "PEM private key for ssl_certfile.")
     log_level: str = _setting("info", "str", "Log level: critical, error, warning, info, debug.")
@@ -340,7 +360,8 @@ class Settings:
     metrics_port: int = _setting(
         0,
         "int",
-        "Serve the gateway's /metrics on this port only (keep it internal); 0: on the client port.",
+        "Serve the gateway's /metrics on this port only (keep it internal; with PRICEGATE_WORKERS above 1, worker i "
+        "on this port + i); 0: on the client port.",
         min=0,
         max=65535,
     )
