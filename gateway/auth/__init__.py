@@ -1,1 +1,1 @@
-"""API keys: issued, looked up and revoked in PostgreSQL."""
+"""Client authentication: API keys (PostgreSQL, cached), JWT connection tokens, and who a client is once known."""

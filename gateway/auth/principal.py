@@ -21,9 +21,14 @@ API_KEY_INVALID = -2015
 @dataclass(frozen=True, slots=True)
 class Principal:
     kind: str  # "anonymous" | "apikey" | "jwt"
-    subject: str  # apikey: digest prefix (hex); jwt: "sub" claim or ""; anonymous: ""
+    # apikey: the first 16 hex characters of the key's SHA-256; jwt: the same of the "sub" claim ("" without one: a
+    # subject may be an e-mail address, and it becomes part of Redis key names); anonymous: "".
+    subject: str
     patterns: tuple[str, ...] | None = None  # allowed stream-name globs (lowercase); None: every stream
     expires_at: float | None = None  # unix seconds; None: does not expire
+    # apikey: the key's whole SHA-256 (hex), to re-validate open connections; not a secret (the key cannot be
+    # derived from it, and the table stores the same). Otherwise "".
+    digest: str = ""
     _regex: re.Pattern[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -36,6 +41,11 @@ class Principal:
         regex = self._regex
         return regex is None or regex.fullmatch(stream_name.lower()) is not None
 
+    @property
+    def limit_key(self) -> str | None:
+        """What the per-credential connection limit counts under (``kind:subject``); None: not limited."""
+        return f"{self.kind}:{self.subject}" if self.subject else None
+
 
 ANONYMOUS = Principal("anonymous", "")
 
@@ -46,3 +56,38 @@ class AuthRefusal:
     message: str  # for the client: says what to fix, never echoes the credential
     code: int = API_KEY_INVALID  # Binance's REST error code
     status: int = 401  # HTTP status of the refusal
+
+
+# Binance's exact REST messages for its two API-key codes (clients such as ccxt match them).
+BINANCE_MESSAGES = {
+    API_KEY_FORMAT_INVALID: "API-key format invalid.",
+    API_KEY_INVALID: "Invalid API-key, IP, or permissions for action.",
+}
+UNAVAILABLE_CODE = -1001  # Binance's "internal error; unable to process your request"
+_FORMAT_REASONS = frozenset({"missing", "malformed"})
+
+
+def refused(reason: str, message: str) -> AuthRefusal:
+    """A refusal with the Binance code and HTTP status its reason implies: a missing or malformed credential is
+    -2014, a well-formed one that is not accepted -2015 (both 401); ``unavailable`` (it cannot be verified now)
+    is 503 -1001."""
+    if reason == "unavailable":
+        return AuthRefusal(reason, message, UNAVAILABLE_CODE, 503)
+    return AuthRefusal(reason, message, API_KEY_FORMAT_INVALID if reason in _FORMAT_REASONS else API_KEY_INVALID)
+
+
+def refresh_problem(current: Principal, new: Principal, subscribed: list[str]) -> str | None:
+    """Why ``new`` (from a REFRESH_TOKEN) may not replace ``current`` on an open connection, or None.
+
+    Only a token connection refreshes, and only as the same subject (the per-credential connection count was
+    taken under it). A new ``streams`` claim must still allow every stream the connection has: refusing is
+    explicit, where dropping subscriptions silently would look like a market gone quiet.
+    """
+    if current.kind != "jwt":
+        return "this connection was not opened with a token"
+    if new.subject != current.subject:
+        return "the new token is for another subject"
+    for name in subscribed:
+        if not new.allows(name):
+            return f"the new token does not allow {name}, which this connection is subscribed to"
+    return None
