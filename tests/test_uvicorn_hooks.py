@@ -71,4 +71,6 @@ async def test_the_attributes_we_use_are_set_by_uvicorns_constructor() -> None:
     assert isinstance(protocol.conn, ServerProtocol)
     lacking = [name for name in SERVER_PROTOCOL_METHODS if not callable(getattr(protocol.conn, name, None))]
     lacking += [name for name in SERVER_PROTOCOL_ATTRIBUTES if not hasattr(protocol.conn, name)]
+    # connection_lost closes websockets' parser generator to break its reference cycle with the protocol.
+    assert callable(getattr(getattr(protocol.conn, "parser", None), "close", None)), "ServerProtocol.parser changed"
     assert not lacking, f"websockets' ServerProtocol lacks {lacking}"

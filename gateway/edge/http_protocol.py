@@ -136,6 +136,9 @@ class PricegateHttpProtocol(HttpToolsProtocol):
         self._upgraded = True
         self._stop_deadline()
         super().handle_websocket_upgrade()
+        # This protocol is done: drop the parser, which holds us as its callbacks (a reference cycle otherwise
+        # left to the cycle collector for every WebSocket ever opened).
+        self.parser = None  # type: ignore[assignment]
 
     # ---- internals ----
     def _start_deadline(self) -> None:

@@ -349,8 +349,14 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
         if host is not None:
             host.connection_closed(self.transport)  # every upgraded socket was counted by the edge at accept
         super().connection_lost(exc)
-        if self.session is not None:
-            self.session.closed(CloseCode.ABNORMAL)
+        session = self.session
+        if session is not None:
+            session.closed(CloseCode.ABNORMAL)
+            # Nothing calls us after this: break the cycles a connection is made of (protocol <-> session, and
+            # websockets' parser generator <-> its protocol) so closed connections are freed by reference
+            # counting alone, never left to the cycle collector (docs/architecture.md, "The hot path and why").
+            self.session = None
+            self.conn.parser.close()
 
     def pause_writing(self) -> None:
         super().pause_writing()
