@@ -25,6 +25,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
+from gateway.auth.service import Authenticator
 from gateway.edge.client_ip import TrustedProxies
 from gateway.edge.guard import EdgeGuard, EdgeLimits
 from gateway.edge.http_protocol import EDGE_STATE_KEY
@@ -38,6 +39,7 @@ from gateway.ws.host import HOST_STATE_KEY
 from gateway.ws.uvicorn_protocol import DRAIN_STATE_KEY
 from shared.broker.contract import Broker
 from shared.candles.model import CandleStore
+from shared.runtime_metrics import GcPauseMonitor, LoopLagMonitor
 from shared.settings import Settings
 
 logger = logging.getLogger("pricegate.gateway")
@@ -76,8 +78,17 @@ def create_app(
     symbols = SymbolDirectory(broker, settings.symbols)
     metrics = metrics or GatewayMetrics()
     edge = edge_guard(settings, metrics)
-    node = GatewayNode(settings, broker, symbols, metrics, edge=edge)
-    rest_api = RestApi(settings, broker, symbols, node.metrics.registry, candles=candles)
+    # Authentication (PRICEGATE_AUTH): checked at the handshake and per REST request, never per message.
+    auth = Authenticator(settings, metrics) if settings.auth_modes else None
+    node = GatewayNode(settings, broker, symbols, metrics, edge=edge, authenticator=auth)
+    rest_api = RestApi(
+        settings,
+        broker,
+        symbols,
+        node.metrics.registry,
+        candles=candles,
+        authenticate=auth.authenticate if auth is not None else None,
+    )
     failed: list[str] = []
 
     async def ticker_page(request: Request) -> Response:
@@ -103,6 +114,8 @@ def create_app(
             "ingest_heartbeat_age_s": (
                 round(time.time() - node.relay.last_heartbeat_ms / 1000, 3) if node.relay.last_heartbeat_ms else None
             ),
+            # Informational: readiness does not depend on it (see Authenticator.status).
+            "auth": auth.status() if auth is not None else {"modes": []},
         }
         return JSONResponse(body, status_code=200 if ready else 503)
 
@@ -114,6 +127,9 @@ def create_app(
             failed.append(name)
             logger.critical("background task %s crashed; readiness is now false", name, exc_info=error)
 
+    loop_lag = LoopLagMonitor(node.metrics.registry, "gateway")
+    gc_pauses = GcPauseMonitor(node.metrics.registry, "gateway")
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         jobs: list[tuple[str, BackgroundJob]] = [
@@ -121,7 +137,12 @@ def create_app(
             ("exchange_info", symbols.poll_forever),
         ]
         jobs += [(getattr(job, "__qualname__", "background"), job) for job in background]
+        if auth is not None:
+            await auth.start()
+            jobs.append(("auth", auth.run))
         tasks: list[asyncio.Task[None]] = []
+        loop_lag.start()
+        gc_pauses.start()
         metrics_server = None
         if settings.metrics_port:
             # Its own port (kept internal, e.g. not behind the Ingress): clients cannot read it. A thread of
@@ -138,10 +159,14 @@ def create_app(
             for task in tasks:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            loop_lag.stop()
+            gc_pauses.stop()
             if metrics_server is not None:
                 metrics_server.shutdown()
             await node.relay.aclose()
             await rest_api.aclose()
+            if auth is not None:
+                await auth.aclose()
 
     routes = [
         WebSocketRoute("/ws", websocket_endpoint),
@@ -160,6 +185,7 @@ def create_app(
     app.state.edge = edge
     app.state.symbols = symbols
     app.state.rest = rest_api
+    app.state.auth = auth
     return app
 
 

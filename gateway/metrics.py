@@ -152,8 +152,39 @@ class GatewayMetrics:
             registry=r,
         )
         self.ready = Gauge("pricegate_gateway_ready", "1 when /readyz answers 200", registry=r)
+        # Authentication: bounded labels only (never a key, token or subject).
+        self.auth_failures = Counter(
+            "pricegate_gateway_auth_failures",
+            "Refused credentials (WebSocket and REST) by reason: missing, malformed, invalid, expired, revoked, "
+            "unavailable",
+            ["reason"],
+            registry=r,
+        )
+        self.auth_cache_results = Counter(
+            "pricegate_gateway_auth_cache_results",
+            "API key checks by answer: hit (this process), shared (Redis), miss (database), coalesced (joined a "
+            "lookup in flight), refused (a recent refusal), stale (past TTL, database down), unavailable",
+            ["result"],
+            registry=r,
+        )
+        self.auth_key_lookups = Counter(
+            "pricegate_gateway_auth_key_lookups",
+            "API key database lookups by result: found, unknown, revoked, error",
+            ["result"],
+            registry=r,
+        )
         self.build_info = Gauge("pricegate_gateway_build_info", "Build information", ["version"], registry=r)
         self.build_info.labels(version=VERSION).set(1)
+
+    # The authenticator's counters (gateway.auth.service.AuthCounters).
+    def auth_failure(self, reason: str) -> None:
+        self.auth_failures.labels(reason=reason).inc()
+
+    def auth_cache(self, result: str) -> None:
+        self.auth_cache_results.labels(result=result).inc()
+
+    def auth_key_lookup(self, result: str) -> None:
+        self.auth_key_lookups.labels(result=result).inc()
 
     def attach(
         self, hub: Hub, buffer_drops: Callable[[], tuple[int, int]], broker: object, sent_bytes: Callable[[], int]

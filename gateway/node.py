@@ -16,7 +16,8 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from gateway.auth.principal import Principal
+from gateway.auth.principal import AuthRefusal, Principal, refused
+from gateway.auth.service import Authenticator
 from gateway.edge.guard import EdgeGuard
 from gateway.edge.ip_limits import LimitHit
 from gateway.metrics import GatewayMetrics
@@ -45,7 +46,14 @@ class GatewayNode:
         edge: EdgeGuard | None = None,
         authenticate: Authenticate | None = None,
         key_limit: Callable[[Principal], bool] | None = None,
+        authenticator: Authenticator | None = None,
     ) -> None:
+        """``authenticator`` (authentication on): its hooks are the defaults of ``authenticate`` and ``key_limit``,
+        and it follows sessions opening, closing and refreshing their token (expiry, revocation, per-key counts)."""
+        if authenticator is not None:
+            authenticate = authenticate or authenticator.authenticate
+            key_limit = key_limit or authenticator.key_limit
+        self.authenticator = authenticator
         self.broker = broker
         self.edge = edge
         self.symbols = symbols
@@ -158,11 +166,15 @@ class GatewayNode:
 
     def session_opened(self, session: Session) -> None:
         self.sessions.add(session)
+        if self.authenticator is not None:
+            self.authenticator.session_opened(session)
         self.metrics.connections.inc()
         self.metrics.connections_accepted.inc()
 
     def session_closed(self, session: Session) -> None:
         self.sessions.discard(session)
+        if self.authenticator is not None:
+            self.authenticator.session_closed(session)
         session_conflated, session_dropped = session.dropped
         self._closed_conflated += session_conflated
         self._closed_dropped += session_dropped
@@ -174,6 +186,11 @@ class GatewayNode:
 
     def slow_consumer(self) -> None:
         self.metrics.slow_consumer_disconnects.inc()
+
+    def refresh_credential(self, session: Session, token: str) -> Principal | AuthRefusal:
+        if self.authenticator is None:
+            return refused("invalid", "authentication is off on this gateway: there is no token to refresh")
+        return self.authenticator.refresh(session, token, list(session.control.subscriptions))
 
     # ---- flushing ----
     def schedule_flush(self) -> None:

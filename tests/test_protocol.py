@@ -18,7 +18,8 @@ from shared.errors import ProtocolError
 from shared.streams import Stream, parse_stream
 
 UNKNOWN_VARIANT_TAIL = (
-    "expected one of `SUBSCRIBE`, `UNSUBSCRIBE`, `LIST_SUBSCRIPTIONS`, `SET_PROPERTY`, `GET_PROPERTY`"
+    "expected one of `SUBSCRIBE`, `UNSUBSCRIBE`, `LIST_SUBSCRIPTIONS`, `SET_PROPERTY`, `GET_PROPERTY`, "
+    "`REFRESH_TOKEN`"
 )
 BAD_ID = b'{"error":{"code":2,"msg":"Invalid request: request ID must be an unsigned integer"},"id":null}'
 
@@ -311,6 +312,46 @@ def test_set_property_toggles_combined(state: ControlState) -> None:
     state.handle_text(request("SET_PROPERTY", ["combined", False], 7))
     assert state.combined is False
     assert state.handle_text(request("GET_PROPERTY", ["combined"], 8)).reply == b'{"result":false,"id":8}'
+
+
+# ---- REFRESH_TOKEN (ours): the outcome carries the token for the session to verify ------------------
+
+
+def test_refresh_token_hands_the_token_over_with_the_success_reply(state: ControlState) -> None:
+    state.handle_text(request("SUBSCRIBE", ["btcusdt@trade"]))
+    outcome = state.handle_text(request("REFRESH_TOKEN", ["eyJhbGciOi.x.y"], request_id=7))
+    assert outcome.refresh_token == "eyJhbGciOi.x.y" and outcome.request_id == 7
+    assert outcome.reply == b'{"result":null,"id":7}'
+    assert outcome.subscribe == [] and outcome.unsubscribe == []
+    assert list(state.subscriptions) == ["btcusdt@trade"]  # nothing else changes
+
+
+@pytest.mark.parametrize(
+    ("params", "msg"),
+    [
+        (None, "Invalid request: missing field `params`"),
+        ("tok", "Invalid request: params must be an array holding one token"),
+        ([], "Invalid request: params must be an array holding one token"),
+        (["a", "b"], "Invalid request: params must be an array holding one token"),
+        ([""], "Invalid request: the token must be a non-empty string"),
+        ([1], "Invalid request: the token must be a non-empty string"),
+        ([None], "Invalid request: the token must be a non-empty string"),
+    ],
+)
+def test_refresh_token_params_are_one_non_empty_string(state: ControlState, params: object, msg: str) -> None:
+    outcome = state.handle_text(request("REFRESH_TOKEN", params))
+    assert_rejected(outcome, 2, msg)
+    assert outcome.refresh_token is None
+
+
+def test_refresh_token_with_a_bad_id_never_reaches_the_session(state: ControlState) -> None:
+    outcome = state.handle_text(b'{"method":"REFRESH_TOKEN","params":["t"],"id":"not-valid"}')
+    assert outcome.reply == BAD_ID and outcome.refresh_token is None
+
+
+def test_other_methods_carry_no_token(state: ControlState) -> None:
+    for frame in (request("SUBSCRIBE", ["btcusdt@trade"]), request("LIST_SUBSCRIPTIONS"), b"nonsense"):
+        assert state.handle_text(frame).refresh_token is None
 
 
 # ---- request ids --------------------------------------------------------------------------------

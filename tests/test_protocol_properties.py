@@ -135,6 +135,9 @@ def _check_reply(outcome: ControlOutcome) -> dict[str, Any]:
         assert isinstance(reply["error"]["msg"], str)
         assert len(outcome.reply) < 1000  # user text in messages is bounded
         assert outcome.subscribe == [] and outcome.unsubscribe == []
+    if outcome.refresh_token is not None:  # only a well-formed REFRESH_TOKEN hands a token to the session
+        assert reply == {"result": None, "id": outcome.request_id}
+        assert outcome.subscribe == [] and outcome.unsubscribe == []
     return reply
 
 
@@ -250,3 +253,15 @@ def test_parse_connect_path_raises_only_protocol_error_404(path: str, query: str
     except ProtocolError as error:
         assert error.code == 404
         assert not (path == "/ws" or path.startswith("/ws/") or path in ("/stream", "/stream/"))
+
+
+@SETTINGS
+@given(params=json_values, request_id=st.integers(min_value=-(2**63), max_value=2**63 - 1))
+def test_refresh_token_hands_over_exactly_one_non_empty_string(params: Any, request_id: int) -> None:
+    state = ControlState(combined=False)
+    state.handle_text(b'{"method":"SUBSCRIBE","params":["btcusdt@trade"],"id":1}')
+    outcome = state.handle_text(json.dumps({"method": "REFRESH_TOKEN", "params": params, "id": request_id}))
+    _check_reply(outcome)
+    well_formed = isinstance(params, list) and len(params) == 1 and isinstance(params[0], str) and params[0] != ""
+    assert outcome.refresh_token == (params[0] if well_formed else None)
+    assert list(state.subscriptions) == ["btcusdt@trade"]  # a refresh never changes subscriptions

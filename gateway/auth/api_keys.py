@@ -28,8 +28,23 @@ class ApiKey:
     created_at: datetime
 
 
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """One row of the table, as ``pricegate keys list`` shows it (never the key: it is not stored)."""
+
+    subject: str  # the first 16 hex characters of the digest: what logs, limits and this listing call the key
+    label: str
+    created_at: datetime
+    revoked_at: datetime | None
+
+
 def digest(key: str) -> bytes:
     return hashlib.sha256(key.encode()).digest()
+
+
+def subject_of(key_digest: bytes) -> str:
+    """A key's non-secret name: the first 16 hex characters of its SHA-256."""
+    return key_digest.hex()[:16]
 
 
 class ApiKeys:
@@ -58,6 +73,31 @@ class ApiKeys:
         except _DRIVER_ERRORS as error:
             raise DatabaseError(f"looking up an API key failed: {error!r}") from error
         return None if row is None else ApiKey(row["label"], row["created_at"])
+
+    async def lookup_digest(self, key_digest: bytes) -> KeyRecord | None:
+        """The row of a key by its digest, revoked or not; None when no such key was ever issued."""
+        try:
+            row = await self.pool.fetchrow(
+                "SELECT label, created_at, revoked_at FROM api_keys WHERE key_sha256 = $1", key_digest
+            )
+        except _DRIVER_ERRORS as error:
+            raise DatabaseError(f"looking up an API key failed: {error!r}") from error
+        if row is None:
+            return None
+        return KeyRecord(subject_of(key_digest), row["label"], row["created_at"], row["revoked_at"])
+
+    async def list(self) -> list[KeyRecord]:
+        """Every key ever issued, oldest first."""
+        try:
+            rows = await self.pool.fetch(
+                "SELECT key_sha256, label, created_at, revoked_at FROM api_keys ORDER BY created_at, key_sha256"
+            )
+        except _DRIVER_ERRORS as error:
+            raise DatabaseError(f"listing API keys failed: {error!r}") from error
+        return [
+            KeyRecord(subject_of(bytes(row["key_sha256"])), row["label"], row["created_at"], row["revoked_at"])
+            for row in rows
+        ]
 
     async def revoke(self, key: str) -> bool:
         """Revoke ``key``; False when it was unknown or already revoked."""

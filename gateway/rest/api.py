@@ -24,6 +24,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway.auth.http import bearer_token, rest_refusal
+from gateway.auth.principal import AuthRefusal, Principal
 from gateway.rest import params
 from gateway.rest.cache import ResponseCache, Served, SingleFlight, response_cache
 from gateway.rest.klines import KlineSource
@@ -32,6 +34,7 @@ from gateway.rest.params import Query, RestError
 from gateway.rest.technicals import analyse, technicals_json
 from gateway.rest.weights import WeightLimiter
 from gateway.symbols import SymbolDirectory
+from gateway.ws.admission import Authenticate
 from shared.binance.rest import BinanceRest, RestRefused
 from shared.broker.contract import Broker
 from shared.candles.model import CandleStore, klines_json
@@ -103,13 +106,16 @@ class RestApi:
         cache: ResponseCache | None = None,
         exchange: BinanceRest | None = None,
         clock: Callable[[], float] = time.time,
+        authenticate: Authenticate | None = None,
     ) -> None:
         """Without ``cache``: Redis when ``redis_url`` is set, else in memory. Without ``exchange``: the
-        exchange's REST API when the market source is Binance, else none (serve what the store has)."""
+        exchange's REST API when the market source is Binance, else none (serve what the store has). With
+        ``authenticate`` (authentication on), every endpoint but ping and time needs a credential."""
         self.settings = settings
         self.symbols = symbols
         self.metrics = RestMetrics(registry)
         self._clock = clock
+        self.authenticate = authenticate
         if cache is None:
             cache = response_cache(settings)
         self.cache = cache
@@ -150,8 +156,8 @@ class RestApi:
             return lambda query: weight
 
         return [
-            Route("/api/v3/ping", self._endpoint("ping", fixed(params.WEIGHT_PING), self.ping)),
-            Route("/api/v3/time", self._endpoint("time", fixed(params.WEIGHT_TIME), self.server_time)),
+            Route("/api/v3/ping", self._endpoint("ping", fixed(params.WEIGHT_PING), self.ping, public=True)),
+            Route("/api/v3/time", self._endpoint("time", fixed(params.WEIGHT_TIME), self.server_time, public=True)),
             Route(
                 "/api/v3/exchangeInfo",
                 self._endpoint("exchangeInfo", fixed(params.WEIGHT_EXCHANGE_INFO), self.exchange_info),
@@ -172,7 +178,9 @@ class RestApi:
 
     # ---- the common request path: weight, errors, headers, metrics ----
 
-    def _endpoint(self, name: str, weigh: Weigher, handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    def _endpoint(
+        self, name: str, weigh: Weigher, handler: Handler, *, public: bool = False
+    ) -> Callable[[Request], Awaitable[Response]]:
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
             query = params.query_from_pairs(request.query_params.multi_items())
@@ -190,6 +198,10 @@ class RestApi:
                     "Please use WebSocket Streams for live updates to avoid polling the API.",
                     headers,
                 )
+            elif (refusal := None if public else await self._refusal(request, query)) is not None:
+                # Weight is charged first: probing credentials costs budget like any request.
+                status, body, extra = rest_refusal(refusal)
+                response = Response(body, status, {**headers, **extra}, _JSON)
             else:
                 response = await self._answer(name, handler, request, query, headers)
             self.metrics.requests.labels(endpoint=name, status=str(response.status_code)).inc()
@@ -197,6 +209,20 @@ class RestApi:
             return response
 
         return endpoint
+
+    async def _refusal(self, request: Request, query: Query) -> AuthRefusal | None:
+        """Why the request's credential is refused, or None (also when authentication is off): an
+        ``X-MBX-APIKEY`` key, or a token as ``Authorization: Bearer`` or ``?token=``."""
+        if self.authenticate is None:
+            return None
+        token = bearer_token(request.headers.get("authorization"))
+        if token is None:
+            tokens = query.get("token")
+            token = tokens[0] if tokens else None
+        outcome = self.authenticate(request.headers.get("x-mbx-apikey"), token)
+        if not isinstance(outcome, Principal | AuthRefusal):
+            outcome = await outcome
+        return outcome if isinstance(outcome, AuthRefusal) else None
 
     async def _answer(
         self, name: str, handler: Handler, request: Request, query: Query, headers: dict[str, str]

@@ -20,6 +20,8 @@ class CloseCode(IntEnum):
     MESSAGE_TOO_BIG = 1009  # an inbound message over max_frame_bytes
     INTERNAL_ERROR = 1011  # keepalive timeout: no pong in time
     SLOW_CONSUMER = 4000  # the client's buffer overflowed on an event stream
+    TOKEN_EXPIRED = 4401  # the connection's token expired and was not refreshed (REFRESH_TOKEN) in time
+    CREDENTIAL_REVOKED = 4403  # the connection's API key was revoked (or no longer exists)
 
 
 REASONS: dict[CloseCode, str] = {
@@ -28,6 +30,8 @@ REASONS: dict[CloseCode, str] = {
     CloseCode.POLICY_VIOLATION: "too many control messages",
     CloseCode.INTERNAL_ERROR: "keepalive ping timeout",
     CloseCode.SLOW_CONSUMER: "slow consumer: send buffer overflow",
+    CloseCode.TOKEN_EXPIRED: "token expired",
+    CloseCode.CREDENTIAL_REVOKED: "API key revoked",
 }
 
 _LABELS = {int(code): str(int(code)) for code in CloseCode}

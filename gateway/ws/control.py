@@ -27,6 +27,10 @@ Decisions where Binance's documentation is silent (see also the module constants
   missing ``id`` is an error (the doc's table says so). Errors found before the id is checked (missing or
   unknown ``method``) still echo a valid id; when the id itself is invalid the reply's id is ``null``.
 * User-supplied text quoted in error messages is truncated to ``_MAX_ECHO`` characters.
+* ``REFRESH_TOKEN`` (ours, not Binance's: ``{"method":"REFRESH_TOKEN","params":["<jwt>"],"id":1}``) takes exactly
+  one non-empty string. Verifying it needs keys this module does not have, so the outcome carries the token
+  (:attr:`ControlOutcome.refresh_token`) with the success reply; the session verifies it and answers an error
+  instead when it is refused. The token is never quoted in a reply.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ INVALID_JSON: Final = 3
 DEFAULT_MAX_STREAMS: Final = 1024
 NOT_FOUND: Final = 404  # ProtocolError code for "this path is not a stream endpoint"
 
-METHODS: Final = ("SUBSCRIBE", "UNSUBSCRIBE", "LIST_SUBSCRIPTIONS", "SET_PROPERTY", "GET_PROPERTY")
+METHODS: Final = ("SUBSCRIBE", "UNSUBSCRIBE", "LIST_SUBSCRIPTIONS", "SET_PROPERTY", "GET_PROPERTY", "REFRESH_TOKEN")
 COMBINED_PROPERTY: Final = "combined"
 TIME_UNITS: Final = frozenset({"MILLISECOND", "MICROSECOND"})
 
@@ -225,6 +229,10 @@ class ControlOutcome:
     reply: bytes  # the JSON text frame to send back (result or error), always exactly one
     subscribe: list[Stream]  # streams newly added to this connection by this request (not already there)
     unsubscribe: list[str]  # canonical names removed from this connection by this request
+    # REFRESH_TOKEN: the token for the session to verify (``reply`` is the answer if it is accepted), and the
+    # request id for the error it answers instead if not.
+    refresh_token: str | None = None
+    request_id: RequestId = None
 
 
 class ControlState:
@@ -247,13 +255,6 @@ class ControlState:
         # Takes n more subscriptions from a budget shared beyond this connection (per IP); False: none left.
         self.reserve = reserve
         self.subscriptions: dict[str, Stream] = {}  # canonical name -> Stream, insertion-ordered
-        self._handlers: dict[str, Callable[[object, RequestId], ControlOutcome]] = {
-            "SUBSCRIBE": self._subscribe,
-            "UNSUBSCRIBE": self._unsubscribe,
-            "LIST_SUBSCRIPTIONS": self._list_subscriptions,
-            "SET_PROPERTY": self._set_property,
-            "GET_PROPERTY": self._get_property,
-        }
 
     def add_initial(self, streams: Sequence[Stream]) -> list[Stream]:
         """Subscribe the URL's streams (already validated by parse_connect_path); returns those added.
@@ -293,10 +294,10 @@ class ControlState:
         id_valid, request_id = _parse_id(request)
         reply_id = request_id if id_valid else None
         try:
-            handler = self._handlers[_parse_method(request)]
+            handler = _HANDLERS[_parse_method(request)]
             if not id_valid:
                 raise ProtocolError(INVALID_REQUEST, "Invalid request: request ID must be an unsigned integer")
-            return handler(request.get("params", _MISSING), request_id)
+            return handler(self, request.get("params", _MISSING), request_id)
         except ProtocolError as error:
             return _rejected(error.code, error.reason, reply_id)
 
@@ -350,6 +351,28 @@ class ControlState:
         _check_property_name(_property_params(params, max_count=1))
         return _replied(result_frame(self.combined, request_id))
 
+    def _refresh_token(self, params: object, request_id: RequestId) -> ControlOutcome:
+        if params is _MISSING:
+            raise ProtocolError(INVALID_REQUEST, "Invalid request: missing field `params`")
+        if not isinstance(params, list) or len(params) != 1:
+            raise ProtocolError(INVALID_REQUEST, "Invalid request: params must be an array holding one token")
+        token = params[0]
+        if not isinstance(token, str) or not token:
+            raise ProtocolError(INVALID_REQUEST, "Invalid request: the token must be a non-empty string")
+        return ControlOutcome(result_frame(None, request_id), [], [], refresh_token=token, request_id=request_id)
+
+
+
+# Method -> handler, shared by every connection: a per-connection dict of bound methods would cost memory per
+# client and make each ControlState a reference cycle that only the cycle collector frees.
+_HANDLERS: dict[str, Callable[[ControlState, object, RequestId], ControlOutcome]] = {
+    "SUBSCRIBE": ControlState._subscribe,
+    "UNSUBSCRIBE": ControlState._unsubscribe,
+    "LIST_SUBSCRIPTIONS": ControlState._list_subscriptions,
+    "SET_PROPERTY": ControlState._set_property,
+    "GET_PROPERTY": ControlState._get_property,
+    "REFRESH_TOKEN": ControlState._refresh_token,
+}
 
 # --------------------------------------------------------------------------------------------------
 # Request validation helpers (raise ProtocolError; _dispatch turns it into the reply)

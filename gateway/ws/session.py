@@ -29,9 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.auth.principal import ANONYMOUS, Principal
+from gateway.auth.principal import ANONYMOUS, AuthRefusal, Principal
 from gateway.ws.close_codes import REASONS, CloseCode
-from gateway.ws.control import ConnectRequest, ControlOutcome, ControlState, error_frame
+from gateway.ws.control import ConnectRequest, ControlOutcome, ControlState, error_frame, result_frame
 from gateway.ws.hub import StreamBatch, Subscriber
 from shared.ratelimit import TokenBucket
 from shared.streams import INVALID_REQUEST, Stream
@@ -101,6 +101,10 @@ class SessionHost(Protocol):
 
     def slow_consumer(self) -> None:
         """Count one client closed for overflowing on an event stream."""
+        ...
+
+    def refresh_credential(self, session: Session, token: str) -> Principal | AuthRefusal:
+        """Verify a REFRESH_TOKEN's token for ``session``: its new principal (its expiry moved), or the refusal."""
         ...
 
 
@@ -283,10 +287,22 @@ class Session:
         self.multi = len(self.control.subscriptions) > 1
 
     def _apply(self, outcome: ControlOutcome) -> None:
+        if outcome.refresh_token is not None:
+            self._send_reply(self._refresh(outcome.refresh_token, outcome.request_id))
+            return
         self._unsubscribe(outcome.unsubscribe)
         self.combined = self.control.combined
         self._send_reply(outcome.reply)
         self._subscribe(outcome.subscribe)
+
+    def _refresh(self, token: str, request_id: int | str | None) -> bytes:
+        """REFRESH_TOKEN: a new principal (and expiry) for this connection, or an error and the old one stays."""
+        outcome = self.host.refresh_credential(self, token)
+        if isinstance(outcome, AuthRefusal):
+            return error_frame(INVALID_REQUEST, f"Invalid request: token refused: {outcome.message}", request_id)
+        self.principal = outcome
+        self.control.is_allowed = outcome.allows if outcome.patterns is not None else None
+        return result_frame(None, request_id)
 
 
 def _no_direct_write(data: bytes) -> None:
