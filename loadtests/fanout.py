@@ -5,7 +5,7 @@ Starlette loop and a picows server, same workload, same run.
     python -m loadtests.fanout --quick                             # < 3 minutes, same N, coarser ramp
     python -m loadtests.fanout --quick --stall-fraction 0.1        # + 10 % clients that never read
     python -m loadtests.fanout --idle-rss --clients 10000          # memory per idle client only
-    python -m loadtests.fanout --scale 100000 --scale-processes 2  # 100k clients, 1 ticker/s each
+    python -m loadtests.fanout --scale 100000                      # 100k clients on one gateway port, 1 ticker/s
     python -m loadtests.fanout --clients 1000,5000,10000 --stall-fraction 0.1 --scale 100000  # every target
 
 What it starts (and stops, also on Ctrl-C and on errors): a ``redis-server`` on a free port (unless
@@ -149,6 +149,36 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+def gateway_workers(supervisor: int) -> list[int]:
+    """The worker pids of a ``pricegate gateway --workers`` supervisor: its children spawned by multiprocessing
+    (not multiprocessing's resource tracker), oldest first."""
+    workers = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == supervisor and b"multiprocessing.spawn" in cmdline:
+            workers.append((int(stat.rsplit(")", 1)[1].split()[19]), int(entry.name)))  # (start time, pid)
+    return [pid for _, pid in sorted(workers)]
+
+
+def gateway_connections(port: int) -> int | None:
+    """Open WebSockets of one gateway process, from its /metrics (None if the scrape fails)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith("pricegate_gateway_connections "):
+            return int(float(line.rsplit(" ", 1)[1]))
+    return None
+
+
 def gateway_counters(port: int) -> dict[str, float] | None:
     """pricegate's fan-out counters from its /metrics: deliveries (messages sent, all stream kinds) and batches
     (socket writes). Two scrapes per step; None if the scrape fails (the step's other figures stand without)."""
@@ -170,6 +200,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive free ports (``pricegate gateway --workers``: worker i's /metrics is on
+    the first + i)."""
+    for _ in range(100):
+        first = free_port()
+        try:
+            with contextlib.ExitStack() as stack:
+                for offset in range(count):
+                    stack.enter_context(socket.create_server(("127.0.0.1", first + offset)))
+        except OSError:
+            continue
+        return first
+    raise BenchmarkError(f"no {count} consecutive free ports")
 
 
 def wait_for_port(port: int, process: subprocess.Popen[Any], timeout: float) -> None:
@@ -426,6 +471,7 @@ class Benchmark:
         self.redis_url = options.redis_url or ""
         self.redis_process: subprocess.Popen[Any] | None = None
         self.metrics_ports: dict[int, int] = {}  # pricegate server pid -> its port (for /metrics)
+        self.worker_metrics_ports: dict[int, list[int]] = {}  # supervisor pid -> its workers' /metrics ports
         if options.clients:
             self.pinning = Pinning.detect(options.server_cpu, options.load_cpu, options.pin)
         else:
@@ -493,9 +539,14 @@ class Benchmark:
         env["PYTHONPATH"] = str(self.root) + os.pathsep + env.get("PYTHONPATH", "")
         return env
 
-    def start_server(self, target: str, port: int, prefix: str, clients: int) -> subprocess.Popen[Any]:
+    def start_server(
+        self, target: str, port: int, prefix: str, clients: int, *, workers: int = 1
+    ) -> subprocess.Popen[Any]:
+        """Start one server on ``port``; for pricegate with ``workers`` > 1, one ``pricegate gateway --workers``
+        (a supervisor whose workers share the port), ready once every worker serves."""
         env = self._env()
         streams = ",".join(self.streams)
+        metrics_base = 0
         if target == "pricegate":
             env.update(
                 PRICEGATE_REDIS_URL=self.redis_url,
@@ -504,8 +555,16 @@ class Benchmark:
                 PRICEGATE_LOG_LEVEL="warning",
                 PRICEGATE_MAX_CONNECTIONS=str(max(50_000, 2 * clients)),
                 PRICEGATE_SHUTDOWN_DRAIN_S="0.5",
+                # The load generator opens up to --per-src clients per source address (10 000): the per-IP edge
+                # limits, meant for the public, would refuse all but the first 300 of them.
+                PRICEGATE_MAX_CONNECTIONS_PER_IP=str(max(50_000, 2 * clients)),
+                PRICEGATE_CONNECTION_ATTEMPTS_PER_IP=str(max(50_000, 2 * clients)),
+                PRICEGATE_MAX_SUBSCRIPTIONS_PER_IP=str(max(50_000, 2 * clients)),
             )
             argv = [self.python, "-m", "pricegate_cli", "gateway", "--port", str(port)]
+            if workers > 1:
+                metrics_base = free_port_run(workers)
+                argv += ["--workers", str(workers), "--metrics-port", str(metrics_base)]
         elif target == "naive":
             argv = [self.python, "-m", "loadtests.baselines.naive_starlette", "--port", str(port)]
             argv += ["--redis-url", self.redis_url, "--prefix", prefix, "--streams", streams]
@@ -516,7 +575,11 @@ class Benchmark:
             raise BenchmarkError(f"unknown target {target!r}")
         process = self._spawn(argv, pin=self.pinning.server, env=env)
         wait_for_port(port, process, 30)
-        if target == "pricegate":
+        if metrics_base:
+            for index in range(workers):  # each worker serves its /metrics once it serves clients
+                wait_for_port(metrics_base + index, process, 30)
+            self.worker_metrics_ports[process.pid] = [metrics_base + index for index in range(workers)]
+        elif target == "pricegate":
             self.metrics_ports[process.pid] = port
         return process
 
@@ -920,17 +983,24 @@ class Benchmark:
 
     # ---- the scale test ----
     def run_scale(self) -> dict[str, Any]:
-        """``--scale N``: N clients over ``--scale-processes`` pricegate gateways on separate ports, every client
-        receiving one ticker per second (20 messages/s over 20 channels) for ``--scale-seconds``."""
+        """``--scale N``: N clients on one port of one ``pricegate gateway --workers K`` (K workers sharing the port
+        through SO_REUSEPORT, enough for the per-process open-file limit), every client receiving one ticker per
+        second (20 messages/s over 20 channels) for ``--scale-seconds``."""
         options = self.options
         clients = options.scale
-        # Each gateway holds at most its open-file limit of connections: use enough processes.
+        # Each worker holds at most its open-file limit of connections, and the kernel spreads clients over the
+        # workers by a hash (not evenly): enough workers that the average leaves 1 000 descriptors to spare.
         count = max(options.scale_processes, -(-clients // max(1, fd_limit() - 1000)))
         prefix = f"pgbench:{self.run_id}:scale"
-        ports = [free_port() for _ in range(count)]
-        servers = []
-        loadgen = publisher = None
-        report: dict[str, Any] = {"clients": clients, "processes": count, "pinning": SCALE_PINNING.description}
+        port = free_port()
+        loadgen = publisher = supervisor = None
+        workers: list[int] = []
+        report: dict[str, Any] = {
+            "clients": clients,
+            "processes": count,
+            "gateway": f"pricegate gateway --workers {count} (one port)",
+            "pinning": SCALE_PINNING.description,
+        }
         # After a pinned ramp this script (and so every child it starts) and Redis are pinned to the load CPU:
         # release them for the scale test, where the kernel places everything, and pin them back afterwards.
         ramp_pinning, self.pinning = self.pinning, SCALE_PINNING
@@ -940,25 +1010,33 @@ class Benchmark:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(pid, every_cpu)
         try:
-            for port in ports:
-                servers.append(self.start_server("pricegate", port, prefix, clients // count + 1))
+            supervisor = self.start_server("pricegate", port, prefix, clients // count + 1, workers=count)
+            workers = gateway_workers(supervisor.pid)
+            if len(workers) != count:
+                raise BenchmarkError(f"pricegate gateway --workers {count} runs {len(workers)} workers")
             time.sleep(0.5)
-            base = [rss_kib(server.pid) for server in servers]
+            base = [rss_kib(pid) for pid in workers]
             publisher = self.start_publisher(prefix)
-            loadgen, hello = self.start_loadgen(ports, clients)
+            loadgen, hello = self.start_loadgen([port], clients)
             report.update(connected=hello["open"], connect_s=hello["elapsed_s"])
             log(f"scale: {hello['open']}/{clients} clients connected in {hello['elapsed_s']:.1f}s")
             time.sleep(options.idle_settle_s * 2)
-            idle = [rss_kib(server.pid) for server in servers]
+            idle = [rss_kib(pid) for pid in workers]
             report["kib_per_conn"] = round((sum(idle) - sum(base)) / max(hello["open"], 1), 2)
             report["rss_mib_idle"] = [round(kib / 1024, 1) for kib in idle]
-            self.warm_up(publisher, loadgen, servers[0])
-            cpu0 = [cpu_seconds(server.pid) for server in servers]
+            # How the kernel spread the clients over the workers (SO_REUSEPORT hashes each connection).
+            report["connections_per_worker"] = [
+                gateway_connections(metrics) for metrics in self.worker_metrics_ports[supervisor.pid]
+            ]
+            log(f"scale: clients per worker {report['connections_per_worker']}")
+            self.warm_up(publisher, loadgen, supervisor)
+            cpu0 = [cpu_seconds(pid) for pid in workers]
+            supervisor_cpu0 = cpu_seconds(supervisor.pid)
             wall0 = time.monotonic()
             step = self.run_step(
                 float(len(self.streams)),
                 options.scale_seconds,
-                server=servers[0],
+                server=supervisor,
                 publisher=publisher,
                 loadgen=loadgen,
                 reading_per_stream=hello["reading_per_stream"],
@@ -967,21 +1045,26 @@ class Benchmark:
             )
             log(f"scale: {step.brief()}")
             wall = time.monotonic() - wall0
+            alive = set(gateway_workers(supervisor.pid))
             report["gateway_cpu_pct"] = [
-                round((cpu_seconds(server.pid) - before) / wall * 100, 1) if server.poll() is None else None
-                for server, before in zip(servers, cpu0, strict=True)
+                round((cpu_seconds(pid) - before) / wall * 100, 1) if pid in alive else None
+                for pid, before in zip(workers, cpu0, strict=True)
             ]
+            report["supervisor_cpu_pct"] = round((cpu_seconds(supervisor.pid) - supervisor_cpu0) / wall * 100, 1)
             report["foreign_cpu_pct"] = step.foreign_cpu_pct
+            why = step.why
+            if alive != set(workers):
+                why = "; ".join(filter(None, [why, f"{len(set(workers) - alive)} workers died and were replaced"]))
             report.update(
                 p50_ms=step.p50_ms,
                 p99_ms=step.p99_ms,
                 max_ms=step.max_ms,
                 delivered_ratio=step.delivered_ratio,
                 lost=step.lost,
-                ok=step.sustained and hello["open"] == clients,
-                why=step.why,
+                ok=step.sustained and hello["open"] == clients and alive == set(workers),
+                why=why,
                 loadgen_cpu_pct=step.loadgen_cpu_pct,
-                rss_mib_after=[round(rss_kib(server.pid) / 1024, 1) for server in servers if server.poll() is None],
+                rss_mib_after=[round(rss_kib(pid) / 1024, 1) for pid in workers if pid in alive],
             )
         except (BenchmarkError, LoadGenError) as error:
             report["error"] = str(error)
@@ -991,8 +1074,9 @@ class Benchmark:
                 self.stop_loadgen(loadgen)
             if publisher is not None:
                 self.processes.stop(publisher)
-            for server in servers:
-                self.processes.stop(server)
+            if supervisor is not None:
+                # SIGTERM: the workers drain their clients (0.5 s) and exit with the supervisor.
+                self.processes.stop(supervisor, timeout=20.0)
             self.pinning = ramp_pinning
             for pid, cpus in pinned.items():
                 with contextlib.suppress(OSError):
@@ -1133,7 +1217,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--idle-rss", action="store_true", help="only connect N idle clients and report memory")
     parser.add_argument("--scale", type=int, default=0, help="scale test: this many clients, 1 ticker/s each")
     parser.add_argument(
-        "--scale-processes", type=int, default=2, help="gateway processes for --scale (more if the fd limit needs)"
+        "--scale-workers",
+        "--scale-processes",
+        dest="scale_processes",
+        type=int,
+        default=2,
+        help="gateway workers (pricegate gateway --workers) for --scale; more if the open-file limit needs",
     )
     parser.add_argument("--scale-seconds", type=float, default=30.0, help="publishing time of --scale")
     parser.add_argument(

@@ -1,6 +1,6 @@
 """The fan-out benchmark's plumbing at tiny scale, so it cannot rot: ``python -m loadtests.fanout`` with 40
 clients and two short rate steps against the real gateway and both baselines, a stalled-clients run and a
-(tiny) scale test (real Redis, real processes, the
+(tiny) scale test on one ``pricegate gateway --workers 2`` (real Redis, real processes, the
 load generator compiled from ``loadtests/loadgen.c``). Figures are not checked (this is no benchmark), only
 that the output has its documented shape and that frames were really delivered, counted and timed."""
 
@@ -71,10 +71,14 @@ def test_quick_mode_plumbing_at_tiny_scale(tmp_path: Path) -> None:
     assert 0 < per_n["p50_ms"] <= per_n["p99_ms"] < 250
     assert per_n["kib_per_conn"] is not None
 
-    # The scale test (tiny here): every client connected and received its tickers.
+    # The scale test (tiny here): every client connected and received its tickers, on one port of one
+    # `pricegate gateway --workers 2` whose workers both took clients.
     scale = scale_line["scale"]
     assert scale["connected"] == 40 and scale["ok"] is True, scale
     assert scale["delivered_ratio"] >= 0.99 and scale["lost"] == 0
+    assert scale["processes"] == 2 and scale["gateway"] == "pricegate gateway --workers 2 (one port)"
+    assert sum(scale["connections_per_worker"]) == 40 and all(scale["connections_per_worker"]), scale
+    assert len(scale["gateway_cpu_pct"]) == 2 and None not in scale["gateway_cpu_pct"]
 
     report = json.loads((tmp_path / "out" / "results.json").read_text())
     assert report["final"] == final
