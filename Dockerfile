@@ -12,15 +12,21 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 RUN python -m venv /opt/pricegate
 WORKDIR /src
-# Only what the wheel is built from (pyproject's [tool.hatch.build.targets.wheel] packages + the readme).
-COPY pyproject.toml README.md ./
+# The runtime dependencies exactly as locked: every version pinned, every file checked against its hash, wheels
+# only. A layer of its own, so a code change does not reinstall them. Regenerate the lock after changing
+# [project] dependencies (README "Container image"; tests/test_packaging.py checks it covers them).
+COPY requirements.lock ./
+RUN /opt/pricegate/bin/pip install --require-hashes --only-binary=:all: -r requirements.lock
+# Only what the wheel is built from (pyproject's [tool.hatch.build.targets.wheel] packages, the readme, the license).
+COPY pyproject.toml README.md LICENSE ./
 COPY shared ./shared
 COPY gateway ./gateway
 COPY ingest ./ingest
 COPY pricegate_cli ./pricegate_cli
+# pricegate itself, without resolving anything more (--no-deps; pip check fails if the lock misses a dependency).
 # A regular (non-editable) install; pip byte-compiles here, so the read-only runtime never writes .pyc files.
-RUN /opt/pricegate/bin/pip install --upgrade pip \
- && /opt/pricegate/bin/pip install . \
+RUN /opt/pricegate/bin/pip install --no-deps . \
+ && /opt/pricegate/bin/pip check \
  && /opt/pricegate/bin/pricegate --help >/dev/null
 
 # ---- runtime: the venv, a non-root user, nothing else ----

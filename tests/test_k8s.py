@@ -5,8 +5,10 @@ Each kustomization (base, overlays/dev, overlays/prod) is rendered by the kustom
 against the Kubernetes JSON schemas bundled in ``kubernetes-validate`` in strict mode (unknown fields fail).
 The prometheus-operator objects (no schema there) are checked structurally here, and everything is
 cross-checked against the real code: ConfigMap keys against ``Settings``, probe and Ingress paths against the
-app's routes and a live gateway, metric names in alerts and the dashboard against real ``/metrics`` scrapes,
-the grace period against the uvicorn config, ports, selectors and the image's user against each other.
+app's routes and a live gateway, every alert and dashboard query parsed as PromQL and its metric and label names
+checked against live ``/metrics`` of a gateway and an ingest process, every alert's runbook link against
+docs/runbook.md, the grace period against the uvicorn config, ports, selectors and the image's user against each
+other.
 By hand: ``.venv/bin/kubectl kustomize k8s/overlays/prod | .venv/bin/kubernetes-validate --strict -k 1.33.0 -``.
 """
 
@@ -28,20 +30,24 @@ from typing import Any
 
 import httpx
 import kubernetes_validate
+import promql_parser
 import pytest
 import yaml
-from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.applications import Starlette
 from starlette.routing import Route, WebSocketRoute
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
+from websockets.typing import Origin
 
 from gateway.app import create_app
 from gateway.server import uvicorn_config
-from ingest.service import IngestMetrics
 from pricegate_cli.__main__ import build_parser
 from shared.broker.memory import MemoryBroker
 from shared.settings import Settings, env_name
-from tests.harness import running_gateway
+from tests.fake_binance import FakeBinance
+from tests.polling import eventually
+from tests.processes import PricegateProcess, free_port, start_pricegate
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -57,7 +63,16 @@ GRACE_MARGIN_S = 5
 # Process, interpreter and idle-connection memory of a gateway besides client buffers (an allowance, not measured).
 GATEWAY_BASELINE_BYTES = 256 * 2**20
 DURATION = re.compile(r"^(\d+(ms|s|m|h|d|w|y))+$")
-METRIC_NAME = re.compile(r"\bpricegate_[a-z0-9_]+\b")
+RUNBOOK = ROOT / "docs" / "runbook.md"
+# Where every alert's runbook_url points (a placeholder owner, like registry.example.com; README "Kubernetes").
+RUNBOOK_BASE = "https://github.com/pricegate/pricegate/blob/main/docs/runbook.md"
+# Labels Prometheus and the operator put on every scraped series; "le" is a histogram bucket's bound.
+SCRAPE_LABELS = {"namespace", "pod", "job", "instance", "service", "container", "endpoint"}
+# Grafana's variables, given values so that a panel query parses as PromQL.
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$namespace": "pricegate"}
+# The capacity alert fires at this share of PRICEGATE_MAX_CONNECTIONS.
+CAPACITY_ALERT = "PricegateConnectionsNearCapacity"
+CAPACITY_SHARE = 0.8
 
 Obj = dict[str, Any]
 
@@ -360,6 +375,53 @@ def exported_metric_names(*expositions: str) -> set[str]:
     return names
 
 
+def exported_label_names(*expositions: str) -> dict[str, set[str]]:
+    """Label names of each series that has samples (a labelled family shows its labels only once it has one)."""
+    labels: dict[str, set[str]] = {}
+    for text in expositions:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels.setdefault(sample.name, set()).update(sample.labels)
+    return labels
+
+
+@dataclasses.dataclass
+class QueryUse:
+    """What one PromQL expression reads: each series with the label names its matchers test, and the label names
+    of its by/without, on/ignoring and group_left/right clauses."""
+
+    series: dict[str, set[str]] = dataclasses.field(default_factory=dict)
+    grouping: set[str] = dataclasses.field(default_factory=set)
+
+
+def query_use(expr: str) -> QueryUse:
+    """Parse ``expr`` as PromQL (ValueError on a syntax error). Grafana variables get values first; a Grafana
+    ``label_values(metric, label)`` variable reads ``metric`` and groups by ``label``."""
+    use = QueryUse()
+    variable = re.fullmatch(r"\s*label_values\(\s*(\w+)\s*,\s*(\w+)\s*\)\s*", expr)
+    if variable:
+        use.series[variable.group(1)] = set()
+        use.grouping.add(variable.group(2))
+        return use
+    for name, value in GRAFANA_VARIABLES.items():
+        expr = expr.replace(name, value)
+
+    def visit(node: promql_parser.Expr) -> None:
+        if isinstance(node, promql_parser.VectorSelector):
+            matchers = [*node.matchers.matchers, *(m for group in node.matchers.or_matchers for m in group)]
+            matched = use.series.setdefault(node.name or "", set())
+            matched.update(m.name for m in matchers if m.name != "__name__")
+        elif isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            use.grouping.update(node.modifier.labels)
+        elif isinstance(node, promql_parser.BinaryExpr) and node.modifier is not None:
+            if node.modifier.matching is not None:
+                use.grouping.update(node.modifier.matching.labels)
+            use.grouping.update(node.modifier.group_labels or ())
+
+    promql_parser.walk(promql_parser.parse(expr), pre_visit=visit)
+    return use
+
+
 def promql_expressions(docs: list[Obj]) -> list[tuple[str, str]]:
     """(where, expr) for every alert and every dashboard query."""
     found = []
@@ -369,7 +431,7 @@ def promql_expressions(docs: list[Obj]) -> list[tuple[str, str]]:
                 found.append((f"alert {rule.get('alert') or rule.get('record')}", rule["expr"]))
     for dashboard_name, dashboard in dashboards(docs):
         for panel in dashboard["panels"]:
-            for target in panel.get("targets", []):
+            for target in panel.get("targets", []):  # a row has none
                 found.append((f"{dashboard_name} panel {panel['title']!r}", target["expr"]))
         for variable in dashboard["templating"]["list"]:
             if variable.get("type") == "query":
@@ -386,14 +448,56 @@ def dashboards(docs: list[Obj]) -> list[tuple[str, Obj]]:
     ]
 
 
-def metric_problems(docs: list[Obj], exported: set[str]) -> list[str]:
+def metric_problems(docs: list[Obj], exported: set[str], labels: dict[str, set[str]]) -> list[str]:
+    """Every query parses as PromQL and reads only series pricegate exports, matches only labels they carry (where
+    samples show them) and groups only by labels some pricegate series or the scrape gives."""
     problems = []
+    known_labels = set().union(*labels.values()) | SCRAPE_LABELS | {"le"}
     for where, expr in promql_expressions(docs):
-        used = set(METRIC_NAME.findall(expr))
-        if not used:
+        try:
+            use = query_use(expr)
+        except ValueError as error:
+            problems.append(f"{where}: not PromQL: {error}")
+            continue
+        if not any(name.startswith("pricegate_") for name in use.series):
             problems.append(f"{where}: uses no pricegate metric")
-        problems += [f"{where}: {name} is not exported by pricegate" for name in sorted(used - exported)]
+        for name, matched in sorted(use.series.items()):
+            if name not in exported:
+                problems.append(f"{where}: {name} is not exported by pricegate")
+            elif name in labels:
+                problems += [
+                    f"{where}: {name} has no label {label!r}"
+                    for label in sorted(matched - labels[name] - SCRAPE_LABELS)
+                ]
+        problems += [f"{where}: no series has a label {label!r}" for label in sorted(use.grouping - known_labels)]
     return problems
+
+
+def alert_rules(docs: list[Obj]) -> list[Obj]:
+    return [
+        rule
+        for rule_object in by_kind(docs, "PrometheusRule")
+        for group in rule_object["spec"]["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    ]
+
+
+def markdown_headings(text: str) -> list[tuple[int, str]]:
+    """(level, title) of every heading outside fenced code blocks."""
+    headings = []
+    fenced = False
+    for line in text.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (match := re.match(r"(#{1,6}) (.+)", line)):
+            headings.append((len(match.group(1)), match.group(2).strip()))
+    return headings
+
+
+def github_anchor(title: str) -> str:
+    """The anchor GitHub gives a heading: lowercase, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
 
 
 # ---------------------------------------------------------------- tests: rendering and schemas
@@ -618,38 +722,217 @@ def test_dashboard_is_a_grafana_dashboard_with_the_promised_panels() -> None:
     assert len(ids) == len(set(ids))
     for panel in dashboard["panels"]:
         grid = panel["gridPos"]
-        assert grid["x"] + grid["w"] <= 24 and panel["targets"], panel["title"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        assert panel["type"] == "row" or panel["targets"], panel["title"]
+    assert [p["title"] for p in dashboard["panels"] if p["type"] == "row"] == ["REST", "Upstream (Binance)", "Ingest"]
     queries = " ".join(expr for where, expr in promql_expressions(objects("base")) if " panel " in where)
     for metric in (
         "pricegate_gateway_connections",
+        "pricegate_gateway_connections_rejected_total",
         "pricegate_gateway_messages_sent_total",
         "pricegate_gateway_messages_dropped_total",
         "pricegate_gateway_pubsub_lag_seconds_bucket",
         "pricegate_gateway_broker_reconnects_total",
         "pricegate_gateway_broker_gaps_total",
         "pricegate_gateway_disconnects_total",
+        # REST: requests by endpoint and status, cache results, latency.
+        "pricegate_gateway_rest_requests_total",
+        "pricegate_gateway_rest_cache_results_total",
+        "pricegate_gateway_rest_request_duration_seconds_bucket",
+        # Upstream: connections, reconnects by reason, REST weight used, bans.
+        "pricegate_ingest_upstream_connections",
+        "pricegate_ingest_upstream_reconnects_total",
+        "pricegate_ingest_rest_weight_used",
+        "pricegate_ingest_rest_requests_total",
+        # Ingest: published messages, lag, leadership, candle writes.
+        "pricegate_ingest_published_messages_total",
+        "pricegate_ingest_event_lag_seconds_bucket",
+        "pricegate_ingest_is_leader",
+        "pricegate_ingest_leader_changes_total",
+        "pricegate_ingest_candles_written_total",
+        "pricegate_ingest_candle_write_errors_total",
     ):
-        assert metric in queries
+        assert metric in queries, metric
 
 
-async def test_alerts_and_dashboard_use_only_metrics_pricegate_exports() -> None:
-    async with running_gateway(MemoryBroker()) as gateway, httpx.AsyncClient(base_url=gateway.http_base) as client:
-        scrape = await client.get("/metrics")
-        assert scrape.status_code == 200
-        exported = exported_metric_names(scrape.text, generate_latest(IngestMetrics().registry).decode())
-        # The probe paths answer on a real gateway as well.
-        assert (await client.get("/livez")).status_code == 200
-        readiness = await client.get("/readyz")
-        assert readiness.status_code in (200, 503) and "ready" in readiness.json()
+async def _scrape(url: str, *families_with_samples: str) -> str:
+    """The exposition at ``url`` once every one of ``families_with_samples`` has a sample."""
+    text = ""
+
+    async def complete() -> bool:
+        nonlocal text
+        try:
+            async with httpx.AsyncClient() as client:
+                text = (await client.get(url)).text
+        except httpx.HTTPError:
+            return False
+        return all(re.search(rf"^{name}[{{ ]", text, re.MULTILINE) for name in families_with_samples)
+
+    await eventually(complete, timeout=20, interval=0.2, what=f"{families_with_samples} on {url}")
+    return text
+
+
+@pytest.mark.integration
+async def test_alerts_and_dashboard_use_only_metrics_a_live_gateway_and_ingest_export(
+    redis_url: str, postgres_dsn: str, pg_schema: str, key_prefix: str
+) -> None:
+    """Both processes as deployed, scraped over HTTP: ``pricegate ingest --source binance`` (the fake exchange;
+    candles to PostgreSQL; the upstream and candle families exist only then) and ``pricegate gateway`` with its
+    /metrics on its own port. A client, REST calls and a refused handshake give the labelled families samples, so
+    their label names are checked too."""
+    port, metrics_port, ingest_metrics_port = free_port(), free_port(), free_port()
+    processes: list[PricegateProcess] = []
+    async with FakeBinance() as fake:
+        env = {
+            "PRICEGATE_REDIS_URL": redis_url,
+            "PRICEGATE_CHANNEL_PREFIX": key_prefix,
+            "PRICEGATE_SOURCE": "binance",
+            "PRICEGATE_BINANCE_WS_URL": fake.ws_url,
+            "PRICEGATE_BINANCE_REST_URL": fake.rest_url,
+            "PRICEGATE_DATABASE_URL": postgres_dsn,
+            "PRICEGATE_DATABASE_SCHEMA": pg_schema,
+            "PRICEGATE_DB_MIGRATE_ON_START": "true",
+            "PRICEGATE_SYMBOLS": "BTCUSDT",
+            "PRICEGATE_CANDLE_INTERVALS": "1m",
+            "PRICEGATE_METRICS_PORT": str(metrics_port),
+            "PRICEGATE_INGEST_METRICS_PORT": str(ingest_metrics_port),
+            "PRICEGATE_SHUTDOWN_DRAIN_S": "0.3",
+            "PRICEGATE_ALLOWED_ORIGINS": "https://pricegate.example",
+        }
+        try:
+            processes.append(ingest := await start_pricegate("ingest", env=env))
+            await ingest.wait_for_line(r"pricegate ingest: \w+ source publishing")
+            processes.append(gateway := await start_pricegate("gateway", "--port", str(port), env=env))
+            await gateway.wait_for_line(r"pricegate is serving on")
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+                assert (await client.get("/api/v3/ping")).status_code == 200
+                klines = await client.get("/api/v3/klines", params={"symbol": "BTCUSDT", "interval": "1m"})
+                assert klines.status_code == 200
+                # The probe paths answer on a real gateway as well.
+                assert (await client.get("/livez")).status_code == 200
+                readiness = await client.get("/readyz")
+                assert readiness.status_code in (200, 503) and "ready" in readiness.json()
+            async with connect(f"ws://127.0.0.1:{port}/ws/btcusdt@trade") as ws:
+                await ws.recv()
+            with pytest.raises(InvalidStatus):  # refused (403), counted by reason
+                async with connect(f"ws://127.0.0.1:{port}/ws/btcusdt@trade", origin=Origin("https://other.example")):
+                    pass
+            gateway_text = await _scrape(
+                f"http://127.0.0.1:{metrics_port}/metrics",
+                "pricegate_gateway_rest_requests_total",
+                "pricegate_gateway_connections_rejected_total",
+                "pricegate_gateway_disconnects_total",
+            )
+            ingest_text = await _scrape(
+                f"http://127.0.0.1:{ingest_metrics_port}/metrics",
+                "pricegate_ingest_published_messages_total",
+                "pricegate_ingest_event_lag_seconds_bucket",
+                "pricegate_ingest_upstream_connections",
+                "pricegate_ingest_candles_pending",
+            )
+        finally:
+            for process in reversed(processes):
+                await process.stop()
+    exported = exported_metric_names(gateway_text, ingest_text)
+    labels = exported_label_names(gateway_text, ingest_text)
+    assert {"pricegate_ingest_is_leader", "pricegate_ingest_rest_weight_used"} <= exported
+    assert {"pricegate_ingest_candle_write_errors_total", "pricegate_gateway_pubsub_lag_seconds_bucket"} <= exported
     for name in KUSTOMIZATIONS:
-        assert metric_problems(objects(name), exported) == []
-    assert "pricegate_ingest_is_leader" in exported and "pricegate_gateway_pubsub_lag_seconds_bucket" in exported
-    # ... and the check itself bites.
+        assert metric_problems(objects(name), exported, labels) == []
+    # Operator target labels a pricegate series carries itself need honorLabels, or they are renamed exported_*.
+    clashing = SCRAPE_LABELS & set().union(*labels.values())
+    for monitor in by_kind(objects("base"), "ServiceMonitor"):
+        component_name = monitor["metadata"]["labels"]["app.kubernetes.io/component"]
+        own = set().union(*(v for k, v in labels.items() if k.startswith(f"pricegate_{component_name}_")))
+        if own & clashing:
+            assert all(endpoint.get("honorLabels") for endpoint in monitor["spec"]["endpoints"]), describe(monitor)
+
+
+def test_the_metric_check_bites() -> None:
+    exposition = (
+        "# TYPE pricegate_gateway_connections gauge\npricegate_gateway_connections 3\n"
+        "# TYPE pricegate_gateway_connections_rejected counter\n"
+        'pricegate_gateway_connections_rejected_total{reason="origin"} 1\n'
+    )
+    exported, labels = exported_metric_names(exposition), exported_label_names(exposition)
     docs = objects("base")
-    by_kind(docs, "PrometheusRule")[0]["spec"]["groups"][0]["rules"][0]["expr"] = "pricegate_gateway_conections > 0"
-    assert metric_problems(docs, exported) == [
-        "alert PricegateNoBrokerMessages: pricegate_gateway_conections is not exported by pricegate"
-    ]
+    rule = by_kind(docs, "PrometheusRule")[0]["spec"]["groups"][0]["rules"][0]
+    for expr, problem in (
+        ("pricegate_gateway_conections > 0", "pricegate_gateway_conections is not exported by pricegate"),
+        ('pricegate_gateway_connections_rejected_total{reasn="x"} > 0', "has no label 'reasn'"),
+        ("sum by (pood) (pricegate_gateway_connections)", "no series has a label 'pood'"),
+        ("sum by (pod (pricegate_gateway_connections)", "not PromQL"),
+        ("vector(1)", "uses no pricegate metric"),
+    ):
+        rule["expr"] = expr
+        problems = [p for p in metric_problems(docs, exported, labels) if p.startswith(f"alert {rule['alert']}:")]
+        assert len(problems) == 1 and problem in problems[0], (expr, problems)
+
+
+# ---------------------------------------------------------------- alerts: runbook links and thresholds
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_every_alert_links_its_own_runbook_section(name: str) -> None:
+    alerts = alert_rules(objects(name))
+    headings = markdown_headings(RUNBOOK.read_text())
+    anchors = {github_anchor(title) for _, title in headings}
+    for rule in alerts:
+        url = rule["annotations"].get("runbook_url", "")
+        base, _, anchor = url.partition("#")
+        assert base == RUNBOOK_BASE and anchor == github_anchor(rule["alert"]), (rule["alert"], url)
+        assert anchor in anchors, f"docs/runbook.md has no section #{anchor} for {rule['alert']}"
+    # One section per alert, and no section for an alert that does not exist.
+    assert sorted(title for level, title in headings if level == 3) == sorted(rule["alert"] for rule in alerts)
+    # Links inside the runbook land on its sections.
+    for link in re.findall(r"\]\(#([^)]+)\)", RUNBOOK.read_text()):
+        assert link in anchors, f"docs/runbook.md links to #{link}, which it does not have"
+
+
+def test_every_runbook_section_says_symptom_cause_check_and_action() -> None:
+    text = RUNBOOK.read_text()
+    sections = re.split(r"^### ", text, flags=re.MULTILINE)[1:]
+    assert sections
+    for section in sections:
+        title = section.splitlines()[0]
+        for part in ("**Symptom.**", "**Likely causes.**", "**Check.**", "**Do.**"):
+            assert part in section, f"runbook section {title} lacks {part}"
+
+
+def test_the_capacity_alert_tracks_max_connections() -> None:
+    docs = objects("base")
+    (rule,) = [rule for rule in alert_rules(docs) if rule["alert"] == CAPACITY_ALERT]
+    match = re.fullmatch(r"max by \(namespace, pod\) \(pricegate_gateway_connections\) > (\d+)", rule["expr"].strip())
+    assert match, rule["expr"]
+    limit = int(config_map(docs)["data"]["PRICEGATE_MAX_CONNECTIONS"])
+    assert int(match.group(1)) == int(limit * CAPACITY_SHARE)
+
+
+def _readme_runbook_overlay() -> Obj:
+    """The kustomization keys README "Kubernetes" gives for pointing the runbook links elsewhere."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = [block for block in re.findall(r"```yaml\n(.*?)```", readme, re.DOTALL) if "runbook_url" in block]
+    assert len(blocks) == 1, "README should show one kustomization snippet that rewrites runbook_url"
+    snippet: Obj = yaml.safe_load(blocks[0])
+    return snippet
+
+
+def test_the_readme_snippet_points_every_runbook_link_elsewhere(tmp_path: Path) -> None:
+    snippet = _readme_runbook_overlay()
+    (literal,) = snippet["configMapGenerator"][0]["literals"]
+    new_base = literal.split("=", 1)[1]
+    assert new_base != RUNBOOK_BASE
+    overlay = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization"}
+    (tmp_path / "kustomization.yaml").write_text(
+        yaml.safe_dump({**overlay, "resources": [os.path.relpath(K8S / "overlays" / "prod", tmp_path)], **snippet})
+    )
+    docs = render(tmp_path)
+    alerts = alert_rules(docs)
+    assert alerts and all(
+        rule["annotations"]["runbook_url"] == f"{new_base}#{github_anchor(rule['alert'])}" for rule in alerts
+    )
+    # The value's carrier is local: nothing new is applied to the cluster.
+    assert {describe(obj) for obj in docs} == {describe(obj) for obj in objects("overlays/prod")}
 
 
 # ---------------------------------------------------------------- the Dockerfile (cannot be built here)
@@ -677,7 +960,7 @@ def test_dockerfile_agrees_with_the_project_and_the_manifests() -> None:
     copied = [v.split() for k, v in instructions if k == "COPY" and not v.startswith("--from")]
     sources = {src for parts in copied for src in parts[:-1]}
     packages = set(pyproject["tool"]["hatch"]["build"]["targets"]["wheel"]["packages"])
-    assert sources == packages | {"pyproject.toml", "README.md"}
+    assert sources == packages | {"pyproject.toml", "README.md", "LICENSE", "requirements.lock"}
     assert all((ROOT / source).exists() for source in sources)
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()}
     assert not sources & ignored
