@@ -1,4 +1,4 @@
-"""``pricegate demo | gateway | ingest | record | db``: parse flags over PRICEGATE_* settings and run one role.
+"""``pricegate demo | gateway | ingest | record | db | keys``: parse flags over PRICEGATE_* settings and run one role.
 
 Every setting is a flag (``--redis-url``) and an environment variable (``PRICEGATE_REDIS_URL``); flags win.
 Configuration problems (an unparsable value, Redis unreachable at start) end the process with exit code 2
@@ -69,6 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="PostgreSQL schema (needs PRICEGATE_DATABASE_URL)")
     db.add_argument("action", choices=("migrate", "status"), help="apply pending migrations, or show the version")
     _add_settings_flags(db)
+    keys = commands.add_parser("keys", help="API keys in PostgreSQL (needs PRICEGATE_DATABASE_URL, migrated)")
+    key_actions = keys.add_subparsers(dest="keys_action", required=True)
+    create = key_actions.add_parser("create", help="issue a key; it is printed once and cannot be shown again")
+    create.add_argument("--label", required=True, help="who or what the key is for (shown by list)")
+    _add_settings_flags(create)
+    _add_settings_flags(key_actions.add_parser("list", help="every key's subject, label, creation and revocation"))
+    revoke = key_actions.add_parser("revoke", help="revoke a key: refused and disconnected within the cache TTL")
+    revoke.add_argument("key", metavar="KEY", help="the key itself (64 hex characters)")
+    _add_settings_flags(revoke)
     return parser
 
 
@@ -364,6 +373,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 from pricegate_cli.storage import run_db
 
                 print(runner.run(run_db(settings, args.action)), flush=True)
+            elif args.command == "keys":
+                from pricegate_cli.keys import run_keys
+
+                label, key = getattr(args, "label", None), getattr(args, "key", None)
+                print(runner.run(run_keys(settings, args.keys_action, label=label, key=key)), flush=True)
     except ConfigError as error:
         print(f"pricegate: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG
