@@ -24,6 +24,7 @@ the client with 4000. Memory per client is bounded by the limit plus one batch. 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -129,7 +130,8 @@ class Session:
             max_streams=limits.max_streams,
             is_known_symbol=host.is_known_symbol,
             is_allowed=principal.allows if principal.patterns is not None else None,
-            reserve=self._reserve if client_ip else None,
+            # A partial, not a bound method of ours: the control state must not point back at the session.
+            reserve=functools.partial(host.reserve_subscriptions, client_ip) if client_ip else None,
         )
         self.bucket = TokenBucket(limits.control_rate_per_s, limits.control_burst, time.monotonic())
         self.closing = False
@@ -273,9 +275,6 @@ class Session:
         for stream in streams:
             self.host.subscribe(stream, self)
         self.multi = len(self.control.subscriptions) > 1
-
-    def _reserve(self, count: int) -> bool:
-        return self.host.reserve_subscriptions(self.client_ip, count)
 
     def _unsubscribe(self, names: list[str]) -> None:
         if not names:
