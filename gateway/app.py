@@ -88,6 +88,7 @@ def create_app(
         node.metrics.registry,
         candles=candles,
         authenticate=auth.authenticate if auth is not None else None,
+        proxies=edge.proxies,
     )
     failed: list[str] = []
 

@@ -24,6 +24,10 @@ def uvicorn_config(app: Starlette, settings: Settings) -> uvicorn.Config:
         # uvicorn's own cap counts connections and running requests; the edge refuses beyond max_connections
         # already at accept (gateway.edge.http_protocol), this is the backstop for requests in flight.
         limit_concurrency=settings.max_connections + 1,
+        # uvicorn would otherwise rewrite every request's client address from X-Forwarded-For whenever the peer
+        # is 127.0.0.1 (its default trust): a local spoofer could pick the address it is charged to. Whose
+        # X-Forwarded-For counts is PRICEGATE_FORWARDED_ALLOW_IPS's decision alone (gateway.edge.client_ip).
+        proxy_headers=False,
         ws_max_size=settings.max_frame_bytes,
         ws_ping_interval=settings.ping_interval_s,
         ws_ping_timeout=settings.ping_timeout_s,

@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
 import pytest
 from websockets.asyncio.client import connect
 
 from shared.broker.memory import MemoryBroker
-from tests.harness import running_gateway
+from tests.harness import RunningGateway, running_gateway
 from tests.polling import eventually
 from tests.raw_sockets import closed_by_server, handshake, open_raw, read_response_head, upgrade_request
 
@@ -161,3 +162,17 @@ async def test_subscriptions_per_ip_are_bounded_across_connections() -> None:
                 assert await asyncio.wait_for(first.recv(), 3) == '{"result":null,"id":3}'
                 await second.send('{"method":"SUBSCRIBE","params":["solusdt@trade"],"id":4}')
                 assert await asyncio.wait_for(second.recv(), 3) == '{"result":null,"id":4}'
+
+
+async def test_rest_weights_are_charged_to_the_forwarded_client_only_behind_a_trusted_proxy() -> None:
+    async def used_weights(gw: RunningGateway, clients: list[str]) -> list[int]:
+        async with httpx.AsyncClient(base_url=gw.http_base) as http:
+            answers = [
+                await http.get("/api/v3/ping", headers={"X-Forwarded-For": client}) for client in clients
+            ]
+        return [int(answer.headers["X-MBX-USED-WEIGHT-1M"]) for answer in answers]
+
+    async with running_gateway(MemoryBroker()) as gw:  # untrusted: every request is the peer's
+        assert await used_weights(gw, ["10.0.0.1", "10.0.0.2", "10.0.0.3"]) == [1, 2, 3]
+    async with running_gateway(MemoryBroker(), forwarded_allow_ips="127.0.0.1") as gw:
+        assert await used_weights(gw, ["10.0.0.1", "10.0.0.2", "10.0.0.1"]) == [1, 1, 2]

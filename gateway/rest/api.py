@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from gateway.auth.http import bearer_token, rest_refusal
 from gateway.auth.principal import AuthRefusal, Principal
+from gateway.edge.client_ip import TrustedProxies, client_ip
 from gateway.rest import params
 from gateway.rest.cache import ResponseCache, Served, SingleFlight, response_cache
 from gateway.rest.klines import KlineSource
@@ -107,11 +108,13 @@ class RestApi:
         exchange: BinanceRest | None = None,
         clock: Callable[[], float] = time.time,
         authenticate: Authenticate | None = None,
+        proxies: TrustedProxies | None = None,
     ) -> None:
         """Without ``cache``: Redis when ``redis_url`` is set, else in memory. Without ``exchange``: the
         exchange's REST API when the market source is Binance, else none (serve what the store has). With
         ``authenticate`` (authentication on), every endpoint but ping and time needs a credential."""
         self.settings = settings
+        self.proxies = proxies if proxies is not None else TrustedProxies(settings.forwarded_allow_ips)
         self.symbols = symbols
         self.metrics = RestMetrics(registry)
         self._clock = clock
@@ -184,7 +187,9 @@ class RestApi:
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
             query = params.query_from_pairs(request.query_params.multi_items())
-            ip = request.client.host if request.client is not None else "unknown"
+            # Weights are charged to the client, which a trusted proxy names in X-Forwarded-For (gateway.edge).
+            peer = request.client.host if request.client is not None else "unknown"
+            ip = client_ip(peer, request.headers.get("x-forwarded-for"), self.proxies)
             charge = self.limiter.charge(ip, weigh(query), self._clock())
             headers = {"X-MBX-USED-WEIGHT-1M": str(charge.used)}
             if not charge.allowed:
