@@ -78,6 +78,7 @@ static char **streams;
 static int *ports;
 static const char *host = "127.0.0.1";
 static const char *path_prefix = "/ws/";
+static const char *extra_header = ""; /* --header "Name: value": sent in every handshake (e.g. an API key) */
 static int per_src = 10000;
 static int src_offset = 0; /* first source address index: several generators use disjoint addresses */
 static uint64_t socket_errors;
@@ -225,11 +226,16 @@ static int open_client(int i) {
 
 static void send_handshake(int i) {
     client_t *c = &clients[i];
-    char req[512];
+    char req[1024];
     int n = snprintf(req, sizeof req,
                      "GET %s%s HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                     path_prefix, streams[c->stream], host, ports[c->port_index]);
+                     "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n%s%s\r\n",
+                     path_prefix, streams[c->stream], host, ports[c->port_index], extra_header,
+                     extra_header[0] ? "\r\n" : "");
+    if (n < 0 || n >= (int)sizeof req) {
+        close_client(c, 0);
+        return;
+    }
     ssize_t w = send(c->fd, req, (size_t)n, MSG_NOSIGNAL);
     if (w != n) { /* a fresh socket always takes a few hundred bytes */
         close_client(c, 0);
@@ -490,7 +496,7 @@ static void usage(void) {
     fprintf(stderr,
             "usage: loadgen --clients N --ports P[,P2...] --streams s1,s2,... [--host 127.0.0.1] [--path-prefix /ws/]\n"
             "               [--per-src 10000] [--src-offset 0] [--concurrency 256] [--connect-timeout 120] [--stall-fraction 0]\n"
-            "               [--rcvbuf BYTES] [--stall-rcvbuf BYTES]\n");
+            "               [--rcvbuf BYTES] [--stall-rcvbuf BYTES] [--header 'Name: value']\n");
     exit(2);
 }
 
@@ -512,6 +518,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--stall-fraction")) stall_fraction = atof(v);
         else if (!strcmp(k, "--rcvbuf")) rcvbuf = atoi(v);
         else if (!strcmp(k, "--stall-rcvbuf")) stall_rcvbuf = atoi(v);
+        else if (!strcmp(k, "--header")) extra_header = v;
         else usage();
     }
     if (n_clients <= 0 || !ports_arg || !streams_arg || per_src <= 0 || concurrency <= 0) usage();

@@ -349,3 +349,17 @@ async def test_the_asgi_fallback_authenticates_the_same_way() -> None:
                 while True:
                     await asyncio.wait_for(ws.recv(), 6)
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+
+
+def test_a_verified_token_is_not_verified_again_but_its_expiry_still_counts() -> None:
+    now = [time.time()]
+    tokens = TokenVerifier(secret=SECRET, clock=lambda: now[0])
+    token = jwt.encode({"sub": "u", "exp": int(now[0]) + 60}, SECRET, algorithm="HS256")
+    first = tokens.verify(token)
+    assert isinstance(first, Principal)
+    assert tokens.verify(token) == first  # from the verified cache
+    now[0] += 120  # past exp + leeway
+    refused = tokens.verify(token)
+    assert isinstance(refused, AuthRefusal) and refused.reason == "expired"
+    tampered = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    assert isinstance(tokens.verify(tampered), AuthRefusal)
