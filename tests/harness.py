@@ -24,6 +24,13 @@ from shared.streams import parse_stream
 from tests.polling import eventually
 
 
+PER_IP_LIMITS_FOR_TESTS = {
+    "max_connections_per_ip": 100_000,
+    "connection_attempts_per_ip": 100_000,
+    "max_subscriptions_per_ip": 1_000_000,
+}
+
+
 @dataclass
 class RunningGateway:
     app: Starlette
@@ -63,6 +70,9 @@ async def running_gateway(
     ws_protocol: str | None = None,
     **overrides: Any,
 ) -> AsyncIterator[RunningGateway]:
+    # Every test client comes from 127.0.0.1: the public per-IP limits would refuse a test's thousandth client.
+    # Tests of those limits set them explicitly.
+    overrides = {**PER_IP_LIMITS_FOR_TESTS, **overrides}
     settings = (settings or Settings()).with_overrides({"port": 0, "log_level": "warning", **overrides})
     if start_broker:
         await broker.start()
