@@ -23,7 +23,6 @@ from shared.settings import Settings
 from shared.streams import parse_stream
 from tests.polling import eventually
 
-
 PER_IP_LIMITS_FOR_TESTS = {
     "max_connections_per_ip": 100_000,
     "connection_attempts_per_ip": 100_000,
