@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import pathlib
-import shutil
 import socket
 import time
 import uuid
@@ -26,8 +25,8 @@ from shared.broker.redis_subscription import RedisSubscription
 from shared.errors import BrokerError
 from shared.frames import Publication, encode_publication
 from shared.streams import ChannelNamer
-from tests.conftest import service_missing
 from tests.polling import eventually
+from tests.redis_server import PrivateRedis
 from tests.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(20)
@@ -585,45 +584,6 @@ async def test_reader_dies_loudly_on_a_fatal_error(
         await delete_keys(redis_url, key_prefix)
         with contextlib.suppress(redis_errors.ResponseError):
             await plain_redis.acl_deluser(user)
-
-
-class PrivateRedis:
-    """A redis-server of this test's own on a unix socket, so it can be killed and restarted (empty, as after a
-    crash without persistence) without disturbing anyone else using the shared test server."""
-
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
-        self.url = f"unix://{socket_path}?db=0"
-        self._process: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        executable = shutil.which("redis-server")
-        if executable is None:
-            service_missing("redis-server (to run a private server)", FileNotFoundError("redis-server"))
-        self._process = await asyncio.create_subprocess_exec(
-            executable, "--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "700",
-            "--save", "", "--appendonly", "no",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-        )  # fmt: skip
-        client = aioredis.from_url(self.url)
-        try:
-            deadline = time.monotonic() + 5
-            while True:
-                try:
-                    await client.ping()
-                    return
-                except redis_errors.ConnectionError:
-                    if time.monotonic() > deadline:
-                        raise
-                    await asyncio.sleep(0.01)
-        finally:
-            await client.aclose()
-
-    async def kill(self) -> None:
-        process, self._process = self._process, None
-        if process is not None and process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 async def test_survives_a_redis_restart_over_a_unix_socket(tmp_path: pathlib.Path) -> None:

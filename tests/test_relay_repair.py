@@ -34,8 +34,8 @@ from shared.redis.scripts import PUBLISH_SCRIPT
 from shared.streams import ChannelNamer
 from tests.harness import RunningGateway, running_gateway
 from tests.polling import eventually
+from tests.redis_server import PrivateRedis
 from tests.tcp_proxy import TcpProxy
-from tests.test_broker_redis import PrivateRedis
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(30)]
 
