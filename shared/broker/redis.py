@@ -24,7 +24,7 @@ from redis.backoff import NoBackoff
 
 from shared.broker.contract import BrokerListener, OutgoingMessage
 from shared.broker.redis_subscription import RedisSubscription
-from shared.errors import BrokerError, NotLeaderError
+from shared.errors import BrokerError, NotLeaderError, PublishIncomplete
 from shared.frames import Publication, decode_publication
 from shared.redaction import redact_url
 from shared.redis.scripts import HISTORY_FIELD, NOT_LEADER, PUBLISH_KEYS, PUBLISH_SCRIPT
@@ -191,13 +191,19 @@ class RedisBroker:
             # safe. (Every call of a batch fails alike unless the flush lands mid-batch.)
             try:
                 self._script_sha = str(await client.script_load(PUBLISH_SCRIPT))
-            except redis_errors.RedisError as error:
-                raise BrokerError(f"publish to {self.safe_url}: cannot load the publish script: {error}") from error
-            retried = await self._run_script(client, [calls[index] for index in missing])
+            except (redis_errors.RedisError, OSError) as error:
+                raise PublishIncomplete(
+                    f"publish to {self.safe_url}: cannot load the publish script: {error}", missing[0]
+                ) from error
+            try:
+                retried = await self._run_script(client, [calls[index] for index in missing])
+            except PublishIncomplete as error:
+                # Counted in the whole batch: everything before the first rerun call, plus what the rerun confirmed.
+                raise PublishIncomplete(str(error), missing[0] + error.confirmed) from error
             for index, result in zip(missing, retried, strict=True):
                 results[index] = result
         publications: list[Publication] = []
-        for message, result in zip(messages, results, strict=True):
+        for position, (message, result) in enumerate(zip(messages, results, strict=True)):
             if isinstance(result, BaseException):
                 done = sum(1 for r in results if not isinstance(r, BaseException))
                 if str(result).startswith(NOT_LEADER):
@@ -205,9 +211,10 @@ class RedisBroker:
                         f"publish to {self.safe_url} refused from {message.stream!r} on: the fencing token no longer "
                         f"holds the leader lease ({done}/{len(messages)} of the batch were published before)"
                     ) from result
-                raise BrokerError(
+                raise PublishIncomplete(
                     f"publish to {self.safe_url} failed for {message.stream!r} "
-                    f"({done}/{len(messages)} of the batch were published): {result}"
+                    f"({done}/{len(messages)} of the batch were published): {result}",
+                    position,
                 ) from result
             if result == 0:
                 self.duplicates_dropped += 1
@@ -217,14 +224,33 @@ class RedisBroker:
         return publications
 
     async def _run_script(self, client: aioredis.Redis, calls: list[tuple[Any, ...]]) -> list[Any]:
-        """All calls in one pipeline round trip; per-call errors come back as exception values."""
-        pipe = client.pipeline(transaction=False)
-        for args in calls:
-            pipe.evalsha(self._script_sha, PUBLISH_KEYS, *args)
+        """All calls in one round trip, like a pipeline; per-call errors come back as exception values. The replies
+        are read one by one (redis-py's pipeline drops those it read when the connection breaks), so when Redis goes
+        away mid-batch the caller learns how many calls are known done (:class:`PublishIncomplete`) and resends
+        only the rest, which a killed Redis never ran: no message is published twice."""
+        pool = client.connection_pool
+        results: list[Any] = []
         try:
-            return list(await pipe.execute(raise_on_error=False))
-        except redis_errors.RedisError as error:
-            raise BrokerError(f"publish to {self.safe_url} failed: {error}") from error
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]  # untyped in redis-py
+        except (redis_errors.RedisError, OSError) as error:
+            raise PublishIncomplete(f"publish to {self.safe_url} failed: {error}", 0) from error
+        try:
+            commands = [("EVALSHA", self._script_sha, PUBLISH_KEYS, *args) for args in calls]
+            await connection.send_packed_command(connection.pack_commands(commands))
+            for _ in commands:
+                try:
+                    results.append(await connection.read_response())
+                except redis_errors.ResponseError as error:  # read in full: the connection stays in step
+                    results.append(error)
+        except (redis_errors.RedisError, OSError) as error:  # OSError includes TimeoutError
+            await connection.disconnect()
+            raise PublishIncomplete(f"publish to {self.safe_url} failed: {error}", len(results)) from error
+        except BaseException:
+            await connection.disconnect()  # cancelled mid-read: unread replies must not reach the next caller
+            raise
+        finally:
+            await pool.release(connection)
+        return results
 
     async def last_event_ids(self, streams: Iterable[str]) -> dict[str, int]:
         names = list(dict.fromkeys(streams))
