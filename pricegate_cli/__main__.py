@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import errno
 import logging
 import os
 import signal
@@ -23,6 +24,8 @@ from shared.errors import BrokerError, ConfigError, PricegateError
 from shared.settings import Settings, env_name
 
 EXIT_CONFIG = 2
+# At its default, ingest's /metrics port moves up to this many ports on when taken (another ingest on the host).
+INGEST_METRICS_PORT_SCAN = 20
 # Flags whose names differ from their settings field (short forms the issue tracker and docs use).
 FLAG_ALIASES = {"replay_speed": ["--speed"]}
 
@@ -259,12 +262,75 @@ async def run_gateway(
     from pricegate_cli.storage import open_candle_store
 
     broker = _make_redis_broker(settings)
+    if sockets is None:
+        _check_gateway_ports(settings)
     await serve(settings, broker, candles=await open_candle_store(settings), sockets=sockets, on_serving=on_serving)
 
 
-async def run_ingest(settings: Settings) -> None:
+def _check_gateway_ports(settings: Settings) -> None:
+    """A single gateway process's ports, tried before anything starts: a second gateway on a host with the defaults
+    gets one line naming the setting (uvicorn would log its bind error among its startup lines, and prometheus_client
+    would raise a traceback). A race with another process starting at the same moment remains possible."""
+    from gateway.server import hold_port
+
+    for name in ("port", "metrics_port"):
+        port = getattr(settings, name)
+        if not port:
+            continue  # 0: the kernel picks a free port, or (metrics_port) no port of its own
+        try:
+            held, _ = hold_port(settings.host, port)
+        except OSError as error:
+            raise ConfigError(
+                env_name(name),
+                port,
+                f"cannot listen on {settings.host}: {error.strerror or error} (another gateway on this host? give each "
+                "its own port)",
+            ) from None
+        for sock in held:
+            sock.close()
+
+
+def _serve_ingest_metrics(settings: Settings, registry: Any) -> tuple[Any, int]:
+    """Start ingest's /metrics server: ``(server, port)``, or ``(None, 0)`` when disabled. Several ingest processes
+    on one host (README: run two or more) all start with the defaults: at the default port, a taken port moves to
+    the next free one (logged); a port chosen by hand must be free. Otherwise one ConfigError line naming the
+    setting, never a traceback."""
     from prometheus_client import start_http_server
 
+    wanted = settings.ingest_metrics_port
+    if not wanted:
+        return None, 0
+    default = next(spec.default for spec in dataclasses.fields(Settings) if spec.name == "ingest_metrics_port")
+    last = min(wanted + INGEST_METRICS_PORT_SCAN, 65536) if wanted == default else wanted + 1
+    ports = range(wanted, last)
+    for port in ports:
+        try:
+            server, _ = start_http_server(port, addr=settings.host, registry=registry)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                continue
+            raise ConfigError(
+                env_name("ingest_metrics_port"),
+                wanted,
+                f"cannot serve /metrics on {settings.host}:{port}: {error.strerror or error}",
+            ) from None
+        if port != wanted:
+            logging.getLogger("pricegate.ingest").warning(
+                "%s=%d is taken (another ingest on this host?): /metrics on port %d instead",
+                env_name("ingest_metrics_port"),
+                wanted,
+                port,
+            )
+        return server, port
+    taken = f"ports {ports[0]}-{ports[-1]} are all" if len(ports) > 1 else "the port is"
+    raise ConfigError(
+        env_name("ingest_metrics_port"),
+        wanted,
+        f"{taken} in use on {settings.host} (another process?): give each ingest its own, or 0 to disable /metrics",
+    )
+
+
+async def run_ingest(settings: Settings) -> None:
     from ingest.metrics import UpstreamCollector
     from ingest.publish.backfill import TradeBackfiller
     from ingest.publish.leader import LeaderLease
@@ -274,9 +340,10 @@ async def run_ingest(settings: Settings) -> None:
 
     broker = _make_redis_broker(settings)
     source = _make_source(settings)
+    metrics = IngestMetrics()
+    metrics_server, metrics_port = _serve_ingest_metrics(settings, metrics.registry)  # a taken port: said at once
     candles = await open_candle_store(settings)
     await _start_broker(broker, settings)
-    metrics = IngestMetrics()
     recorder = candle_recorder(settings, candles, metrics.registry) if candles is not None else None
     assert settings.redis_url is not None  # _make_redis_broker refused to go on without it
     lease = LeaderLease(
@@ -287,18 +354,14 @@ async def run_ingest(settings: Settings) -> None:
         metrics.registry.register(UpstreamCollector(source))
         fetcher = TradeBackfiller(source.rest, trades=settings.backfill_trades)
     service = IngestService(settings, broker, source, metrics, candles=recorder, lease=lease, fetcher=fetcher)
-    metrics_server = None
-    if settings.ingest_metrics_port:
-        metrics_server, _ = start_http_server(
-            settings.ingest_metrics_port, addr=settings.host, registry=service.metrics.registry
-        )
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, main.cancel if main else (lambda: None))
     print(
         f"pricegate ingest: {settings.source} source publishing to {broker.safe_url} while it holds the leader lease "
-        f"{lease.key} (as {lease.token})",
+        f"{lease.key} (as {lease.token})"
+        + (f"; /metrics on http://{settings.host}:{metrics_port}/metrics" if metrics_server is not None else ""),
         flush=True,
     )
     try:

@@ -141,7 +141,12 @@ class Settings:
     )
     exchange_info_refresh_s: float = _setting(3600.0, "float", "How often ingest refreshes exchangeInfo.", min=1)
     ingest_metrics_port: int = _setting(
-        9108, "int", "Port of ingest's own /metrics endpoint (0 = disabled).", min=0, max=65535
+        9108,
+        "int",
+        "Port of ingest's own /metrics endpoint (0 = disabled). At the default, a port taken by another process "
+        "(another ingest on the host) moves it to the next free one up to 9127, logged; any other port must be free.",
+        min=0,
+        max=65535,
     )
     # --- ingest: leadership, upstream limits, backfill ---
     leader_ttl_s: float = _setting(
