@@ -6,7 +6,8 @@ reaches through it): admission, subscriptions (hub + relay), accounting. It sche
 event-loop turn (every frame queued during that turn goes out in one write per client; a flush serves
 ``flush_chunk_clients`` clients and continues on the next turn, after the loop has read the broker again), pings
 every native connection from one timer, and closes every session with 1001, spread over a few seconds, when the
-process is asked to stop.
+process is asked to stop. It also finds the last value a session asked for with our ``snapshot`` property: the
+hub's, or the broker's (one short task per lookup; the session keeps it in order with live data).
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ class GatewayNode:
             settings.ping_interval_s, settings.ping_timeout_s
         )
         self._keepalive_timer: asyncio.TimerHandle | None = None
+        self._snapshot_lookups: set[asyncio.Task[None]] = set()
         self.metrics.attach(self.hub, self.buffer_drops, broker, lambda: self.sent_bytes)
 
     # ---- ConnectionHost: what a connection needs ----
@@ -191,6 +193,43 @@ class GatewayNode:
         if self.authenticator is None:
             return refused("invalid", "authentication is off on this gateway: there is no token to refresh")
         return self.authenticator.refresh(session, token, list(session.control.subscriptions))
+
+    def snapshot(self, session: Session, stream_name: str) -> None:
+        hub = self.hub
+        if hub.is_pending(stream_name):
+            return  # its batch reaches the session at the next flush, ending with the newest value
+        frame = hub.latest_frame(stream_name, session.combined)
+        if frame is not None:
+            session.write_snapshot(frame)  # the newest value the relay handed the hub: later batches are newer
+            return
+        # Nothing here yet (usually the stream's first local subscriber): ask the broker, without blocking.
+        token = session.expect_snapshot(stream_name)
+        lookup = asyncio.get_running_loop().create_task(self._snapshot_from_broker(session, stream_name, token))
+        self._snapshot_lookups.add(lookup)
+        lookup.add_done_callback(self._snapshot_lookups.discard)
+
+    async def _snapshot_from_broker(self, session: Session, stream_name: str, token: object) -> None:
+        try:
+            publication = await self.broker.last_value(stream_name)
+        except Exception as error:  # a broker failure costs the snapshot only; live data still comes
+            logger.debug("snapshot of %s unavailable: %r", stream_name, error)
+            publication = None
+        if publication is not None and not self.hub.is_pending(stream_name):
+            position = self.relay.position(stream_name)
+            if position is None or position[0] != publication.epoch or position[1] < publication.seq:
+                session.snapshot_arrived(stream_name, token, publication.payload, (publication.epoch, publication.seq))
+                return
+        # Nothing stored, or the relay already handed the hub this message or a newer one: live data covers it.
+        session.snapshot_dropped(stream_name, token)
+
+    def stream_position(self, stream_name: str) -> tuple[int, int] | None:
+        return self.relay.position(stream_name)
+
+    async def aclose(self) -> None:
+        """Cancel snapshot lookups still out (at shutdown)."""
+        for lookup in list(self._snapshot_lookups):
+            lookup.cancel()
+        await asyncio.gather(*self._snapshot_lookups, return_exceptions=True)
 
     # ---- flushing ----
     def schedule_flush(self) -> None:

@@ -140,6 +140,14 @@ class Relay:
             if cursor.begin_repair():
                 self._spawn(self._repair(stream, cursor))
 
+    def position(self, stream: str) -> tuple[int, int] | None:
+        """(epoch, seq) of the newest publication of the stream handed to the hub (held ones not included), or
+        None before the first; a session's snapshot is ordered against it (gateway.ws.session)."""
+        cursor = self._cursors.get(stream)
+        if cursor is None or cursor.epoch is None:
+            return None
+        return cursor.epoch, cursor.seq
+
     # ---- internals ----
     def _deliver(self, stream: str, payload: bytes) -> None:
         if self.hub.broadcast(stream, payload):

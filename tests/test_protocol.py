@@ -314,6 +314,76 @@ def test_set_property_toggles_combined(state: ControlState) -> None:
     assert state.handle_text(request("GET_PROPERTY", ["combined"], 8)).reply == b'{"result":false,"id":8}'
 
 
+# ---- snapshot (ours): the last value of each new state-stream subscription first ---------------------
+
+
+def test_snapshot_is_off_by_default_so_subscribing_is_binances(state: ControlState) -> None:
+    assert state.handle_text(request("GET_PROPERTY", ["snapshot"], 1)).reply == b'{"result":false,"id":1}'
+    outcome = state.handle_text(request("SUBSCRIBE", ["btcusdt@ticker", "btcusdt@bookTicker"], 2))
+    assert names(outcome.subscribe) == ["btcusdt@ticker", "btcusdt@bookTicker"]
+    assert outcome.snapshot == ()
+    assert parse_connect_path("/stream", "streams=btcusdt@ticker").snapshot is False
+
+
+def test_set_property_snapshot_names_the_new_state_streams_only(state: ControlState) -> None:
+    assert state.handle_text(request("SET_PROPERTY", ["snapshot", True], 1)).reply == b'{"result":null,"id":1}'
+    assert state.handle_text(request("GET_PROPERTY", ["snapshot"], 2)).reply == b'{"result":true,"id":2}'
+    assert state.combined is False  # the two properties are independent
+    event_streams = ["btcusdt@trade", "btcusdt@aggTrade", "btcusdt@depth", "btcusdt@depth@100ms", "!miniTicker@arr"]
+    state_streams = [
+        "btcusdt@ticker",
+        "btcusdt@miniTicker",
+        "btcusdt@bookTicker",
+        "btcusdt@depth5",
+        "btcusdt@depth20@100ms",
+        "btcusdt@kline_1m",
+        "btcusdt@avgPrice",
+    ]
+    outcome = state.handle_text(request("SUBSCRIBE", [*event_streams, *state_streams], 3))
+    assert outcome.reply == b'{"result":null,"id":3}'
+    assert outcome.snapshot == tuple(state_streams)  # in subscription order; never an event stream
+    # Only new subscriptions: subscribing again sends nothing first.
+    again = state.handle_text(request("SUBSCRIBE", ["btcusdt@ticker", "ethusdt@ticker"], 4))
+    assert again.snapshot == ("ethusdt@ticker",)
+    # A rejected request subscribes nothing and so snapshots nothing.
+    assert state.handle_text(request("SUBSCRIBE", ["ethusdt@bookTicker", "nope"], 5)).snapshot == ()
+    state.handle_text(request("SET_PROPERTY", ["snapshot", False], 6))
+    assert state.handle_text(request("SUBSCRIBE", ["ethusdt@bookTicker"], 7)).snapshot == ()
+    assert state.snapshot_of([parse_stream("solusdt@ticker")]) == ()
+
+
+@pytest.mark.parametrize("value", ["true", 1, None, [True]])
+def test_snapshot_value_must_be_boolean(state: ControlState, value: object) -> None:
+    assert state.handle_text(request("SET_PROPERTY", ["snapshot", value], 5)).reply == (
+        b'{"error":{"code":1,"msg":"Invalid value type: expected Boolean"},"id":5}'
+    )
+    assert state.snapshot is False
+
+
+@pytest.mark.parametrize(("query", "expected"), [("snapshot=true", True), ("snapshot=TRUE", True), ("", False)])
+def test_snapshot_in_the_url(query: str, expected: bool) -> None:
+    for path in ("/stream", "/ws/btcusdt@ticker"):
+        connect = parse_connect_path(path, f"streams=btcusdt@ticker&{query}" if path == "/stream" else query)
+        assert (connect.snapshot, connect.errors, names(connect.streams)) == (expected, [], ["btcusdt@ticker"])
+    assert parse_connect_path("/ws", "snapshot=true&snapshot=false").snapshot is False  # the last one counts
+
+
+def test_bad_snapshot_in_the_url_is_an_error_frame_and_leaves_it_off() -> None:
+    connect = parse_connect_path("/stream", "streams=btcusdt@ticker&snapshot=yes")
+    assert connect.snapshot is False
+    assert names(connect.streams) == ["btcusdt@ticker"]
+    assert connect.errors == [
+        b'{"error":{"code":2,"msg":"Invalid request: invalid snapshot \'yes\': expected true or false"},"id":null}'
+    ]
+
+
+def test_url_streams_take_the_snapshot_property_of_the_url() -> None:
+    connect = parse_connect_path("/stream", "streams=btcusdt@trade/btcusdt@ticker&snapshot=true")
+    state = ControlState(combined=True)
+    state.snapshot = connect.snapshot  # as the session does at start
+    assert state.snapshot_of(state.add_initial(connect.streams)) == ("btcusdt@ticker",)
+
+
 # ---- REFRESH_TOKEN (ours): the outcome carries the token for the session to verify ------------------
 
 

@@ -11,7 +11,7 @@ paused. Refusals are counted by a bounded reason.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from gateway.auth.principal import ANONYMOUS, AuthRefusal, Principal
 from gateway.edge.origins import OriginPolicy
@@ -149,4 +149,4 @@ def restrict(connect: ConnectRequest, principal: Principal) -> ConnectRequest:
         for stream in connect.streams
         if not principal.allows(stream.name)
     ]
-    return ConnectRequest(combined=connect.combined, streams=allowed, errors=[*connect.errors, *errors])
+    return replace(connect, streams=allowed, errors=[*connect.errors, *errors])

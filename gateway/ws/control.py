@@ -31,6 +31,11 @@ Decisions where Binance's documentation is silent (see also the module constants
   one non-empty string. Verifying it needs keys this module does not have, so the outcome carries the token
   (:attr:`ControlOutcome.refresh_token`) with the success reply; the session verifies it and answers an error
   instead when it is refused. The token is never quoted in a reply.
+* ``snapshot`` (ours, not Binance's; off by default, so Binance clients see exactly Binance's behaviour): a boolean
+  property (``SET_PROPERTY ["snapshot", true]``, ``GET_PROPERTY ["snapshot"]``, or ``snapshot=true`` in the
+  URL's query) under which every later new subscription to a *state* stream first receives that stream's last
+  value. This module only decides which streams those are (:attr:`ControlOutcome.snapshot`,
+  :meth:`ControlState.snapshot_of`); the session finds the values and keeps them in order with live data.
 """
 
 from __future__ import annotations
@@ -58,6 +63,8 @@ NOT_FOUND: Final = 404  # ProtocolError code for "this path is not a stream endp
 
 METHODS: Final = ("SUBSCRIBE", "UNSUBSCRIBE", "LIST_SUBSCRIPTIONS", "SET_PROPERTY", "GET_PROPERTY", "REFRESH_TOKEN")
 COMBINED_PROPERTY: Final = "combined"
+SNAPSHOT_PROPERTY: Final = "snapshot"  # ours: the last value of each new state-stream subscription first
+PROPERTIES: Final = (COMBINED_PROPERTY, SNAPSHOT_PROPERTY)
 TIME_UNITS: Final = frozenset({"MILLISECOND", "MICROSECOND"})
 
 _INT64_MIN: Final = -(2**63)
@@ -128,6 +135,7 @@ class ConnectRequest:
     combined: bool  # True for /stream..., False for /ws...
     streams: list[Stream]  # valid streams named in the URL, in order, deduplicated, at most max_streams
     errors: list[bytes]  # error frames to send right after accept, for URL stream names that are invalid
+    snapshot: bool = False  # ``snapshot=true`` in the query: the ``snapshot`` property starts on
 
 
 def parse_connect_path(
@@ -141,7 +149,8 @@ def parse_connect_path(
 
     ``path`` is the already-percent-decoded path (ASGI ``scope["path"]``); ``query_string`` is the raw query
     (it is percent-decoded here). Accepted: ``/ws``, ``/ws/``, ``/ws/<t1>/<t2>...``, ``/stream``,
-    ``/stream/`` with ``?streams=a/b/c``; both with an optional ``timeUnit``. In ``/ws/...`` a token with no
+    ``/stream/`` with ``?streams=a/b/c``; both with an optional ``timeUnit`` and our ``snapshot=true|false``
+    (any other value is an error frame and leaves it off). In ``/ws/...`` a token with no
     ``@`` that does not start with ``!`` is a connection label (ccxt's ``/ws/0``) and is ignored; in
     ``streams=`` every non-empty token is meant as a stream, so a bad one gets an error frame. Invalid
     stream names never refuse the connection (Binance-style clients would just reconnect in a loop); they
@@ -151,13 +160,15 @@ def parse_connect_path(
     combined, path_tail = _split_endpoint(path)
     query = parse_qsl(query_string, keep_blank_values=True)
     errors = [error_frame(INVALID_REQUEST, msg, None) for msg in _time_unit_errors(query)]
+    snapshot, snapshot_errors = _snapshot_query(query)
+    errors += [error_frame(INVALID_REQUEST, msg, None) for msg in snapshot_errors]
     candidates: Iterable[str]
     if combined:
         candidates = _split_tokens(value for key, value in query if key == "streams")
     else:
         candidates = (token for token in _split_tokens([path_tail]) if _looks_like_stream(token))
     streams, stream_errors = _collect_url_streams(candidates, max_streams, is_known_symbol)
-    return ConnectRequest(combined=combined, streams=streams, errors=errors + stream_errors)
+    return ConnectRequest(combined=combined, streams=streams, errors=errors + stream_errors, snapshot=snapshot)
 
 
 def _split_endpoint(path: str) -> tuple[bool, str]:
@@ -188,6 +199,20 @@ def _time_unit_errors(query: list[tuple[str, str]]) -> list[str]:
         for key, value in query
         if key == "timeUnit" and value.upper() not in TIME_UNITS
     ]
+
+
+def _snapshot_query(query: list[tuple[str, str]]) -> tuple[bool, list[str]]:
+    """Our ``snapshot`` query parameter: ``true`` or ``false`` (any case); the last valid one counts."""
+    snapshot = False
+    errors: list[str] = []
+    for key, value in query:
+        if key != SNAPSHOT_PROPERTY:
+            continue
+        if value.lower() in ("true", "false"):
+            snapshot = value.lower() == "true"
+        else:
+            errors.append(f"Invalid request: invalid snapshot {_quote(value)!r}: expected true or false")
+    return snapshot, errors
 
 
 def _collect_url_streams(
@@ -233,10 +258,12 @@ class ControlOutcome:
     # request id for the error it answers instead if not.
     refresh_token: str | None = None
     request_id: RequestId = None
+    # Our ``snapshot`` property: the state streams of ``subscribe`` that get their last value first, in order.
+    snapshot: tuple[str, ...] = ()
 
 
 class ControlState:
-    """Per-connection protocol state: the subscription set and the ``combined`` property."""
+    """Per-connection protocol state: the subscription set and the ``combined`` and ``snapshot`` properties."""
 
     def __init__(
         self,
@@ -255,6 +282,7 @@ class ControlState:
         # Takes n more subscriptions from a budget shared beyond this connection (per IP); False: none left.
         self.reserve = reserve
         self.subscriptions: dict[str, Stream] = {}  # canonical name -> Stream, insertion-ordered
+        self.snapshot = False  # ours (SET_PROPERTY snapshot): new state-stream subscriptions get the last value
 
     def add_initial(self, streams: Sequence[Stream]) -> list[Stream]:
         """Subscribe the URL's streams (already validated by parse_connect_path); returns those added.
@@ -272,6 +300,13 @@ class ControlState:
             self.subscriptions[stream.name] = stream
             added.append(stream)
         return added
+
+    def snapshot_of(self, streams: Iterable[Stream]) -> tuple[str, ...]:
+        """The streams among ``streams`` (new subscriptions) whose last value goes first: the state streams, when
+        the ``snapshot`` property is on; never an event stream (trade, aggTrade, diff depth, ``!miniTicker@arr``)."""
+        if not self.snapshot:
+            return ()
+        return tuple(stream.name for stream in streams if stream.is_state)
 
     def handle_text(self, data: str | bytes) -> ControlOutcome:
         """Handle one text frame. Never raises; always exactly one reply."""
@@ -321,7 +356,8 @@ class ControlState:
             raise ProtocolError(INVALID_REQUEST, "Invalid request: too many subscriptions from your address")
         # Only now, with every name valid and the limit respected, is anything applied (atomicity).
         self.subscriptions.update(new)
-        return ControlOutcome(result_frame(None, request_id), list(new.values()), [])
+        added = list(new.values())
+        return ControlOutcome(result_frame(None, request_id), added, [], snapshot=self.snapshot_of(added))
 
     def _unsubscribe(self, params: object, request_id: RequestId) -> ControlOutcome:
         names = _stream_name_list(params, self.max_streams)
@@ -340,16 +376,19 @@ class ControlState:
 
     def _set_property(self, params: object, request_id: RequestId) -> ControlOutcome:
         args = _property_params(params, max_count=2)
-        _check_property_name(args)
+        name = _check_property_name(args)
         value = args[1] if len(args) > 1 else None
         if not isinstance(value, bool):
             raise ProtocolError(INVALID_VALUE_TYPE, "Invalid value type: expected Boolean")
-        self.combined = value
+        if name == COMBINED_PROPERTY:
+            self.combined = value
+        else:
+            self.snapshot = value
         return _replied(result_frame(None, request_id))
 
     def _get_property(self, params: object, request_id: RequestId) -> ControlOutcome:
-        _check_property_name(_property_params(params, max_count=1))
-        return _replied(result_frame(self.combined, request_id))
+        name = _check_property_name(_property_params(params, max_count=1))
+        return _replied(result_frame(self.combined if name == COMBINED_PROPERTY else self.snapshot, request_id))
 
     def _refresh_token(self, params: object, request_id: RequestId) -> ControlOutcome:
         if params is _MISSING:
@@ -452,12 +491,13 @@ def _property_params(params: object, *, max_count: int) -> list[object]:
     return params
 
 
-def _check_property_name(args: list[object]) -> None:
+def _check_property_name(args: list[object]) -> str:
     name = args[0] if args else None
     if not isinstance(name, str):
         raise ProtocolError(INVALID_REQUEST, "Invalid request: property name must be a string")
-    if name != COMBINED_PROPERTY:
+    if name not in PROPERTIES:
         raise ProtocolError(UNKNOWN_PROPERTY, "Unknown property")
+    return name
 
 
 # --------------------------------------------------------------------------------------------------

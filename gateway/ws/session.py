@@ -20,6 +20,15 @@ marked stale; when the buffer drains (:meth:`Session.on_writable`) the client ge
 stale stream — conflation without per-client queues. A batch of an *event* stream that cannot be written closes
 the client with 4000. Memory per client is bounded by the limit plus one batch. Close codes:
 :mod:`gateway.ws.close_codes`.
+
+Snapshots (our ``snapshot`` property, :mod:`gateway.ws.control`): a new subscription to a state stream first gets
+the stream's last value, which the host finds (:meth:`SessionHost.snapshot`): the hub's newest value at once, or
+the broker's after an await. Neither may reach the client after a newer live message of that stream, nor may an
+older live message follow it. While a broker lookup is out, a live batch of the stream cancels it (the client has
+live data); once a snapshot at broker position (epoch, seq) is written, live batches are compared with the
+relay's position: a batch holding nothing newer is skipped, a newer one is cut to its newest message (what
+precedes it in the batch may be older than the snapshot). Sessions with either pending go through the slow path
+of :meth:`Session.deliver`; the others never look.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from gateway.auth.principal import ANONYMOUS, AuthRefusal, Principal
 from gateway.ws.close_codes import REASONS, CloseCode
 from gateway.ws.control import ConnectRequest, ControlOutcome, ControlState, error_frame, result_frame
 from gateway.ws.hub import StreamBatch, Subscriber
+from shared.frames import combined_frame
 from shared.ratelimit import TokenBucket
 from shared.streams import INVALID_REQUEST, Stream
 
@@ -108,6 +118,16 @@ class SessionHost(Protocol):
         """Verify a REFRESH_TOKEN's token for ``session``: its new principal (its expiry moved), or the refusal."""
         ...
 
+    def snapshot(self, session: Session, stream_name: str) -> None:
+        """Give ``session``, just subscribed to the state stream, its last value: :meth:`Session.write_snapshot`
+        now, or :meth:`Session.expect_snapshot` and later :meth:`Session.snapshot_arrived` or
+        :meth:`Session.snapshot_dropped`; nothing when a live batch of the stream is about to reach it anyway."""
+        ...
+
+    def stream_position(self, stream_name: str) -> tuple[int, int] | None:
+        """(epoch, seq) of the newest message of the stream handed to the hub, or None."""
+        ...
+
 
 class Session:
     def __init__(
@@ -144,7 +164,11 @@ class Session:
         self.direct = write is not None  # frames go straight to the socket (native), else to the connection's queue
         self._write: Callable[[bytes], object] = write if write is not None else _no_direct_write
         # Hot-path flags, kept current by the events that change them so deliver() tests one attribute:
-        self.blocked = not self.direct  # closing, paused, or no direct writes (ASGI fallback)
+        self.blocked = not self.direct  # closing, paused, snapshots pending, or no direct writes (ASGI fallback)
+        self.paused = False  # the socket buffer is above its high-water mark
+        # Snapshots in flight, by stream: a token while the broker lookup is out, then the (epoch, seq) the client
+        # got, until a newer live message passes it. None (the common case) until the first one.
+        self._snapshots: dict[str, object] | None = None
         self.multi = False  # subscribed to more than one stream: coalesce this flush's blocks in finish()
 
     # ---- lifecycle (called by the connection) ----
@@ -153,11 +177,12 @@ class Session:
         self.host.session_opened(self)
         for frame in connect.errors:
             self._send_reply(frame)
+        self.control.snapshot = connect.snapshot
         added = self.control.add_initial(connect.streams)
         if len(added) < len(connect.streams) and len(added) < self.control.max_streams:
             msg = "Invalid request: too many subscriptions from your address"
             self._send_reply(error_frame(INVALID_REQUEST, msg, None))
-        self._subscribe(added)
+        self._subscribe(added, self.control.snapshot_of(added))
 
     def allow_frame(self) -> bool:
         """Charge one inbound frame — data, ping, pong or continuation: Binance counts them all — to the control
@@ -193,6 +218,7 @@ class Session:
         if self.close_code is None:
             self.close_code = code or CloseCode.NORMAL
         self._unsubscribe(list(self.control.subscriptions))
+        self._snapshots = None
         self.host.session_closed(self)
 
     # ---- Subscriber: the hub's once-per-flush delivery ----
@@ -214,8 +240,25 @@ class Session:
     def _deliver_blocked(self, batch: StreamBatch) -> bool:
         if self.closing:
             return False
+        if self._snapshots and batch.stream in self._snapshots:
+            passed = self._past_snapshot(batch)
+            if passed is None:
+                return False
+            batch = passed
         if not self.direct:
             self.connection.enqueue(batch, self.combined)
+            return False
+        if not self.paused:
+            # Blocked only for snapshots elsewhere: deliver as the hot path does.
+            block = batch.block(self.combined)
+            if self.multi:
+                if self._parts is None:
+                    self._parts = [block]
+                    return True
+                self._parts.append(block)
+                return False
+            self._write(block)
+            self.host.sent_bytes += len(block)
             return False
         # Paused: more than client_buffer_bytes wait in the socket buffer.
         if batch.is_state:
@@ -224,6 +267,23 @@ class Session:
         else:
             self.close_slow_consumer()
         return False
+
+    def _past_snapshot(self, batch: StreamBatch) -> StreamBatch | None:
+        """A live batch of a stream with a snapshot pending: what of it the client may have (None: nothing)."""
+        assert self._snapshots is not None
+        watched = self._snapshots[batch.stream]
+        if isinstance(watched, tuple):
+            # The client has the snapshot at broker position ``watched``; the batch ends at the relay's position.
+            position = self.host.stream_position(batch.stream)
+            if position is not None and position[0] == watched[0] and position[1] <= watched[1]:
+                return None  # nothing newer than what the client has (an older message still in flight)
+            if len(batch.payloads) > 1:
+                # Only the newest message: the ones before it may be older than the snapshot.
+                batch = StreamBatch(batch.stream, batch.kind, batch.payloads[-1:])
+        # else: the lookup is still out and live data came first; the snapshot is dropped when it arrives.
+        del self._snapshots[batch.stream]
+        self._update_blocked()
+        return batch
 
     def finish(self) -> None:
         parts, self._parts = self._parts, None
@@ -235,18 +295,53 @@ class Session:
     # ---- flow control (native connections) ----
     def on_pause(self) -> None:
         """The socket buffer passed its high-water mark (client_buffer_bytes): stop writing data."""
-        self.blocked = True
+        self.paused = self.blocked = True
 
     def on_writable(self) -> None:
         """The socket drained below its low-water mark: write again, starting with the newest value of every
         state stream skipped meanwhile."""
-        self.blocked = self.closing or not self.direct
+        self.paused = False
+        self._update_blocked()
         if not self.stale or self.closing:
             return
         stale, self.stale = self.stale, set()
         frames = self.host.newest_frames(stale, self.combined)
         if frames:
             self.host.sent_bytes += self.connection.write_frames(frames)
+
+    # ---- snapshots (called by the host, see SessionHost.snapshot) ----
+    def write_snapshot(self, frame: bytes) -> None:
+        """The stream's newest value as the hub holds it: every later live batch is newer."""
+        if not self.closing:
+            self._send_reply(frame)
+
+    def expect_snapshot(self, stream_name: str) -> object:
+        """A broker lookup for the stream's last value starts; returns the token it must come back with."""
+        token = object()
+        if self._snapshots is None:
+            self._snapshots = {}
+        self._snapshots[stream_name] = token
+        self.blocked = True
+        return token
+
+    def snapshot_arrived(self, stream_name: str, token: object, payload: bytes, position: tuple[int, int]) -> None:
+        """The lookup found ``payload`` at broker position (epoch, seq), newer than anything the relay handed the
+        hub: written unless live data came first or the subscription changed meanwhile."""
+        snapshots = self._snapshots
+        if self.closing or snapshots is None or snapshots.get(stream_name) is not token:
+            return
+        snapshots[stream_name] = position
+        self._send_reply(combined_frame(stream_name, payload) if self.combined else payload)
+
+    def snapshot_dropped(self, stream_name: str, token: object) -> None:
+        """The lookup found nothing to send (no value, a broker error, or live data is on its way)."""
+        snapshots = self._snapshots
+        if snapshots is not None and snapshots.get(stream_name) is token:
+            del snapshots[stream_name]
+            self._update_blocked()
+
+    def _update_blocked(self) -> None:
+        self.blocked = self.closing or self.paused or not self.direct or bool(self._snapshots)
 
     # ---- closing ----
     def close_slow_consumer(self) -> None:
@@ -271,10 +366,12 @@ class Session:
     def _send_reply(self, frame: bytes) -> None:
         self.host.sent_bytes += self.connection.write_frames([frame])
 
-    def _subscribe(self, streams: list[Stream]) -> None:
+    def _subscribe(self, streams: list[Stream], snapshot: tuple[str, ...] = ()) -> None:
         for stream in streams:
             self.host.subscribe(stream, self)
         self.multi = len(self.control.subscriptions) > 1
+        for name in snapshot:
+            self.host.snapshot(self, name)
 
     def _unsubscribe(self, names: list[str]) -> None:
         if not names:
@@ -284,6 +381,10 @@ class Session:
             self.host.release_subscriptions(self.client_ip, len(names))
         self.stale.difference_update(names)
         self.multi = len(self.control.subscriptions) > 1
+        if self._snapshots:
+            for name in names:
+                self._snapshots.pop(name, None)
+            self._update_blocked()
 
     def _apply(self, outcome: ControlOutcome) -> None:
         if outcome.refresh_token is not None:
@@ -292,7 +393,7 @@ class Session:
         self._unsubscribe(outcome.unsubscribe)
         self.combined = self.control.combined
         self._send_reply(outcome.reply)
-        self._subscribe(outcome.subscribe)
+        self._subscribe(outcome.subscribe, outcome.snapshot)
 
     def _refresh(self, token: str, request_id: int | str | None) -> bytes:
         """REFRESH_TOKEN: a new principal (and expiry) for this connection, or an error and the old one stays."""
