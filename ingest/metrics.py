@@ -84,7 +84,20 @@ class IngestMetrics:
             registry=r,
         )
         self.standby_buffered = Gauge(
-            "pricegate_ingest_standby_buffered_messages", "Messages a standby keeps to publish on takeover", registry=r
+            "pricegate_ingest_standby_buffered_messages",
+            "Messages kept unpublished: a standby's, for a takeover, or the leader's while Redis is unreachable",
+            registry=r,
+        )
+        self.broker_up = Gauge(
+            "pricegate_ingest_broker_up",
+            "0 while ingest's calls to Redis fail (it keeps running and retries), 1 otherwise",
+            registry=r,
+        )
+        self.outage_dropped = Counter(
+            "pricegate_ingest_outage_dropped_messages",
+            "Messages lost because Redis stayed unreachable longer than PRICEGATE_OUTAGE_BUFFER_MESSAGES could hold",
+            ["kind"],
+            registry=r,
         )
 
 

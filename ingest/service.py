@@ -17,6 +17,10 @@ records candles); the others buffer the last seconds of the feed to publish on t
 
 Stopping: every loop here checks, after each broker call, whether its task was asked to stop while the call ran
 (see ``_stop_if_cancel_was_lost``), so a cancellation lost inside a client library cannot keep ingest running.
+
+A Redis outage stops none of this: each loop retries on its own schedule and reports to the publisher's
+``BrokerHealth`` (one log line per operation and outage, ``pricegate_ingest_broker_up``), and the publisher holds
+what it could not publish until Redis is back (``ingest.publish.publisher``).
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ from ingest.publish.candle_writer import CandleRecorder
 from ingest.publish.leader import LeaderLease
 from ingest.publish.publisher import Publisher, TradeFetcher
 from ingest.sources.base import MarketSource
+from shared.backoff import backoff_delays
 from shared.broker.contract import Broker, OutgoingMessage
 from shared.cancellation import raise_if_cancel_was_lost
-from shared.errors import ConfigError, ProtocolError
+from shared.errors import BrokerError, ConfigError, ProtocolError
 from shared.settings import Settings, env_name
 from shared.streams import parse_stream
 
@@ -91,6 +96,7 @@ class IngestService:
             backfill_max_ids=settings.backfill_max_trades,
             backfill_max_wait_s=settings.backfill_max_wait_s,
             standby_window_s=settings.standby_buffer_s,
+            outage_buffer_messages=settings.outage_buffer_messages,
             observe=candles.observe if candles is not None else None,
             carried=lambda: self.wanted,
         )
@@ -170,8 +176,9 @@ class IngestService:
             try:
                 demanded = await self.broker.read_demand(time.time())
             except Exception as error:  # the next poll retries; publishing goes on meanwhile
-                logger.warning("reading demand failed: %r", error)
+                self.publisher.health.failed("reading demand", error)
             else:
+                self.publisher.health.succeeded("reading demand")
                 valid = set()
                 for name in demanded:
                     try:
@@ -199,7 +206,9 @@ class IngestService:
                 try:
                     await self.broker.publish_heartbeat(int(time.time() * 1000))
                 except Exception as error:
-                    logger.warning("heartbeat failed: %r", error)
+                    self.publisher.health.failed("the heartbeat", error)
+                else:
+                    self.publisher.health.succeeded("the heartbeat")
                 raise_if_cancel_was_lost()
             await asyncio.sleep(HEARTBEAT_S)
 
@@ -208,6 +217,7 @@ class IngestService:
         # new leader refreshes it at once.
         due = 0.0
         takeovers = self.publisher.takeovers
+        broker_retry = backoff_delays(0.25, 5.0)
         while True:
             await self.publisher.until_leading()
             if self.publisher.takeovers != takeovers:
@@ -217,8 +227,14 @@ class IngestService:
                     document = await self.source.exchange_info()
                     await self.broker.put_exchange_info(document)
                     due = time.monotonic() + self.settings.exchange_info_refresh_s
+                except BrokerError as error:
+                    self.publisher.health.failed("writing exchangeInfo", error)
+                    due = time.monotonic() + next(broker_retry)  # Redis back soon: a cheap SET, retried sooner
                 except Exception as error:
                     logger.warning("exchangeInfo refresh failed: %r", error)
                     due = time.monotonic() + 5.0
+                else:
+                    self.publisher.health.succeeded("writing exchangeInfo")
+                    broker_retry = backoff_delays(0.25, 5.0)
                 raise_if_cancel_was_lost()
             await asyncio.sleep(min(STANDBY_POLL_S, max(0.0, due - time.monotonic())))

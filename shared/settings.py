@@ -165,6 +165,13 @@ class Settings:
     standby_buffer_s: float = _setting(
         15.0, "float", "Seconds of feed a standby keeps to publish on takeover (must span a failover).", min=0
     )
+    outage_buffer_messages: int = _setting(
+        100_000,
+        "int",
+        "Messages the leading ingest holds while Redis is unreachable, published in order once it is back; beyond "
+        "it the oldest are dropped and counted (pricegate_ingest_outage_dropped_messages_total).",
+        min=1,
+    )
     upstream_stall_s: float = _setting(
         60.0, "float", "Replace an upstream connection that received nothing (no data, no ping) for this long.", min=0.1
     )

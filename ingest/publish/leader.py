@@ -14,6 +14,17 @@ not run (a process paused by the OS). The guarantee does not rest on this proces
 carries the lease token and Redis checks it in the same script that writes (``shared.redis.scripts``), so a process
 that lost the lease cannot publish even once, however late it notices.
 
+Redis unreachable or restarted: renewals fail and the holder steps down like any other loss; it keeps everything it
+could not publish (``ingest.publish.publisher``) and takes the lease again once Redis answers. A restarted Redis is
+empty, so the lease is free for anyone, but only the process that led before holds what Redis missed: a second key,
+``<lease>:last`` (no TTL), names who took the lease last, and while it is missing (Redis lost its data) a process that
+saw another one lead leaves the free lease alone for one TTL, so the previous leader takes it back first; if that
+one is gone too, the lease is taken after the TTL as after a death. (``<lease>:grace``, set by the first such look
+and deleted by the next acquisition, tells each loss of data apart, so a grace is never cut short by the memory of
+an earlier one.) An acquisition also says who took the lease
+before (``previous``), and each look that finds another process holding it is counted (``seen_others``): with those
+the publisher tells whether anyone else led since it did, and drops what only it could publish if so.
+
 Why not redis-py's ``Lock``: its ``extend()`` adds to the remaining TTL by default (renewing every second with
 ``extend(ttl)`` lets the TTL grow, and failover slows down with it); its token is a bare uuid kept in thread-local
 storage; and a holder that was briefly cut off cannot take back its own still-live key with ``acquire()``. The
@@ -38,23 +49,37 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from shared.cancellation import raise_if_cancel_was_lost
-from shared.errors import ConfigError
+from shared.errors import BrokerError, ConfigError
 from shared.redaction import redact_url
 
 logger = logging.getLogger("pricegate.ingest.leader")
 
 # Take the lease if it is free, or keep it if it is already ours (a holder cut off briefly gets it back).
+# KEYS: the lease, the last leader (no TTL: it vanishes only when Redis loses its data), the grace marker. ARGV:
+# token, TTL ms, '1' = defer to the previous leader. Returns {1, the last leader before us ('' = unknown)}, {0, the
+# holder}, or {2, 'new' | ''} when asked to defer and Redis has lost its data: the lease is free only because Redis
+# restarted empty, and the process that led before holds what Redis missed meanwhile. 'new': the grace begins now
+# (the marker was missing: this is a new loss of data, whatever a process remembers of an earlier one).
 _ACQUIRE = """
 local current = redis.call('GET', KEYS[1])
 if current == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
+  return {1, ARGV[1]}
 end
 if current then
-  return 0
+  return {0, current}
+end
+local last = redis.call('GET', KEYS[2])
+if not last and ARGV[3] == '1' then
+  if redis.call('SET', KEYS[3], '1', 'NX') then
+    return {2, 'new'}
+  end
+  return {2, ''}
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
+redis.call('SET', KEYS[2], ARGV[1])
+redis.call('DEL', KEYS[3])
+return {1, last or ''}
 """
 # Extend only our own lease: after it expired and someone else took it, renewing must fail, not steal it back.
 _RENEW = """
@@ -110,6 +135,15 @@ class LeaderLease:
         self.lost: dict[str, int] = {"refused": 0, "error": 0, "expired": 0}
         self.renewals = 0
         self.holder: str | None = None  # the token in the key at the last look (ours or another process's)
+        self.last_key = f"{key}:last"  # who took the lease last (no TTL): gone only when Redis lost its data
+        self.grace_key = f"{key}:grace"  # set while standbys leave a free lease to the previous leader
+        # At the last acquisition, the process that had taken the lease before us: ourselves (we kept it), another
+        # process, or None (Redis had lost its data, or nobody ever led).
+        self.previous: str | None = None
+        self._defer_until = 0.0
+        # Looks that found another process holding the key: a process that lost the lease to a Redis outage keeps
+        # what it could not publish until this moves (ingest.publish.publisher).
+        self.seen_others = 0
 
     # ---- state ----
 
@@ -171,17 +205,32 @@ class LeaderLease:
     async def _try_acquire(
         self, ttl_ms: int, started: float, on_acquired: Callback, on_lost: Callable[[str], None]
     ) -> None:
+        defer = self._defers(started)
         try:
-            taken = await self._redis().eval(_ACQUIRE, 1, self.key, self.token, ttl_ms)
-            if taken != 1:
-                current = await self._redis().get(self.key)
-                if isinstance(current, bytes):
-                    current = current.decode(errors="replace")
-                self.holder = current
-                return
+            taken, other = await self._redis().eval(
+                _ACQUIRE, 3, self.key, self.last_key, self.grace_key, self.token, ttl_ms, "1" if defer else "0"
+            )
         except (redis_errors.RedisError, OSError) as error:
             logger.debug("leader lease not taken (%r)", error)
             return
+        other = other.decode(errors="replace") if isinstance(other, bytes) else str(other)
+        if taken == 2:
+            if other == "new" or not self._defer_until:
+                self._defer_until = started + self.ttl_s
+                logger.info(
+                    "Redis lost its data (restarted empty): leaving the lease to %s, which led before, for %.1f s",
+                    self.holder,
+                    self.ttl_s,
+                )
+            return
+        if taken != 1:
+            self.holder = other
+            self._defer_until = 0.0
+            if other != self.token:
+                self.seen_others += 1
+            return
+        self.previous = other or None
+        self._defer_until = 0.0
         self._leader = True
         self._valid_until = started + self.ttl_s
         self.holder = self.token
@@ -191,10 +240,22 @@ class LeaderLease:
             await on_acquired()
         except asyncio.CancelledError:
             raise
+        except BrokerError as error:  # Redis went away again: nothing to debug, the next look retries
+            logger.warning("taking over failed (%s); giving the leader lease up", error)
+            self._lose(on_lost, "error")
+            await self.release()
         except Exception:
             logger.exception("taking over failed; giving the leader lease up")
             self._lose(on_lost, "error")
             await self.release()
+
+    def _defers(self, now: float) -> bool:
+        """Whether a free lease in a Redis that lost its data is left alone for now: only by a process that saw
+        another one lead (a first start takes it at once), for one TTL, so that leader takes it back first and
+        publishes what it held; if it does not come back, the lease is taken after the TTL, as after its death."""
+        if self.holder is None or self.holder == self.token:
+            return False
+        return not self._defer_until or now < self._defer_until
 
     def _lose(self, on_lost: Callable[[str], None], reason: str) -> None:
         self._leader = False

@@ -17,6 +17,20 @@ The source hands every batch to :meth:`Publisher.publish` (one caller, in arriva
   published last, then publishes the standby buffer through the leader path above: what the old leader already
   published is dropped, what it missed goes out, and a gap the buffer does not cover is backfilled. Only then do
   live batches flow, so nothing newer overtakes the buffer.
+- **Redis unreachable** (a publish fails for any reason but the fencing refusal): nothing is lost and the process
+  does not stop. The messages Redis did not confirm, and every later one, wait in the same buffer, now *holding*
+  (everything, identity-less messages included, no time window, at most ``outage_buffer_messages``), and a retry
+  task publishes them in order with backoff (``shared.backoff``) while the lease holds. When the lease goes with
+  Redis (its renewal fails), the buffer keeps holding; Redis back, the lease is free (a restarted Redis lost it)
+  and the process takes it again like any takeover, publishing the buffer first. A restarted Redis also lost each
+  stream's epoch, so the publish script starts a new one and gateways repair from it. If another process is seen
+  holding the lease meanwhile, the buffer returns to the standby regime (the identity-less messages go: the new
+  leader publishes its own feed; exchange events stay, judged at a later takeover). Messages the bound pushed
+  out are counted by kind (``pricegate_ingest_outage_dropped_messages_total``) and logged once per outage, with a
+  summary when the buffer is published. Only the batch in flight when a connection broke is in doubt: its
+  replies are read one by one, so what Redis confirmed is never sent again, and what it did not confirm was not
+  run by a Redis that was killed; after a mere network cut it may have been, and is then dropped as a duplicate
+  if it carries an exchange identity (a synthetic or replayed message would go out twice).
 
 Without a lease (the single-process demo) the publisher leads from the start and never fences.
 """
@@ -27,20 +41,26 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Sequence
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from prometheus_client import Counter, Histogram
 
+from ingest.broker_health import BrokerHealth
 from ingest.metrics import IngestMetrics
 from ingest.publish.backfill import Backfilled
 from ingest.publish.continuity import BackfillPlan, Continuity, IdRange, Verdict, plan_backfill
 from ingest.publish.standby import StandbyBuffer
+from shared.backoff import backoff_delays
 from shared.binance.identity import BACKFILL_KINDS, CONTIGUOUS_KINDS
 from shared.broker.contract import Broker, OutgoingMessage
-from shared.errors import NotLeaderError
+from shared.errors import BrokerError, NotLeaderError, PublishIncomplete
 from shared.streams import StreamKind, parse_stream
 
 logger = logging.getLogger("pricegate.ingest.publisher")
+
+PUBLISHING = "publishing"  # the BrokerHealth operation name of publishing
+RETRY_CHUNK = 1000  # most messages per publish call (one pipeline); other work runs between two of them
+TAKEOVER_READ_ATTEMPTS = 3  # right after a Redis restart the first command may meet a connection of the old one
 
 
 class Leadership(Protocol):
@@ -51,6 +71,27 @@ class Leadership(Protocol):
     def holds(self) -> bool:
         """True while the lease is ours and cannot have expired by the local clock."""
         ...
+
+
+@runtime_checkable
+class LeaseHistory(Protocol):
+    """What a lease can tell of other leaders (``LeaderLease`` does): whether to keep what only we could publish."""
+
+    holder: str | None  # the token in the lease at the last look: ours, another process's, or unknown (None)
+    seen_others: int  # how many looks found another process holding the lease
+    previous: str | None  # at the last acquisition, who had taken the lease before (None: unknown)
+
+
+class _Outage:
+    """What one broker outage has cost so far, for the log lines at its start, first loss and end."""
+
+    __slots__ = ("began", "held", "lost", "lost_logged")
+
+    def __init__(self, began: float) -> None:
+        self.began = began
+        self.held = 0  # messages put in the buffer while it lasted
+        self.lost = 0  # of those, pushed out by the bound
+        self.lost_logged = False
 
 
 class TradeFetcher(Protocol):
@@ -74,12 +115,18 @@ class Publisher:
         backfill_max_ids: int = 10_000,
         backfill_max_wait_s: float = 30.0,
         standby_window_s: float = 15.0,
+        outage_buffer_messages: int = 100_000,
+        retry_initial_s: float = 0.05,
+        retry_max_s: float = 1.0,
         observe: Callable[[Sequence[OutgoingMessage]], None] | None = None,
         carried: Callable[[], Collection[str]] = frozenset,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``carried`` says which streams are flowing upstream now: at a takeover their last published identities
-        are read too, so a gap is found even on a stream the standby buffer holds nothing of (a cold start)."""
+        are read too, so a gap is found even on a stream the standby buffer holds nothing of (a cold start).
+        ``outage_buffer_messages`` bounds what is held while Redis is unreachable; publishing is retried after
+        backoff delays from ``retry_initial_s`` up to ``retry_max_s`` (below the lease TTL: while the lease
+        holds, a retry must come before it lapses)."""
         self.broker = broker
         self.metrics = metrics
         self.leadership = leadership
@@ -92,7 +139,14 @@ class Publisher:
         self.active = leadership is None
         self._lock = asyncio.Lock()
         self._continuity = Continuity()
-        self.standby = StandbyBuffer(standby_window_s)
+        self.standby = StandbyBuffer(standby_window_s, outage_max_events=outage_buffer_messages)
+        self.health = BrokerHealth(metrics.broker_up, clock=clock)
+        self.retry_initial_s = retry_initial_s
+        self.retry_max_s = retry_max_s
+        self._outage: _Outage | None = None
+        self._retry: asyncio.Task[None] | None = None
+        self._history = leadership if isinstance(leadership, LeaseHistory) else None
+        self._sightings = 0 if self._history is None else self._history.seen_others  # as of our last leadership
         self._holding: dict[str, list[OutgoingMessage]] = {}
         self._backfills: dict[str, asyncio.Task[None]] = {}
         self._failure: BaseException | None = None
@@ -101,6 +155,7 @@ class Publisher:
         self._leading = asyncio.Event()
         if self.active:
             self._leading.set()
+            self.standby.hold()  # without a lease nobody else publishes: whatever Redis misses is ours to resend
         self.takeovers = 0
         metrics.is_leader.set(1 if self.active else 0)
 
@@ -125,10 +180,12 @@ class Publisher:
                 # The lease lapsed by our own clock before the lease loop could say so (a paused process).
                 self.step_down("expired")
             if not self.active:
-                # Only events with an exchange identity: on takeover the broker drops those the old leader already
-                # published. A synthetic or replayed feed has none and differs per process, so nothing is kept.
-                self.standby.add([m for m in batch if m.event is not None], self._clock())
-                self.metrics.standby_buffered.set(len(self.standby))
+                # Standing by, the buffer keeps only events with an exchange identity (on takeover the broker drops
+                # those the old leader already published; a synthetic or replayed feed has none and differs per
+                # process). Holding (we led and lost Redis), it keeps everything.
+                if self.standby.holding and self._deposed():
+                    self._stand_by()
+                self._keep(batch)
                 return
             await self._lead(batch)
 
@@ -149,16 +206,22 @@ class Publisher:
         async with self._lock:
             if self.active:
                 return
+            history = self._history
+            if self.standby.holding and (
+                self._deposed() or (history is not None and history.previous not in (None, self._token()))
+            ):
+                self._stand_by()  # another process led since we did: what only we held is not ours to publish
             streams = self.standby.streams() | set(self.carried())
             # What the previous leader published last: its duplicates are dropped, its gaps found.
             self._continuity.clear()
-            self._continuity.prime(await self.broker.last_event_ids(streams))
+            self._continuity.prime(await self._last_event_ids(streams))
             self.active = True
             self.takeovers += 1
             self._leading.set()
             self.metrics.is_leader.set(1)
             self.metrics.leader_changes.labels(event="acquired").inc()
             buffered = self.standby.drain(self._clock())
+            self.standby.hold()  # leading: what Redis does not take from now on is ours to resend
             self.metrics.standby_buffered.set(0)
             started = time.perf_counter()
             await self._lead(buffered)
@@ -167,6 +230,20 @@ class Publisher:
                 len(buffered),
                 (time.perf_counter() - started) * 1000,
             )
+
+    async def _last_event_ids(self, streams: Collection[str]) -> dict[str, int]:
+        """The broker's last identities, tried a few times: the lease was just taken, so Redis answers, but the
+        first command after a Redis restart may meet a pooled connection to the old one. Still failing, the error
+        makes the lease loop give the lease up and try again (nothing buffered is lost)."""
+        delays = backoff_delays(self.retry_initial_s, self.retry_max_s)
+        for attempt in range(TAKEOVER_READ_ATTEMPTS):
+            try:
+                return await self.broker.last_event_ids(streams)
+            except BrokerError:
+                if attempt == TAKEOVER_READ_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(next(delays))
+        raise AssertionError("unreachable")
 
     def step_down(self, reason: str) -> None:
         """Stop publishing at once (synchronous: nothing can be published between the decision and the stop)."""
@@ -178,6 +255,10 @@ class Publisher:
         self.metrics.leader_changes.labels(event=reason if reason in ("fenced", "stopped") else f"lost_{reason}").inc()
         log = logger.info if reason == "stopped" else logger.warning
         log("no longer leading (%s): publishing stopped, buffering as a standby", reason)
+        # The buffer keeps holding (everything, for this process to publish when it leads again) until another
+        # process is seen leading: losing the lease to a Redis restart looks exactly like losing it to a standby.
+        if self._history is not None:
+            self._sightings = self._history.seen_others
         now = self._clock()
         for stream, task in list(self._backfills.items()):
             task.cancel()
@@ -185,6 +266,7 @@ class Publisher:
         self._backfills.clear()
         self._holding.clear()
         self._continuity.clear()
+        self._account(now)
 
     # ---- leading ----
 
@@ -230,11 +312,31 @@ class Publisher:
 
     async def _send(self, messages: list[OutgoingMessage], *, backfilled: bool = False) -> None:
         if not self.active:
-            self.standby.add(messages, self._clock())
+            self._keep(messages)
             return
         if self.observe is not None:
             # Before the broker: closed candles reach the store even while the broker is unreachable.
             self.observe(messages)
+        # In chunks: a takeover's buffer may hold 100 000 messages, and one pipeline of them all would hold the
+        # whole batch's commands and replies in memory at once.
+        for start in range(0, len(messages), RETRY_CHUNK):
+            chunk = messages[start : start + RETRY_CHUNK]
+            if len(self.standby) or not self.active:
+                # Held messages wait to be published (Redis was unreachable): newer ones queue behind them, in order.
+                self._keep(messages[start:])
+                if self.active:
+                    self._retry_later()
+                return
+            if await self._publish_now(chunk, backfilled=backfilled, held=False) < len(chunk):
+                self._keep(messages[start + RETRY_CHUNK :])
+                if self.active:
+                    self._retry_later()
+                return
+
+    async def _publish_now(self, messages: list[OutgoingMessage], *, held: bool, backfilled: bool = False) -> int:
+        """Publish, and count what went out. On failure what Redis did not confirm goes (back: ``held``, they were
+        taken from it) to the front of the buffer; returns how many were confirmed. Refused by the fencing check,
+        steps down."""
         started = time.perf_counter()
         try:
             if self.leadership is None:
@@ -244,11 +346,26 @@ class Publisher:
         except NotLeaderError as error:
             logger.warning("%s", error)
             self.step_down("fenced")
-            self.standby.add(messages, self._clock())
-            return
-        except Exception:
+            self._hold_back(messages, held=held)
+            return 0
+        except BrokerError as error:
+            # Redis unreachable, the connection broken mid-batch, or a call refused: keep what was not confirmed
+            # and retry; the process goes on.
+            confirmed = error.confirmed if isinstance(error, PublishIncomplete) else 0
             self.metrics.publish_errors.inc()
-            raise
+            self.health.failed(PUBLISHING, error)
+            self._hold_back(messages[confirmed:], held=held)
+            self._count_published(messages[:confirmed], started, backfilled)
+            return confirmed
+        self.health.succeeded(PUBLISHING)
+        self._count_published(messages, started, backfilled)
+        if self._outage is not None and not len(self.standby):
+            self._end_outage()
+        return len(messages)
+
+    def _count_published(self, messages: Sequence[OutgoingMessage], started: float, backfilled: bool) -> None:
+        if not messages:
+            return
         metrics = self.metrics
         metrics.publish_duration.observe(time.perf_counter() - started)
         now = time.time()
@@ -271,6 +388,118 @@ class Publisher:
                 self.metrics.event_lag.labels(kind=kind.value),
             )
         return children
+
+    # ---- what cannot be published now ----
+
+    def _deposed(self) -> bool:
+        """Another process was seen holding the lease since we last led (the lease loop looks every renewal)."""
+        return self._history is not None and self._history.seen_others != self._sightings
+
+    def _token(self) -> str | None:
+        return None if self.leadership is None else self.leadership.token
+
+    def _stand_by(self) -> None:
+        dropped = self.standby.stand_by(self._clock())
+        logger.warning(
+            "another ingest leads or led since we did (%s): %d held messages without an exchange identity dropped "
+            "(it publishes its own feed); exchange events kept as a standby",
+            self._history.holder if self._history is not None else "?",
+            dropped,
+        )
+        self._account(self._clock())
+        if self._outage is not None:
+            self._end_outage(handed_over=True)
+
+    def _hold_back(self, messages: Sequence[OutgoingMessage], *, held: bool) -> None:
+        """Unpublished messages back to the front of the buffer (``held``: they were taken from it, so already
+        counted)."""
+        now = self._clock()
+        if not held and self.standby.holding and messages:
+            if self._outage is None:
+                self._outage = _Outage(now)
+            self._outage.held += len(messages)
+        self.standby.restore(messages, now)
+        self._account(now)
+
+    def _keep(self, messages: Sequence[OutgoingMessage]) -> None:
+        """Into the buffer: standing by, the exchange events; holding, everything (and the outage is counted)."""
+        now = self._clock()
+        if self.standby.holding and messages:
+            if self._outage is None:
+                self._outage = _Outage(now)
+            self._outage.held += len(messages)
+        self.standby.add(messages, now)
+        self._account(now)
+
+    def _account(self, now: float) -> None:
+        """Count what the buffer's bound pushed out (holding: those messages are lost) and log it once an outage."""
+        self.metrics.standby_buffered.set(len(self.standby))
+        lost = self.standby.take_lost()
+        if not lost:
+            return
+        total = 0
+        for stream, count in lost.items():
+            kind, _ = self._describe(stream)
+            self.metrics.outage_dropped.labels(kind=kind.value).inc(count)
+            total += count
+        outage = self._outage
+        if outage is None:
+            outage = self._outage = _Outage(now)
+        outage.lost += total
+        if not outage.lost_logged:
+            outage.lost_logged = True
+            logger.warning(
+                "not published for %.1f s and the buffer is full (PRICEGATE_OUTAGE_BUFFER_MESSAGES=%d): dropping the "
+                "oldest held messages from now on, counted in pricegate_ingest_outage_dropped_messages_total (logged "
+                "once per outage)",
+                now - outage.began,
+                self.standby.outage_max_events,
+            )
+
+    def _end_outage(self, *, handed_over: bool = False) -> None:
+        outage, self._outage = self._outage, None
+        if outage is None:
+            return
+        how = "another ingest led meanwhile" if handed_over else "published again, the held messages first, in order"
+        log = logger.warning if outage.lost else logger.info
+        log(
+            "outage over after %.1f s (%s): %d messages held, %d of them dropped (buffer full)",
+            self._clock() - outage.began,
+            how,
+            outage.held,
+            outage.lost,
+        )
+
+    def _retry_later(self) -> None:
+        if self._retry is None or self._retry.done():
+            self._retry = asyncio.create_task(self._publish_held(), name="pricegate-publish-retry")
+
+    async def _publish_held(self) -> None:
+        """Publish the buffer, in order and in chunks, after backoff delays, while leading; new batches queue
+        behind it meanwhile (``_send``). Ends when the buffer is empty, or when leadership is lost (a takeover
+        publishes it then)."""
+        delays = backoff_delays(self.retry_initial_s, self.retry_max_s)
+        try:
+            while True:
+                await asyncio.sleep(next(delays))
+                while True:
+                    async with self._lock:
+                        leadership = self.leadership
+                        if self.active and leadership is not None and not leadership.holds():
+                            self.step_down("expired")
+                        if not self.active or not len(self.standby):
+                            return
+                        chunk = self.standby.take(RETRY_CHUNK)
+                        confirmed = await self._publish_now(chunk, held=True)
+                    if confirmed < len(chunk):
+                        break  # failed again: back off
+                    delays = backoff_delays(self.retry_initial_s, self.retry_max_s)
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:
+            # Surfaces on the next publish() call, which fails the source like any unexpected error.
+            logger.exception("publishing the held messages failed")
+            self._failure = error
 
     # ---- backfill ----
 
@@ -320,8 +549,10 @@ class Publisher:
         logger.warning("%s: %d trades lost (ids %s): %s", stream, total, shown, why)
 
     async def aclose(self) -> None:
-        """Cancel running backfills (on shutdown)."""
+        """Cancel running backfills and the retry of held messages (on shutdown)."""
         tasks = list(self._backfills.values())
+        if self._retry is not None and not self._retry.done():
+            tasks.append(self._retry)
         for task in tasks:
             task.cancel()
         if tasks:
