@@ -44,6 +44,7 @@ from urllib.parse import urlsplit
 from shared.broker.contract import OutgoingMessage
 from shared.broker.redis import RedisBroker
 from shared.redis.resp import pack_command
+from shared.redis.scripts import PUBLISH_KEYS
 
 SYMBOLS = (
     "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "ADAUSDT", "DOGEUSDT", "TRXUSDT", "DOTUSDT", "LINKUSDT",
@@ -84,32 +85,25 @@ def publish_time_us(frame: bytes | str) -> int | None:
     return int(data[start + 4 : end]) if end > start + 4 else None
 
 
-class _Recorder:
-    """Stands in for the redis-py client inside ``RedisBroker.publish``: records each ``evalsha`` it is asked
-    to pipeline (and answers like the script would), so the exact commands can be taken from the broker."""
-
-    def __init__(self) -> None:
-        self.commands: list[tuple[Any, ...]] = []
-
-    def pipeline(self, transaction: bool = False) -> _Recorder:
-        return self
-
-    def evalsha(self, *args: Any) -> None:
-        self.commands.append(args)
-
-    async def execute(self, raise_on_error: bool = True) -> list[list[int]]:
-        return [[1, index + 1] for index in range(len(self.commands))]
-
-
 async def record_publish(broker: RedisBroker, messages: Sequence[OutgoingMessage]) -> list[tuple[Any, ...]]:
-    """The ``EVALSHA`` arguments (sha, numkeys, keys..., args...) ``broker.publish(messages)`` sends to Redis."""
-    recorder = _Recorder()
-    client, broker._client = broker._client, recorder  # type: ignore[assignment]
+    """The ``EVALSHA`` arguments (sha, numkeys, keys..., args...) ``broker.publish(messages)`` sends to Redis:
+    the broker's round trip is swapped for one that records the calls and answers like the script would."""
+    recorded: list[tuple[Any, ...]] = []
+
+    async def record(client: Any, calls: list[tuple[Any, ...]]) -> list[Any]:
+        recorded.extend((broker._script_sha, PUBLISH_KEYS, *args) for args in calls)
+        return [[1, index + 1] for index in range(len(calls))]
+
+    broker._run_script = record  # type: ignore[method-assign]
+    client = broker._client
+    if client is None:  # a broker that was never started: publish() only checks that it has a client
+        broker._client = object()  # type: ignore[assignment]
     try:
         await broker.publish(messages)
     finally:
+        del broker._run_script  # the class's method again
         broker._client = client
-    return recorder.commands
+    return recorded
 
 
 _MARK = b"\x00pricegate-benchmark-payload\x00"
