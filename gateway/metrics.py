@@ -8,6 +8,7 @@ drop reason, result — never client, IP or symbol.
 
 from __future__ import annotations
 
+import importlib.metadata
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -18,7 +19,8 @@ from gateway.ws.hub import Hub
 
 LAG_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 FANOUT_BUCKETS = (0.00001, 0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-VERSION = "0.1.0"
+# The installed distribution's version: pyproject.toml's is the only definition (``pricegate --version`` reads it too).
+VERSION = importlib.metadata.version("pricegate")
 
 
 class HubCollector(Collector):

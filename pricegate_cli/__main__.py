@@ -1,6 +1,9 @@
-"""``pricegate demo | gateway | ingest | record | db | keys``: parse flags over PRICEGATE_* settings and run one role.
+"""``pricegate demo | gateway | ingest | record | db | keys | watch``: parse flags over PRICEGATE_* settings and run
+one role (``watch`` is a client: pricegate_cli/watch.py).
 
-Every setting is a flag (``--redis-url``) and an environment variable (``PRICEGATE_REDIS_URL``); flags win.
+Every setting a command reads is a flag (``--redis-url``) and an environment variable (``PRICEGATE_REDIS_URL``);
+flags win. Which settings each command reads, and so lists in its ``--help``, is declared once in
+pricegate_cli/settings_flags.py. A PRICEGATE_* variable that is no setting is warned about, with the closest name.
 Configuration problems (an unparsable value, Redis unreachable at start) end the process with exit code 2
 and one line naming the setting, never a traceback.
 """
@@ -11,6 +14,7 @@ import argparse
 import asyncio
 import dataclasses
 import errno
+import importlib.metadata
 import logging
 import os
 import signal
@@ -20,67 +24,76 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from pricegate_cli.logs import adopt_uvicorn_loggers, configure_logging
+from pricegate_cli.settings_flags import EPILOG, add_settings_flags, setting_help, unknown_variables
+from pricegate_cli.watch import add_watch_parser
 from shared.errors import BrokerError, ConfigError, PricegateError
 from shared.settings import Settings, env_name
 
 EXIT_CONFIG = 2
 # At its default, ingest's /metrics port moves up to this many ports on when taken (another ingest on the host).
 INGEST_METRICS_PORT_SCAN = 20
-# Flags whose names differ from their settings field (short forms the issue tracker and docs use).
-FLAG_ALIASES = {"replay_speed": ["--speed"]}
 
 
-def _add_settings_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("settings (each also read from its PRICEGATE_* variable)")
-    for spec in dataclasses.fields(Settings):
-        if spec.name == "source":
-            continue  # --source takes an optional FILE, handled per command
-        flags = ["--" + spec.name.replace("_", "-"), *FLAG_ALIASES.get(spec.name, [])]
-        group.add_argument(
-            *flags,
-            dest=spec.name,
-            default=None,
-            metavar="VALUE",
-            help=f"{spec.metadata['doc']} [{env_name(spec.name)}]",
-        )
+def version() -> str:
+    """pricegate's version: the installed distribution's (pyproject.toml's ``version``, its only definition)."""
+    return importlib.metadata.version("pricegate")
+
+
+def _source_help(kinds: str) -> str:
+    spec = next(spec for spec in dataclasses.fields(Settings) if spec.name == "source")
+    return f"{kinds} {setting_help(spec).removeprefix(spec.metadata['doc'] + ' ')}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pricegate", description="Real-time market-data gateway (Binance protocol)")
+    parser.add_argument("--version", action="version", version=f"pricegate {version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="ingest + gateway in one process on the in-memory broker")
+
+    def command(name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, epilog=EPILOG, **kwargs)
+
+    demo = command("demo", "ingest + gateway in one process on the in-memory broker")
     demo.add_argument(
         "--source",
         nargs="+",
         metavar=("KIND", "FILE"),
-        help="synthetic (default) or replay [FILE] (default FILE: the bundled sample)",
+        help=_source_help("synthetic (default) or replay [FILE] (default FILE: the bundled sample)"),
     )
-    _add_settings_flags(demo)
-    gateway = commands.add_parser("gateway", help="a gateway replica (needs PRICEGATE_REDIS_URL)")
-    _add_settings_flags(gateway)
-    ingest = commands.add_parser("ingest", help="the ingest process (needs PRICEGATE_REDIS_URL)")
+    add_settings_flags(demo, "demo", skip=("source",))  # --source takes an optional FILE
+    gateway = command("gateway", "a gateway replica (needs PRICEGATE_REDIS_URL)")
+    add_settings_flags(gateway, "gateway")
+    ingest = command("ingest", "the ingest process (needs PRICEGATE_REDIS_URL)")
     ingest.add_argument(
-        "--source", nargs="+", metavar=("KIND", "FILE"), help="synthetic (default), replay FILE, or binance"
+        "--source",
+        nargs="+",
+        metavar=("KIND", "FILE"),
+        help=_source_help("synthetic (default), replay FILE, or binance"),
     )
-    _add_settings_flags(ingest)
-    record = commands.add_parser("record", help="record a live Binance session to a JSON-lines file")
+    add_settings_flags(ingest, "ingest", skip=("source",))
+    record = command("record", "record a live Binance session to a JSON-lines file")
     record.add_argument("--streams", required=True, help="comma-separated stream names, e.g. btcusdt@trade")
     record.add_argument("--out", required=True, type=Path, help="output file (JSON lines)")
     record.add_argument("--duration", type=float, default=None, help="stop after this many seconds")
     record.add_argument("--max-messages", type=int, default=None, help="stop after this many frames")
-    _add_settings_flags(record)
-    db = commands.add_parser("db", help="PostgreSQL schema (needs PRICEGATE_DATABASE_URL)")
+    add_settings_flags(record, "record")
+    db = command("db", "PostgreSQL schema (needs PRICEGATE_DATABASE_URL)")
     db.add_argument("action", choices=("migrate", "status"), help="apply pending migrations, or show the version")
-    _add_settings_flags(db)
-    keys = commands.add_parser("keys", help="API keys in PostgreSQL (needs PRICEGATE_DATABASE_URL, migrated)")
+    add_settings_flags(db, "db")
+    keys = command("keys", "API keys in PostgreSQL (needs PRICEGATE_DATABASE_URL, migrated)")
     key_actions = keys.add_subparsers(dest="keys_action", required=True)
-    create = key_actions.add_parser("create", help="issue a key; it is printed once and cannot be shown again")
+
+    def key_action(name: str, help: str) -> argparse.ArgumentParser:
+        return key_actions.add_parser(name, help=help, description=help, epilog=EPILOG)
+
+    create = key_action("create", "issue a key; it is printed once and cannot be shown again")
     create.add_argument("--label", required=True, help="who or what the key is for (shown by list)")
-    _add_settings_flags(create)
-    _add_settings_flags(key_actions.add_parser("list", help="every key's subject, label, creation and revocation"))
-    revoke = key_actions.add_parser("revoke", help="revoke a key: refused and disconnected within the cache TTL")
+    add_settings_flags(create, "keys")
+    add_settings_flags(key_action("list", "every key's subject, label, creation and revocation"), "keys")
+    revoke = key_action("revoke", "revoke a key: refused and disconnected within the cache TTL")
     revoke.add_argument("key", metavar="KEY", help="the key itself (64 hex characters)")
-    _add_settings_flags(revoke)
+    add_settings_flags(revoke, "keys")
+    add_watch_parser(commands)
     return parser
 
 
@@ -101,7 +114,7 @@ def load_settings(args: argparse.Namespace, environ: dict[str, str]) -> Settings
 
 
 def _configure_logging(settings: Settings) -> None:
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings)
 
 
 def _make_source(settings: Settings) -> Any:
@@ -205,6 +218,7 @@ async def serve(
     try:
         app = create_app(settings, broker, background=background, candles=candles)
         config = uvicorn_config(app, settings)
+        adopt_uvicorn_loggers(settings)  # after uvicorn.Config, which installs its own handlers
         server = uvicorn.Server(config)
         _ignore_stop_signals()
 
@@ -414,9 +428,22 @@ def _runner() -> asyncio.Runner:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "watch":  # a client: it reads no setting
+        from pricegate_cli.watch import run_watch
+
+        return run_watch(args)
+    environ = dict(os.environ)
+    unknown = unknown_variables(environ)
     try:
-        settings = load_settings(args, dict(os.environ))
+        try:
+            settings = load_settings(args, environ)
+        except ConfigError:
+            for warning in unknown:  # a misspelt variable may be why
+                print(f"pricegate: warning: {warning}", file=sys.stderr)
+            raise
         _configure_logging(settings)
+        for warning in unknown:
+            logging.getLogger("pricegate.settings").warning("%s", warning)
         if args.command == "gateway":
             from pricegate_cli.workers import supervise, worker_count
 

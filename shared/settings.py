@@ -21,6 +21,7 @@ from shared.streams import KLINE_INTERVALS
 ENV_PREFIX = "PRICEGATE_"
 SOURCES = ("synthetic", "replay", "binance")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+LOG_FORMATS = ("text", "json")
 AUTH_MODES = ("none", "apikey", "jwt")
 SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 DEFAULT_SYMBOLS: tuple[str, ...] = ("BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT")
@@ -95,6 +96,12 @@ class Settings:
     ssl_certfile: str | None = _setting(None, "optional_str", "PEM certificate: serve https/wss directly.")
     ssl_keyfile: str | None = _setting(None, "optional_str", "PEM private key for ssl_certfile.")
     log_level: str = _setting("info", "str", "Log level: critical, error, warning, info, debug.")
+    log_format: str = _setting(
+        "text",
+        "str",
+        "Log format of every logger, uvicorn's included: text, or json (one object per line: time, level, logger, "
+        "message, exception).",
+    )
     # --- broker ---
     redis_url: str | None = _setting(
         None,
@@ -430,6 +437,8 @@ class Settings:
             raise ConfigError(env_name("source"), self.source, f"must be one of {', '.join(SOURCES)}")
         if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError(env_name("log_level"), self.log_level, f"must be one of {', '.join(LOG_LEVELS)}")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(env_name("log_format"), self.log_format, f"must be one of {', '.join(LOG_FORMATS)}")
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ConfigError(env_name("ssl_keyfile"), self.ssl_keyfile, "ssl_certfile and ssl_keyfile go together")
         if not self.symbols:
@@ -483,6 +492,151 @@ class Settings:
             raise ConfigError(
                 env_name("candle_intervals"), ",".join(unknown), f"not kline intervals ({' '.join(KLINE_INTERVALS)})"
             )
+
+
+@dataclass(frozen=True, slots=True)
+class SettingGroup:
+    """Settings that belong together: one titled section of a command's ``--help``."""
+
+    name: str
+    title: str
+    settings: tuple[str, ...]
+
+
+# Every setting is in exactly one group (tests/test_cli_help.py checks it). Which groups each command reads, and so
+# shows in its --help, is pricegate_cli/settings_flags.py's COMMAND_SETTINGS.
+SETTING_GROUPS: tuple[SettingGroup, ...] = (
+    SettingGroup("logging", "logging", ("log_level", "log_format")),
+    SettingGroup(
+        "network",
+        "network (where the gateway listens, TLS, processes, shutdown)",
+        ("host", "port", "ssl_certfile", "ssl_keyfile", "metrics_port", "workers", "shutdown_drain_s"),
+    ),
+    SettingGroup(
+        "broker",
+        "broker (Redis, channels, history, demand)",
+        ("redis_url", "channel_prefix", "venue", "history_maxlen", "history_max_age_s", "demand_ttl_s"),
+    ),
+    SettingGroup(
+        "sources",
+        "sources (the market: synthetic, replay or binance)",
+        (
+            "symbols",
+            "source",
+            "replay_file",
+            "replay_speed",
+            "replay_loop",
+            "synthetic_seed",
+            "synthetic_trade_rate",
+            "binance_ws_url",
+            "binance_rest_url",
+        ),
+    ),
+    SettingGroup(
+        "ingest",
+        "ingest (demand, leadership, buffers, metrics)",
+        (
+            "always_on_streams",
+            "demand_linger_s",
+            "max_upstream_streams",
+            "exchange_info_refresh_s",
+            "ingest_metrics_port",
+            "leader_ttl_s",
+            "leader_renew_s",
+            "standby_buffer_s",
+            "outage_buffer_messages",
+        ),
+    ),
+    SettingGroup(
+        "upstream",
+        "upstream (Binance connections, limits, backfill)",
+        (
+            "upstream_max_streams",
+            "upstream_stall_s",
+            "upstream_rotate_after_s",
+            "upstream_overlap_timeout_s",
+            "upstream_malformed_limit",
+            "upstream_control_rate_per_s",
+            "upstream_connect_attempts",
+            "upstream_connect_window_s",
+            "upstream_rest_weight_limit",
+            "backfill_trades",
+            "backfill_max_trades",
+            "backfill_max_wait_s",
+        ),
+    ),
+    SettingGroup(
+        "database",
+        "database (PostgreSQL)",
+        (
+            "database_url",
+            "database_schema",
+            "db_pool_min",
+            "db_pool_max",
+            "db_statement_timeout_ms",
+            "db_migrate_on_start",
+        ),
+    ),
+    SettingGroup(
+        "candles",
+        "candles (what ingest stores, the demo's history)",
+        ("candle_intervals", "candle_batch_size", "candle_flush_interval_s", "demo_history_candles"),
+    ),
+    SettingGroup(
+        "rest",
+        "REST (cache, exchange fallback, weights)",
+        (
+            "cache_ttl_klines_s",
+            "cache_ttl_technicals_s",
+            "cache_ttl_live_s",
+            "cache_stale_s",
+            "cache_max_bytes",
+            "exchange_timeout_s",
+            "exchange_max_connections",
+            "exchange_weight_limit_per_min",
+            "rest_weight_limit_per_min",
+            "rest_last_value_wait_s",
+        ),
+    ),
+    SettingGroup(
+        "limits",
+        "limits (per WebSocket connection and per process)",
+        (
+            "max_streams_per_connection",
+            "control_rate_per_s",
+            "control_burst",
+            "max_frame_bytes",
+            "client_buffer_bytes",
+            "flush_chunk_clients",
+            "client_sndbuf_bytes",
+            "ping_interval_s",
+            "ping_timeout_s",
+            "max_connections",
+            "max_fragments_per_message",
+        ),
+    ),
+    SettingGroup(
+        "edge",
+        "edge (per-IP limits, handshakes, origins, proxies)",
+        (
+            "max_connections_per_ip",
+            "connection_attempts_per_ip",
+            "connection_attempt_window_s",
+            "max_subscriptions_per_ip",
+            "handshake_timeout_s",
+            "max_request_line_bytes",
+            "max_header_bytes",
+            "max_headers",
+            "allowed_origins",
+            "forwarded_allow_ips",
+        ),
+    ),
+    SettingGroup(
+        "auth",
+        "authentication",
+        ("auth", "auth_cache_ttl_s", "jwt_secret", "jwt_public_key", "max_connections_per_key"),
+    ),
+)
 
 
 def _check_limits(label: str, value: Any, metadata: Mapping[str, Any]) -> None:

@@ -67,6 +67,7 @@ PURE_MODULES = (
     "ingest/sources/binance/rotation.py",
     "shared/binance/weight.py",
     "ingest/publish/trades.py",
+    "pricegate_cli/watch_view.py",
 )
 IO_LIBRARIES = {
     "asyncio", "socket", "ssl", "selectors", "threading", "subprocess", "redis", "websockets", "starlette",
