@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 
 from gateway.auth.principal import AuthRefusal, Principal, refused
@@ -34,6 +35,7 @@ from shared.settings import Settings
 from shared.streams import Stream
 
 logger = logging.getLogger("pricegate.gateway")
+CARRY_WAIT_MAX_S = 1.0  # longest a due ping waits for a data write to ride on
 
 
 class GatewayNode:
@@ -96,6 +98,10 @@ class GatewayNode:
             settings.ping_interval_s, settings.ping_timeout_s
         )
         self._keepalive_timer: asyncio.TimerHandle | None = None
+        # Pings armed to ride on data writes, by when they go out alone: (time, connections) per tick. The wait is
+        # short against the pong timeout (60 s at Binance's settings: a ping leaves at most a second late).
+        self._carried_pings: deque[tuple[float, list[KeptAlive]]] = deque()
+        self._carry_wait_s = min(CARRY_WAIT_MAX_S, settings.ping_timeout_s / 4, settings.ping_interval_s / 2)
         self._snapshot_lookups: set[asyncio.Task[None]] = set()
         self.metrics.attach(self.hub, self.buffer_drops, broker, lambda: self.sent_bytes)
 
@@ -267,11 +273,19 @@ class GatewayNode:
 
     def _keepalive_tick(self) -> None:
         try:
-            due, overdue = self.keepalive.tick(time.monotonic())
+            now = time.monotonic()
+            carried = self._carried_pings
+            while carried and carried[0][0] <= now:
+                # Armed a moment ago to ride on a data write: what no data carried goes out alone now.
+                for connection in carried.popleft()[1]:
+                    self._keep_going(connection.flush_ping)
+            due, overdue = self.keepalive.tick(now)
             for connection in overdue:
                 self._keep_going(connection.keepalive_timeout)
             for connection in due:
                 self._keep_going(connection.send_ping)
+            if due:
+                carried.append((now + self._carry_wait_s, due))
         finally:
             # One failing connection must not stop the pings (and timeouts) of every other.
             if len(self.keepalive):
@@ -280,6 +294,7 @@ class GatewayNode:
                 )
             else:
                 self._keepalive_timer = None
+                self._carried_pings.clear()  # every connection is gone
 
     @staticmethod
     def _keep_going(action: Callable[[], None]) -> None:

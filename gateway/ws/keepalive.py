@@ -32,7 +32,13 @@ class Pingable(Protocol):
 class KeptAlive(Pingable, Protocol):
     """A connection the schedule's owner pings and times out (the native uvicorn protocol)."""
 
-    def send_ping(self) -> None: ...
+    def send_ping(self) -> None:
+        """A ping is due: send it, or arm it to ride on the next data write."""
+        ...
+
+    def flush_ping(self) -> None:
+        """Send an armed ping that no data write carried."""
+        ...
 
     def keepalive_timeout(self) -> None: ...
 

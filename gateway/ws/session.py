@@ -162,7 +162,9 @@ class Session:
         self._parts: list[bytes] | None = None  # blocks of this flush, for clients on several streams
         write = connection.write
         self.direct = write is not None  # frames go straight to the socket (native), else to the connection's queue
-        self._write: Callable[[bytes], object] = write if write is not None else _no_direct_write
+        self._direct_write: Callable[[bytes], object] = write if write is not None else _no_direct_write
+        self._write = self._direct_write  # swapped while a ping waits to ride on the next write
+        self._carrying: bytes | None = None
         # Hot-path flags, kept current by the events that change them so deliver() tests one attribute:
         self.blocked = not self.direct  # closing, paused, snapshots pending, or no direct writes (ASGI fallback)
         self.paused = False  # the socket buffer is above its high-water mark
@@ -215,6 +217,7 @@ class Session:
             return
         self.ended = True
         self.closing = self.blocked = True
+        self._carrying, self._write = None, self._direct_write  # disarm a waiting ping (and its closure's cycle)
         if self.close_code is None:
             self.close_code = code or CloseCode.NORMAL
         self._unsubscribe(list(self.control.subscriptions))
@@ -291,6 +294,36 @@ class Session:
             data = b"".join(parts)
             self._write(data)
             self.host.sent_bytes += len(data)
+
+    # ---- pings riding on data (native connections) ----
+    def carry_on_next_write(self, frame: bytes) -> None:
+        """Send ``frame`` (a server ping) with this client's next data write instead of in a write of its own: at
+        a hundred thousand clients a ping per client every 20 s is thousands of extra syscalls a second, and most
+        clients get data anyway. The direct write is swapped for one that carries the frame once, so the hot path
+        pays nothing until then; :meth:`flush_carried` sends it alone if no data came meanwhile."""
+        if not self.direct or self.closing or self._carrying is not None:
+            return
+        direct = self._direct_write
+
+        def write_carrying(data: bytes) -> object:
+            # (This closure refers to the session; closed() disarms it, so no cycle outlives the connection.)
+            self._write, self._carrying = direct, None
+            return direct(frame + data)
+
+        self._carrying = frame
+        self._write = write_carrying
+
+    def flush_carried(self) -> bool:
+        """Write a frame still waiting for data alone; True when one was written."""
+        frame = self._carrying
+        if frame is None:
+            return False
+        self._carrying = None
+        self._write = self._direct_write
+        if self.closing:
+            return False
+        self._write(frame)
+        return True
 
     # ---- flow control (native connections) ----
     def on_pause(self) -> None:

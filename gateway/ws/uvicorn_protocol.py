@@ -330,8 +330,18 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
         super().stop_keepalive()
 
     def send_ping(self) -> None:
-        if not self.is_closed:
+        """The node's keepalive says a ping is due: it rides on this client's next data write (see
+        :meth:`Session.carry_on_next_write`); :meth:`flush_ping` sends it alone if none came."""
+        if self.is_closed:
+            return
+        if self.session is not None:
+            self.session.carry_on_next_write(PING_FRAME)
+        else:
             self.transport.write(PING_FRAME)
+
+    def flush_ping(self) -> None:
+        if self.session is not None and not self.is_closed:
+            self.session.flush_carried()
 
     def keepalive_timeout(self) -> None:
         if self.session is None:
