@@ -32,7 +32,8 @@ from gateway.edge.http_protocol import EDGE_STATE_KEY
 from gateway.edge.origins import OriginPolicy
 from gateway.metrics import GatewayMetrics
 from gateway.node import GatewayNode
-from gateway.rest.api import RestApi
+from gateway.rest.api import RestApi, not_served
+from gateway.rest.openapi import openapi_document, openapi_routes, swagger_ui_directory
 from gateway.symbols import SymbolDirectory
 from gateway.ws.asgi_fallback import websocket_endpoint
 from gateway.ws.host import HOST_STATE_KEY
@@ -175,13 +176,23 @@ def create_app(
         WebSocketRoute("/stream", websocket_endpoint),
         WebSocketRoute("/stream/{rest:path}", websocket_endpoint),
         *rest_api.routes(),
+        # The REST API's OpenAPI document and the /docs page rendering it (gateway/rest/openapi.py).
+        *openapi_routes(
+            openapi_document(
+                auth_modes=settings.auth_modes,
+                weight_limit_per_min=settings.rest_weight_limit_per_min,
+                symbols=settings.symbols,
+            ),
+            assets=swagger_ui_directory(),
+        ),
         Route("/", ticker_page),
         Route("/livez", livez),
         Route("/readyz", readyz),
     ]
     if not settings.metrics_port:
         routes.append(Route("/metrics", _MetricsEndpoint(node.metrics)))
-    app = Starlette(routes=routes, lifespan=lifespan)
+    # 404/405 under /api/ answer in Binance's error shape, as the OpenAPI document says.
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_served, 405: not_served})
     app.state.node = node
     app.state.edge = edge
     app.state.symbols = symbols

@@ -20,8 +20,9 @@ from typing import Any
 
 import orjson
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from gateway.auth.http import bearer_token, rest_refusal
@@ -376,3 +377,14 @@ class RestApi:
 
 def _error(status: int, code: int, msg: str, headers: dict[str, str]) -> Response:
     return Response(orjson.dumps({"code": code, "msg": msg}), status, headers, _JSON)
+
+
+async def not_served(request: Request, exc: Exception) -> Response:
+    """Starlette's 404 and 405: under ``/api/`` in Binance's error shape (code -1020, "unsupported operation";
+    Binance documents no body for them), as the OpenAPI document says; elsewhere Starlette's plain text."""
+    if not isinstance(exc, HTTPException):
+        raise exc
+    status, headers = exc.status_code, dict(exc.headers or {})
+    if not request.url.path.startswith("/api/"):
+        return PlainTextResponse(exc.detail, status, headers)
+    return _error(status, -1020, f"No endpoint at {request.method} {request.url.path}.", headers)
