@@ -1,19 +1,27 @@
-"""Locust load test: real WebSocket clients on pricegate's raw streams, reporting end-to-end lag per frame.
+"""Locust load test: real WebSocket clients on pricegate's raw streams, measured as their users see them.
 
-Each locust user opens ``/ws/<stream>`` with ``websockets.sync.client`` (threads, which work under gevent's
-monkey-patching; asyncio does not, so nothing here imports asyncio code or the project) and then reports one
-locust ``request`` event per received frame: ``response_time`` is now minus the frame's event time ``E`` (the
-lag from the event to this client, in ms), ``name`` the stream kind (``ticker``, ``trade``...). ``E`` is read
-as microseconds when it is that large (``loadtests.publisher``'s payloads) and as milliseconds otherwise
-(Binance's default, what ``pricegate demo``/``ingest`` publish). A frame not arriving within
-``LOCUST_RECV_TIMEOUT_S`` (default 10 s), or a lost connection, is reported as a failure (then reconnected).
+Each locust user does what a person's client does: opens ``/ws/<stream>`` with ``websockets.sync.client``
+(threads, which work under gevent's monkey-patching; asyncio does not, so nothing here imports asyncio code or
+the project), as a context manager (websockets 16 and 17 without a deprecation warning, and 18), then reads
+frames until locust stops it, and reconnects after a lost connection. It reports locust ``request`` events of
+type ``WS``:
 
-Not run in CI (locust registers a pytest plugin and pins pytest; keep it in the ``load`` extra, ideally in its
-own virtualenv). Bounded and loopback-only, e.g. against the demo (5 symbols, tickers once a second):
+- ``ws connect``: the opening handshake's duration (a failure if it does not complete);
+- ``ws first message``: time to first message, from the start of the connection attempt to the first frame
+  (a failure if none arrives within ``LOCUST_RECV_TIMEOUT_S``);
+- ``ws lag``: for every frame, now minus the frame's event time ``E``, the lag from the event to this client
+  (a failure when no frame arrives within ``LOCUST_RECV_TIMEOUT_S``, or the connection is lost).
+  ``E`` is read as microseconds when it is that large (``loadtests.publisher``'s payloads) and as milliseconds
+  otherwise (Binance's default, what ``pricegate demo``/``ingest`` publish).
+
+Locust registers a pytest plugin and pins its own dependencies: run it from a virtualenv of its own, as
+``./run-tests`` does (``.venv-locust``; tests/test_locust.py runs a 10-second headless smoke run against the
+demo and fails on any failure). Bounded and loopback-only, e.g. against the demo (5 symbols, tickers once a
+second):
 
     pricegate demo &                                   # http://127.0.0.1:8000
-    locust -f loadtests/locustfile.py --headless -u 200 -r 50 -t 60s -H http://127.0.0.1:8000 \\
-        --csv out/locust/run --html out/locust/report.html --only-summary
+    .venv-locust/bin/locust -f loadtests/locustfile.py --headless -u 200 -r 50 -t 60s -H http://127.0.0.1:8000 \\
+        --csv out/locust/run --html out/locust/report.html --only-summary --exit-code-on-error 1
 
 Streams: ``LOCUST_STREAMS`` (comma-separated; default the demo's five ``<symbol>@ticker`` streams), assigned to
 users round-robin.
@@ -28,12 +36,14 @@ import time
 from urllib.parse import urlsplit
 
 from locust import User, between, task
-from websockets.exceptions import ConnectionClosed
+from websockets.exceptions import ConnectionClosed, WebSocketException
 from websockets.sync.client import ClientConnection, connect
 
 DEFAULT_STREAMS = "btcusdt@ticker,ethusdt@ticker,bnbusdt@ticker,solusdt@ticker,xrpusdt@ticker"
 STREAMS = [s.strip() for s in os.environ.get("LOCUST_STREAMS", DEFAULT_STREAMS).split(",") if s.strip()]
 RECV_TIMEOUT_S = float(os.environ.get("LOCUST_RECV_TIMEOUT_S", "10"))
+RECONNECT_PAUSE_S = 1.0  # after a failed or lost connection, as a client backs off
+CONNECT, FIRST_MESSAGE, LAG = "ws connect", "ws first message", "ws lag"
 _assignments = itertools.cycle(STREAMS)
 
 
@@ -59,60 +69,61 @@ def event_time_ms(frame: str | bytes) -> float | None:
     return value / 1000 if value > 10**14 else float(value)
 
 
-class StreamUser(User):
-    """One WebSocket client on one raw stream."""
+def lag_ms(frame: str | bytes, now_ms: float) -> float:
+    """Now minus the frame's event time (0 without one, or for an event stamped ahead of this clock)."""
+    sent_ms = event_time_ms(frame)
+    return max(0.0, now_ms - sent_ms) if sent_ms is not None else 0.0
 
-    wait_time = between(0, 0)  # recv() blocks until a frame arrives: no think time
+
+class StreamUser(User):
+    """One WebSocket client on one raw stream, connected for as long as locust runs it."""
+
+    wait_time = between(0, 0)  # a session is one long task: no think time between sessions
     host = "http://127.0.0.1:8000"
 
     def on_start(self) -> None:
         self.stream = next(_assignments)
-        self.kind = self.stream.split("@", 1)[1] if "@" in self.stream else self.stream
-        self.ws: ClientConnection | None = None
-        self._connect()
-
-    def _connect(self) -> None:
         base = urlsplit(self.host or "http://127.0.0.1:8000")
         scheme = "wss" if base.scheme == "https" else "ws"
-        url = f"{scheme}://{base.netloc}/ws/{self.stream}"
-        started = time.perf_counter()
-        try:
-            self.ws = connect(url, open_timeout=10, close_timeout=2)
-        except Exception as error:
-            self.ws = None
-            self._fire("connect", (time.perf_counter() - started) * 1000, 0, error)
-            time.sleep(1)
-            return
-        self._fire("connect", (time.perf_counter() - started) * 1000, 0, None)
+        self.url = f"{scheme}://{base.netloc}/ws/{self.stream}"
 
-    def _fire(self, name: str, response_time: float, length: int, exception: BaseException | None) -> None:
+    def _fire(self, name: str, response_time_ms: float, length: int, exception: BaseException | None) -> None:
         self.environment.events.request.fire(
             request_type="WS",
             name=name,
-            response_time=response_time,
+            response_time=response_time_ms,
             response_length=length,
             exception=exception,
-            context={"stream": getattr(self, "stream", "")},
+            context={"stream": self.stream},
         )
 
     @task
-    def receive(self) -> None:
-        if self.ws is None:
-            self._connect()
-            return
+    def session(self) -> None:
+        """Connect, read until the connection ends or locust stops the user (it raises GreenletExit, which the
+        ``with`` turns into a clean close), and report each step."""
+        started = time.perf_counter()
         try:
-            frame = self.ws.recv(timeout=RECV_TIMEOUT_S)
-        except TimeoutError as error:
-            self._fire(self.kind, RECV_TIMEOUT_S * 1000, 0, error)
-            return
-        except ConnectionClosed as error:
-            self._fire(self.kind, 0, 0, error)
-            self.ws = None
-            return
-        sent_ms = event_time_ms(frame)
-        lag_ms = max(0.0, time.time() * 1000 - sent_ms) if sent_ms is not None else 0.0
-        self._fire(self.kind, lag_ms, len(frame), None)
+            with connect(self.url, open_timeout=10, close_timeout=2) as ws:
+                self._fire(CONNECT, (time.perf_counter() - started) * 1000, 0, None)
+                self._read(ws, started)
+        except ConnectionClosed as error:  # lost once open
+            self._fire(LAG, 0, 0, error)
+        except (OSError, TimeoutError, WebSocketException) as error:  # refused, reset, timed out, or HTTP not 101
+            self._fire(CONNECT, (time.perf_counter() - started) * 1000, 0, error)
+        time.sleep(RECONNECT_PAUSE_S)
 
-    def on_stop(self) -> None:
-        if self.ws is not None:
-            self.ws.close()
+    def _read(self, ws: ClientConnection, started: float) -> None:
+        try:
+            frame = ws.recv(timeout=RECV_TIMEOUT_S)
+        except TimeoutError as error:
+            self._fire(FIRST_MESSAGE, RECV_TIMEOUT_S * 1000, 0, error)
+            return
+        self._fire(FIRST_MESSAGE, (time.perf_counter() - started) * 1000, len(frame), None)
+        self._fire(LAG, lag_ms(frame, time.time() * 1000), len(frame), None)
+        while True:
+            try:
+                frame = ws.recv(timeout=RECV_TIMEOUT_S)
+            except TimeoutError as error:
+                self._fire(LAG, RECV_TIMEOUT_S * 1000, 0, error)
+                return
+            self._fire(LAG, lag_ms(frame, time.time() * 1000), len(frame), None)
