@@ -15,13 +15,12 @@ import os
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from prometheus_client import make_asgi_app, start_http_server
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 
@@ -34,6 +33,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.node import GatewayNode
 from gateway.rest.api import RestApi, not_served
 from gateway.rest.openapi import openapi_document, openapi_routes, swagger_ui_directory
+from gateway.static_assets import StaticAssets
 from gateway.symbols import SymbolDirectory
 from gateway.ws.asgi_fallback import websocket_endpoint
 from gateway.ws.host import HOST_STATE_KEY
@@ -45,8 +45,8 @@ from shared.settings import Settings
 
 logger = logging.getLogger("pricegate.gateway")
 
-# The live ticker page for browsers: static, read once at import (it is served on every visit).
-TICKER_PAGE = (Path(__file__).parent / "static" / "ticker.html").read_text(encoding="utf-8")
+# The live page for browsers and its assets under content-hashed names: read and hashed once, at import.
+STATIC_ASSETS = StaticAssets()
 
 BackgroundJob = Callable[[], Coroutine[Any, Any, None]]
 
@@ -92,9 +92,6 @@ def create_app(
         proxies=edge.proxies,
     )
     failed: list[str] = []
-
-    async def ticker_page(request: Request) -> Response:
-        return HTMLResponse(TICKER_PAGE)
 
     # The process's pid: under `pricegate gateway --workers N` it says which worker took the connection.
     alive = b'{"status":"alive","pid":%d}' % os.getpid()
@@ -166,6 +163,7 @@ def create_app(
             if metrics_server is not None:
                 metrics_server.shutdown()
             await node.relay.aclose()
+            await node.aclose()
             await rest_api.aclose()
             if auth is not None:
                 await auth.aclose()
@@ -185,7 +183,7 @@ def create_app(
             ),
             assets=swagger_ui_directory(),
         ),
-        Route("/", ticker_page),
+        *STATIC_ASSETS.routes(),  # /, /static/<name>.<hash>.<ext>, /favicon.ico
         Route("/livez", livez),
         Route("/readyz", readyz),
     ]
