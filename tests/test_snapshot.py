@@ -186,12 +186,13 @@ async def test_snapshot_from_the_last_value_in_redis(redis_url: str, key_prefix:
     await ingest.start()
     try:
         # Ingest published before this gateway had any client: the value is only in Redis (<stream>:last).
-        await ingest.publish([message("btcusdt@bookTicker", {"u": 9, "s": "BTCUSDT", "b": "1.0", "a": "1.1"})])
+        book = {"u": 9, "s": "BTCUSDT", "b": "1.0", "a": "1.1"}
+        await ingest.publish([message("btcusdt@bookTicker", book)])
         async with running_gateway(RedisBroker(redis_url, prefix=key_prefix)) as gw:
             gw.node.symbols.update(EXCHANGE_INFO)
             async with connect(f"{gw.ws_base}/stream?streams=btcusdt@bookTicker&snapshot=true") as ws:
                 frame = await recv_json(ws)
-                assert frame == {"stream": "btcusdt@bookTicker", "data": {"u": 9, "s": "BTCUSDT", "b": "1.0", "a": "1.1"}}
+                assert frame == {"stream": "btcusdt@bookTicker", "data": book}
                 await eventually(lambda: "btcusdt@bookTicker" in gw.node.relay.active, what="the subscription")
                 await ingest.publish([message("btcusdt@bookTicker", {"u": 10, "s": "BTCUSDT"})])
                 assert (await recv_json(ws))["data"] == {"u": 10, "s": "BTCUSDT"}
