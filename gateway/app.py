@@ -40,7 +40,7 @@ from gateway.ws.host import HOST_STATE_KEY
 from gateway.ws.uvicorn_protocol import DRAIN_STATE_KEY
 from shared.broker.contract import Broker
 from shared.candles.model import CandleStore
-from shared.runtime_metrics import GcPauseMonitor, LoopLagMonitor
+from shared.runtime_metrics import GcFreezer, GcPauseMonitor, LoopLagMonitor
 from shared.settings import Settings
 
 logger = logging.getLogger("pricegate.gateway")
@@ -128,6 +128,7 @@ def create_app(
 
     loop_lag = LoopLagMonitor(node.metrics.registry, "gateway")
     gc_pauses = GcPauseMonitor(node.metrics.registry, "gateway")
+    gc_freezer = GcFreezer(settings.gc_freeze_interval_s)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -142,6 +143,7 @@ def create_app(
         tasks: list[asyncio.Task[None]] = []
         loop_lag.start()
         gc_pauses.start()
+        gc_freezer.start()
         metrics_server = None
         if settings.metrics_port:
             # Its own port (kept internal, e.g. not behind the Ingress): clients cannot read it. A thread of
@@ -160,6 +162,7 @@ def create_app(
             await asyncio.gather(*tasks, return_exceptions=True)
             loop_lag.stop()
             gc_pauses.stop()
+            gc_freezer.stop()
             if metrics_server is not None:
                 metrics_server.shutdown()
             await node.relay.aclose()
@@ -193,6 +196,7 @@ def create_app(
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers={404: not_served, 405: not_served})
     app.state.node = node
     app.state.edge = edge
+    app.state.gc_freezer = gc_freezer
     app.state.symbols = symbols
     app.state.rest = rest_api
     app.state.auth = auth

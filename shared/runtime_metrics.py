@@ -84,3 +84,37 @@ class GcPauseMonitor:
         pause = time.perf_counter() - self._started
         self._by_generation[min(int(info.get("generation", 2)), 2)].observe(pause)
         self.worst_s = max(self.worst_s, pause)
+
+
+class GcFreezer:
+    """Moves every object that survived until now out of the collector's sight, every ``interval_s``.
+
+    A full collection scans every tracked object, so with tens of thousands of connections on the heap it paused
+    the loop for 20-250 ms (measured at 10 000 clients during connect storms: eight full collections, 112 ms on
+    average). Frozen objects are never scanned again; only what arrived since the last freeze is. That is safe
+    only because objects that become garbage are freed by reference counting: a closed connection leaves no
+    reference cycle (tests/test_no_cycles.py), and a cycle frozen while still alive would never be collected.
+    ``gc.freeze`` itself is a constant-time list splice. Only on uvloop: asyncio's own selector transports are
+    reference cycles (each closed socket would stay frozen), uvloop's are not.
+    """
+
+    def __init__(self, interval_s: float) -> None:
+        self.interval_s = interval_s
+        self.active = False
+        self._handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.active = self.interval_s > 0 and type(loop).__module__.startswith("uvloop")
+        if self.active:
+            gc.freeze()  # what start-up made (modules, the app) never needs scanning
+            self._handle = loop.call_later(self.interval_s, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        gc.freeze()
+        self._handle = asyncio.get_running_loop().call_later(self.interval_s, self._tick)

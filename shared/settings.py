@@ -401,6 +401,13 @@ class Settings:
         1000, "int", "Open WebSockets per API key across all replicas (beyond: 429).", min=1
     )
     demand_ttl_s: float = _setting(5.0, "float", "Lifetime of a gateway's demand announcement in Redis.", min=1)
+    gc_freeze_interval_s: float = _setting(
+        0.25,
+        "float",
+        "Every this many seconds the gateway hides surviving objects from the garbage collector (gc.freeze), so a "
+        "full collection never scans tens of thousands of connections (0: off, Python's default collector).",
+        min=0,
+    )
     shutdown_drain_s: float = _setting(
         5.0, "float", "On SIGTERM, spread client closes (1001) over this many seconds.", min=0
     )
