@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -104,3 +105,33 @@ def test_pure_modules_import_no_io_library(module: str) -> None:
     path = ROOT / module
     assert path.is_file(), f"{module} is listed as pure but does not exist"
     assert sorted(imported_top_levels(path) & IO_LIBRARIES) == []
+
+
+DOC = ROOT / "docs" / "architecture.md"
+
+
+def _doc_section(title: str, next_title: str) -> str:
+    text = DOC.read_text()
+    return text[text.index(f"## {title}") : text.index(f"## {next_title}")]
+
+
+def test_the_architecture_doc_lists_exactly_the_pure_modules() -> None:
+    listed: set[str] = set()
+    for line in _doc_section("Pure modules", "How to add a stream kind").splitlines():
+        match = re.match(r"- `([^`]+/)`: (.*)", line)
+        if match:
+            listed.update(match.group(1) + name for name in re.findall(r"`([^`]+)`", match.group(2)))
+    assert sorted(listed) == sorted(PURE_MODULES), "docs/architecture.md 'Pure modules' differs from PURE_MODULES"
+
+
+def test_the_architecture_doc_names_every_module() -> None:
+    module_map = _doc_section("Module map", "Pure modules")
+    missing = [
+        str(path.relative_to(ROOT))
+        for package in PACKAGES
+        for path in modules_of(package)
+        if path.name != "__init__.py"
+        and str(path.relative_to(ROOT / package)) not in module_map
+        and path.name not in module_map
+    ]
+    assert not missing, f"docs/architecture.md's module map does not name {missing}"
