@@ -620,6 +620,7 @@ SETTING_GROUPS: tuple[SettingGroup, ...] = (
             "ping_timeout_s",
             "max_connections",
             "max_fragments_per_message",
+            "gc_freeze_interval_s",
         ),
     ),
     SettingGroup(
