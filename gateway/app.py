@@ -212,6 +212,7 @@ def edge_guard(settings: Settings, metrics: GatewayMetrics) -> EdgeGuard:
         attempt_window_s=settings.connection_attempt_window_s,
         max_subscriptions_per_ip=settings.max_subscriptions_per_ip,
         handshake_timeout_s=settings.handshake_timeout_s,
+        handshakes_per_turn=settings.handshakes_per_turn,
         max_request_line_bytes=settings.max_request_line_bytes,
         max_header_bytes=settings.max_header_bytes,
         max_headers=settings.max_headers,

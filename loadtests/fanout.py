@@ -56,7 +56,7 @@ from typing import Any
 from loadtests.loadgen import LineProcess, LoadGen, LoadGenError, LoadGenGroup, build, fd_limit
 from loadtests.publisher import STREAMS, SYMBOLS
 
-TARGETS = ("pricegate", "naive", "picows")
+TARGETS = ("pricegate", "naive", "picows", "uvloop")
 KEYS = (
     "clients",
     "max_sustained_per_s",
@@ -67,7 +67,14 @@ KEYS = (
     "p50_ms",
     "p99_ms",
     "kib_per_conn",
+    # Issue 13: the max sustained with p99 <= 25 ms (even pace), and the server CPU per delivery at the light rate.
+    "latency_bound_per_s",
+    "picows_latency_bound_per_s",
+    "ratio_latency_bound_vs_picows",
+    "us_per_delivery_light",
+    "picows_us_per_delivery_light",
 )
+LATENCY_BOUND_P99_MS = 25.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -339,6 +346,15 @@ class Options:
     idle_settle_s: float = 1.0
     stall_fill_s: float = 10.0
     drain_cap_s: float = 1.5
+    # Issue 13: rates every target is measured at (deliveries/s; the first is the light rate of the CPU-per-delivery
+    # figure), and the latency-bound ramp (max sustained with p99 <= 25 ms), both at an even publishing pace.
+    common_deliveries: tuple[float, ...] = (20_000.0, 40_000.0, 80_000.0)
+    latency_growth: float = 1.25
+    latency_bisect: int = 3
+    latency_bound: bool = True
+    storm: int = 0  # --storm M: M clients drop and reconnect at once beside the N steady ones
+    storm_seconds: float = 6.0
+    storm_concurrency: int = 2048
 
 
 @dataclass
@@ -366,6 +382,8 @@ class Step:
     writes_per_s: float | None = None
     frames_per_write: float | None = None
     cpu_us_per_write: float | None = None
+    pace: str = "due"
+    cpu_us_per_delivery: float | None = None  # the server's CPU over the deliveries it made in the step
 
     def brief(self) -> str:
         return (
@@ -405,6 +423,9 @@ class TargetResult:
     error: str | None = None
     stall: dict[str, Any] | None = None
     attempts: int = 1
+    common: list[Step] = field(default_factory=list)  # one step per Options.common_deliveries, even pace
+    latency_bound: Step | None = None  # the highest sustained even-pace step with p99 <= 25 ms
+    latency_steps: list[Step] = field(default_factory=list)
 
     @property
     def foreign_peak(self) -> float:
@@ -451,7 +472,15 @@ class TargetResult:
             "kib_per_conn": self.kib_per_conn,
             "stall": self.stall,
             "error": self.error,
+            "latency_bound_per_s": round(self.latency_bound.deliveries_per_s) if self.latency_bound else None,
+            "us_per_delivery_light": self.common[0].cpu_us_per_delivery if self.common else None,
+            "common": [
+                {"deliveries_per_s": round(s.deliveries_per_s), "p50_ms": s.p50_ms, "p99_ms": s.p99_ms,
+                 "sustained": s.sustained, "cpu_us_per_delivery": s.cpu_us_per_delivery}
+                for s in self.common
+            ],
             "steps": [step.__dict__ for step in self.steps],
+            "latency_steps": [step.__dict__ for step in self.latency_steps],
         }
 
 
@@ -568,8 +597,8 @@ class Benchmark:
         elif target == "naive":
             argv = [self.python, "-m", "loadtests.baselines.naive_starlette", "--port", str(port)]
             argv += ["--redis-url", self.redis_url, "--prefix", prefix, "--streams", streams]
-        elif target == "picows":
-            argv = [self.python, "-m", "loadtests.baselines.picows_server", "--port", str(port)]
+        elif target in ("picows", "uvloop"):
+            argv = [self.python, "-m", f"loadtests.baselines.{target}_server", "--port", str(port)]
             argv += ["--redis-url", self.redis_url, "--prefix", prefix, "--streams", streams]
         else:
             raise BenchmarkError(f"unknown target {target!r}")
@@ -594,7 +623,13 @@ class Benchmark:
         return publisher
 
     def start_loadgen(
-        self, ports: Sequence[int], clients: int, stall_fraction: float = 0.0
+        self,
+        ports: Sequence[int],
+        clients: int,
+        stall_fraction: float = 0.0,
+        *,
+        concurrency: int | None = None,
+        src_offset_base: int = 0,
     ) -> tuple[LoadGen | LoadGenGroup, dict[str, Any]]:
         """One load generator, or several when N exceeds what one process may open (its hard open-file limit,
         which root cannot raise without CAP_SYS_RESOURCE), each on its own source addresses."""
@@ -602,7 +637,7 @@ class Benchmark:
         per_process = max(len(self.streams), (fd_limit() - 256) // len(self.streams) * len(self.streams))
         shares = [min(per_process, clients - start) for start in range(0, clients, per_process)]
         members: list[LoadGen] = []
-        offset = 0
+        offset = src_offset_base  # several load generators at once use disjoint source addresses
         for share in shares:
             member = LoadGen(
                 self.pinning.load,
@@ -616,6 +651,7 @@ class Benchmark:
                 # Stalled clients get a 4 KiB receive buffer so their stall reaches the server within a second
                 # (with default loopback buffers it takes megabytes, longer than a step).
                 stall_rcvbuf=4096 if stall_fraction else None,
+                concurrency=concurrency,
             )
             self.processes.add(member)
             members.append(member)
@@ -671,6 +707,7 @@ class Benchmark:
         reading_per_stream: list[int],
         p99_max_ms: float | None = None,
         delivered_min: float | None = None,
+        pace: str = "due",
     ) -> Step:
         options = self.options
         p99_limit = options.p99_max_ms if p99_max_ms is None else p99_max_ms
@@ -685,7 +722,7 @@ class Benchmark:
         metrics_port = self.metrics_ports.get(server.pid)
         counters0 = gateway_counters(metrics_port) if metrics_port else None
         wall0 = time.monotonic()
-        publisher.send(json.dumps({"cmd": "run", "rate": rate, "duration": duration}))
+        publisher.send(json.dumps({"cmd": "run", "rate": rate, "duration": duration, "pace": pace}))
         published = publisher.expect("ran", duration * 3 + 30)
         publish_end = time.monotonic()
         expected = sum(
@@ -732,6 +769,8 @@ class Benchmark:
         if publisher_limited:
             why.append(f"publisher achieved only {published['achieved_per_s']:.0f}/s")
         readers = sum(reading_per_stream)
+        deliveries = after["frames"]
+        cpu_per_delivery = round(server_cpu / 100 * wall / deliveries * 1e6, 2) if deliveries and server_alive else None
         writes = frames_per_write = cpu_per_write = None
         if counters0 and counters1:
             batches = counters1["batches"] - counters0["batches"]
@@ -761,6 +800,8 @@ class Benchmark:
             writes_per_s=writes,
             frames_per_write=frames_per_write,
             cpu_us_per_write=cpu_per_write,
+            pace=pace,
+            cpu_us_per_delivery=cpu_per_delivery,
         )
 
     def settle(self, loadgen: LoadGen | LoadGenGroup, server: subprocess.Popen[Any], cap_s: float = 20.0) -> None:
@@ -821,6 +862,9 @@ class Benchmark:
                 return result
             reading = hello["reading_per_stream"]
             self.warm_up(publisher, loadgen, server)
+            if options.latency_bound:
+                self.common_rates(result, server=server, publisher=publisher, loadgen=loadgen, reading=reading)
+                self.latency_ramp(result, server=server, publisher=publisher, loadgen=loadgen, reading=reading)
             self.ramp(result, server=server, publisher=publisher, loadgen=loadgen, reading=reading)
             if options.stall_fraction > 0 and result.half_rate is not None:
                 self.stop_loadgen(loadgen)
@@ -840,6 +884,111 @@ class Benchmark:
     def stop_loadgen(self, loadgen: LoadGen | LoadGenGroup) -> None:
         for member in loadgen.members if isinstance(loadgen, LoadGenGroup) else [loadgen]:
             self.processes.stop(member, timeout=30)
+
+    def _even_step(
+        self,
+        result: TargetResult,
+        deliveries_per_s: float,
+        *,
+        server: subprocess.Popen[Any],
+        publisher: LineProcess,
+        loadgen: LoadGen | LoadGenGroup,
+        reading: list[int],
+        label: str,
+    ) -> Step:
+        rate = max(deliveries_per_s * len(self.streams) / sum(reading), 1.0)
+        done = self.run_step(
+            rate,
+            self.options.step_s,
+            server=server,
+            publisher=publisher,
+            loadgen=loadgen,
+            reading_per_stream=reading,
+            p99_max_ms=LATENCY_BOUND_P99_MS,
+            pace="even",
+        )
+        log(f"{result.target} N={result.clients} {label}: {done.brief()}")
+        if done.lost and server.poll() is None:
+            loadgen.reconnect(timeout=60 + result.clients / 200)
+        if not done.sustained and server.poll() is None:
+            self.settle(loadgen, server)
+        return done
+
+    def common_rates(
+        self,
+        result: TargetResult,
+        *,
+        server: subprocess.Popen[Any],
+        publisher: LineProcess,
+        loadgen: LoadGen | LoadGenGroup,
+        reading: list[int],
+    ) -> None:
+        """Every target at the same rates (even pace): p50/p99 side by side, and at the first (light) rate the
+        server CPU per delivery. Stops at a rate the target no longer delivers (a higher one tells nothing)."""
+        for deliveries in self.options.common_deliveries:
+            done = self._even_step(
+                result, deliveries, server=server, publisher=publisher, loadgen=loadgen, reading=reading,
+                label=f"common {deliveries / 1000:.0f}k/s",
+            )  # fmt: skip
+            result.common.append(done)
+            if done.delivered_ratio < self.options.delivered_min or done.lost or server.poll() is not None:
+                break
+
+    def latency_ramp(
+        self,
+        result: TargetResult,
+        *,
+        server: subprocess.Popen[Any],
+        publisher: LineProcess,
+        loadgen: LoadGen | LoadGenGroup,
+        reading: list[int],
+    ) -> None:
+        """The max sustained rate with p99 <= 25 ms at an even pace: geometric steps of ``latency_growth`` from
+        the light rate (or down from it), then ``latency_bisect`` bisections, so the figure is known to within
+        a factor of ``latency_growth ** (1 / 2 ** latency_bisect)`` (1.25 and 3: 3 %)."""
+        options = self.options
+
+        def step(deliveries: float) -> Step:
+            done = self._even_step(
+                result, deliveries, server=server, publisher=publisher, loadgen=loadgen, reading=reading,
+                label="p99<=25ms",
+            )  # fmt: skip
+            result.latency_steps.append(done)
+            return done
+
+        deliveries = options.common_deliveries[0]
+        good: Step | None = None
+        bad: Step | None = None
+        for _ in range(options.max_steps):
+            done = step(deliveries)
+            if done.publisher_limited:
+                good = done if done.sustained else good
+                break
+            if not done.sustained:
+                bad = done
+                break
+            good = done
+            deliveries *= options.latency_growth
+        if good is None and bad is not None:
+            for _ in range(6):  # the light rate already too much: walk down
+                if server.poll() is not None:
+                    break
+                deliveries /= options.latency_growth**2
+                done = step(deliveries)
+                if done.sustained:
+                    good = done
+                    break
+                bad = done
+        if good is not None and bad is not None:
+            for _ in range(options.latency_bisect):
+                if server.poll() is not None:
+                    break
+                done = step(math.sqrt(good.deliveries_per_s * bad.deliveries_per_s))
+                if done.sustained:
+                    good = done
+                else:
+                    bad = done
+        result.latency_bound = good
 
     def ramp(
         self,
@@ -978,6 +1127,75 @@ class Benchmark:
         finally:
             self.stop_loadgen(loadgen)
 
+    # ---- the reconnect storm ----
+    def run_storm(self, target: str, clients: int, storm: int) -> dict[str, Any]:
+        """``--storm M``: ``clients`` steady clients and M more on one server, every client receiving about five
+        messages a second (even pace); then, in a measured step, all M drop at once and reconnect at full speed
+        (a new load generator connecting ``--storm-concurrency`` at a time). What matters is the steady clients'
+        p99 during that step, beside the same step without a storm."""
+        options = self.options
+        prefix = f"pgbench:{self.run_id}:storm:{target}"
+        port = free_port()
+        report: dict[str, Any] = {"target": target, "steady_clients": clients, "storm_clients": storm}
+        server = self.start_server(target, port, prefix, clients + storm)
+        publisher = steady = stormers = None
+        try:
+            publisher = self.start_publisher(prefix)
+            steady, hello = self.start_loadgen([port], clients)
+            stormers, _ = self.start_loadgen([port], storm, src_offset_base=100)
+            reading = hello["reading_per_stream"]
+            self.warm_up(publisher, steady, server)
+            rate = 5.0 * len(self.streams)  # five messages a second per stream: every client gets ~5/s
+            quiet = self.run_step(
+                rate, options.step_s, server=server, publisher=publisher, loadgen=steady, reading_per_stream=reading,
+                p99_max_ms=100.0, pace="even",
+            )  # fmt: skip
+            log(f"storm {target}: without a storm: {quiet.brief()}")
+            steady.reset()
+            publisher.send(json.dumps({"cmd": "run", "rate": rate, "duration": options.storm_seconds, "pace": "even"}))
+            time.sleep(min(1.0, options.storm_seconds / 4))
+            dropped = time.monotonic()
+            self.stop_loadgen(stormers)  # every storm client closes at once
+            stormers, storm_hello = self.start_loadgen([port], storm, concurrency=options.storm_concurrency,
+                                                       src_offset_base=200)
+            reconnected_s = time.monotonic() - dropped
+            published = publisher.expect("ran", options.storm_seconds * 3 + 30)
+            time.sleep(0.5)
+            after = steady.stats()
+            expected = sum(
+                sent * readers for sent, readers in zip(published["per_stream"], reading, strict=False)
+            )
+            report.update(
+                rate=rate,
+                quiet_p50_ms=quiet.p50_ms,
+                quiet_p99_ms=quiet.p99_ms,
+                storm_p50_ms=after["p50_us"] / 1000,
+                storm_p99_ms=after["p99_us"] / 1000,
+                storm_max_ms=after["max_us"] / 1000,
+                storm_delivered_ratio=round(after["frames"] / expected, 5) if expected else None,
+                steady_lost=after["lost"],
+                reconnected=storm_hello["open"],
+                reconnect_s=round(reconnected_s, 2),
+                target_p99_ms=100.0,
+                held=after["p99_us"] / 1000 < 100.0 and after["lost"] == 0 and storm_hello["open"] == storm,
+            )
+            log(
+                f"storm {target}: {storm} clients dropped and reconnected in {reconnected_s:.2f}s; steady clients' "
+                f"p50/p99/max {report['storm_p50_ms']:.1f}/{report['storm_p99_ms']:.1f}/{report['storm_max_ms']:.1f} ms"
+                f" (without storm {quiet.p50_ms:.1f}/{quiet.p99_ms:.1f})"
+            )
+        except (BenchmarkError, LoadGenError) as error:
+            report["error"] = str(error)
+            log(f"storm {target}: ERROR {error}")
+        finally:
+            for loadgen in (steady, stormers):
+                if loadgen is not None:
+                    self.stop_loadgen(loadgen)
+            if publisher is not None:
+                self.processes.stop(publisher)
+            self.processes.stop(server)
+        return report
+
     def redis_pids(self) -> list[int]:
         return [self.redis_process.pid] if self.redis_process is not None and self.redis_process.poll() is None else []
 
@@ -1112,8 +1330,19 @@ def per_n_line(clients: int, results: dict[str, TargetResult]) -> dict[str, Any]
         "kib_per_conn": ours.kib_per_conn if ours else None,
         "max_ms": ours.half_rate.max_ms if ours and ours.half_rate else None,
     }
+    ours_bound = ours.latency_bound.deliveries_per_s if ours and ours.latency_bound else None
+    picows_bound = picows.latency_bound.deliveries_per_s if picows and picows.latency_bound else None
+    line["latency_bound_per_s"] = round(ours_bound) if ours_bound else None
+    line["picows_latency_bound_per_s"] = round(picows_bound) if picows_bound else None
+    line["ratio_latency_bound_vs_picows"] = _ratio(ours_bound, picows_bound)
+    line["us_per_delivery_light"] = ours.summary()["us_per_delivery_light"] if ours else None
+    line["picows_us_per_delivery_light"] = picows.summary()["us_per_delivery_light"] if picows else None
     for name, result in results.items():
         summary = result.summary()
+        if name != "pricegate":
+            line[f"{name}_latency_bound_per_s"] = summary["latency_bound_per_s"]
+            line[f"{name}_us_per_delivery_light"] = summary["us_per_delivery_light"]
+        line[f"{name}_common"] = [[c["deliveries_per_s"], c["p50_ms"], c["p99_ms"]] for c in summary["common"]]
         for key in ("p50_ms", "p99_ms", "max_ms", "kib_per_conn"):
             if name != "pricegate":
                 line[f"{name}_{key}"] = summary[key]
@@ -1200,7 +1429,14 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "--clients",
         help="comma-separated N values (default 1000,5000,10000; none with --scale unless given: then both run)",
     )
-    parser.add_argument("--targets", default=",".join(TARGETS), help="subset of pricegate,naive,picows")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="subset of pricegate,naive,picows,uvloop")
+    parser.add_argument(
+        "--common-rates",
+        help="deliveries/s every target is measured at, even pace (default 20000,40000,80000; --quick 20000,80000)",
+    )
+    parser.add_argument(
+        "--no-latency-bound", action="store_true", help="skip the common rates and the p99 <= 25 ms ramp"
+    )
     parser.add_argument("--quick", action="store_true", help="1.5 s steps, x2 growth, one bisection: < 3 minutes")
     parser.add_argument("--redis-url", help="use this Redis instead of starting a redis-server")
     parser.add_argument("--step-seconds", type=float, help="publishing time per step (default 5; --quick 1.5)")
@@ -1225,6 +1461,10 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="gateway workers (pricegate gateway --workers) for --scale; more if the open-file limit needs",
     )
     parser.add_argument("--scale-seconds", type=float, default=30.0, help="publishing time of --scale")
+    parser.add_argument(
+        "--storm", type=int, default=0, help="reconnect storm: this many clients drop and reconnect beside --clients"
+    )
+    parser.add_argument("--storm-seconds", type=float, default=6.0, help="the measured step around the storm")
     parser.add_argument(
         "--retry-disturbed",
         type=int,
@@ -1281,6 +1521,14 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         boost=not args.no_boost,
         idle_settle_s=0.5 if quick else 1.0,
         stall_fill_s=args.stall_fill_seconds or (6.0 if quick else 15.0),
+        common_deliveries=tuple(
+            float(rate) for rate in (args.common_rates or ("20000,80000" if quick else "20000,40000,80000")).split(",")
+        ),
+        latency_growth=1.5 if quick else 1.25,
+        latency_bisect=2 if quick else 3,
+        latency_bound=not args.no_latency_bound,
+        storm=args.storm,
+        storm_seconds=args.storm_seconds,
     )
 
 
@@ -1326,7 +1574,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if quiet >= 5:
                 log(f"WARNING: other processes use {quiet:.0f}% CPU right now: figures will be disturbed")
             benchmark.start_redis()
-            for clients in options.clients:
+            if options.storm:
+                report["storm"] = [
+                    benchmark.run_storm(target, clients, options.storm)
+                    for clients in options.clients
+                    for target in options.targets
+                ]
+                print(json.dumps({"storm": report["storm"]}), flush=True)
+            for clients in options.clients if not options.storm else []:
                 results = {target: benchmark.run_target_retrying(target, clients) for target in options.targets}
                 all_results += results.values()
                 report["results"] += [result.summary() for result in results.values()]

@@ -357,6 +357,13 @@ class Settings:
         "to the next one's headers); slower clients are closed.",
         min=0.1,
     )
+    handshakes_per_turn: int = _setting(
+        16,
+        "int",
+        "New connections whose first request is parsed per event-loop turn; the rest wait their turn (reading "
+        "paused), so a reconnect storm cannot starve the fan-out (0: no gate).",
+        min=0,
+    )
     max_request_line_bytes: int = _setting(
         8000, "int", "Longest request target (URL) accepted (414 beyond).", min=256, max=8000
     )
@@ -632,6 +639,7 @@ SETTING_GROUPS: tuple[SettingGroup, ...] = (
             "connection_attempt_window_s",
             "max_subscriptions_per_ip",
             "handshake_timeout_s",
+            "handshakes_per_turn",
             "max_request_line_bytes",
             "max_header_bytes",
             "max_headers",

@@ -47,6 +47,7 @@ def test_quick_mode_plumbing_at_tiny_scale(tmp_path: Path) -> None:
         "--start-deliveries", "400",
         "--max-steps", "2",
         "--bisect", "0",
+        "--common-rates", "400,800",
         "--stall-fraction", "0.5", "--stall-fill-seconds", "0.5",
         "--scale", "40", "--scale-seconds", "1",
         "--out", str(tmp_path / "out"),
@@ -90,7 +91,16 @@ def test_quick_mode_plumbing_at_tiny_scale(tmp_path: Path) -> None:
         stall = entry["stall"]
         assert stall["stalled_clients"] == 20 and stall["server_alive"] is True, (entry["target"], stall)
         assert stall["min_delivered_ratio"] >= 0.99 and stall["lost"] == 0, (entry["target"], stall)
-    assert {entry["target"] for entry in report["results"]} == {"pricegate", "naive", "picows"}
+    assert {entry["target"] for entry in report["results"]} == {"pricegate", "naive", "picows", "uvloop"}
+    # Issue 13's figures: every target at the common rates (even pace), the latency-bound max, CPU per delivery.
+    assert per_n["latency_bound_per_s"] > 0 and per_n["picows_latency_bound_per_s"] > 0
+    assert per_n["ratio_latency_bound_vs_picows"] == round(
+        per_n["latency_bound_per_s"] / per_n["picows_latency_bound_per_s"], 2
+    )
+    assert per_n["us_per_delivery_light"] > 0 and per_n["picows_us_per_delivery_light"] > 0
+    for entry in report["results"]:
+        assert [round(c["deliveries_per_s"]) for c in entry["common"]] == [400, 800], entry["common"]
+        assert all(step["pace"] == "even" for step in entry["latency_steps"])
     for entry in report["results"]:
         assert entry["error"] is None, entry
         assert entry["connected"] == 40

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.edge.client_ip import TrustedProxies, client_ip
+from gateway.edge.handshake_gate import HandshakeGate
 from gateway.edge.ip_limits import IpLedger, LimitHit
 from gateway.edge.origins import OriginPolicy
 
@@ -25,6 +26,7 @@ class EdgeLimits:
     attempt_window_s: float
     max_subscriptions_per_ip: int
     handshake_timeout_s: float
+    handshakes_per_turn: int
     max_request_line_bytes: int
     max_header_bytes: int
     max_headers: int
@@ -51,6 +53,7 @@ class EdgeGuard:
             clock=clock,
         )
         self.on_refused = on_refused  # counts a refusal by a bounded reason
+        self.gate = HandshakeGate(limits.handshakes_per_turn)
         self._charged: dict[int, str | None] = {}  # id(transport) -> address counted in the ledger (None: none)
 
     @property

@@ -49,6 +49,8 @@ class PricegateHttpProtocol(HttpToolsProtocol):
     _deadline: asyncio.TimerHandle | None = None
     _refusal: tuple[int, str, dict[str, str]] | None = None
     _upgraded = False
+    _gated = False  # this connection's first request went through the handshake gate
+    _held: list[bytes] | None = None  # bytes received while queued at the gate
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -78,6 +80,27 @@ class PricegateHttpProtocol(HttpToolsProtocol):
             return
         if self._refusal is not None:
             return  # refused: the response is out, the socket closing
+        if self._held is not None:
+            self._held.append(data)  # queued at the gate: keep the bytes in order until our turn
+            return
+        if not self._gated:
+            # The first request of a connection waits for a slot of this loop turn (gateway/edge/handshake_gate.py).
+            self._gated = True
+            if not self.edge.gate.enter(self._through_the_gate):
+                self._held = [data]
+                self.transport.pause_reading()
+                return
+        self._parse(data)
+
+    def _through_the_gate(self) -> None:
+        held, self._held = self._held or [], None
+        if self.transport.is_closing():
+            return
+        self.transport.resume_reading()
+        self._parse(b"".join(held))
+
+    def _parse(self, data: bytes) -> None:
+        assert self.edge is not None
         # uvicorn's data_received, except that a request our caps refused gets its own answer (and no warning
         # in the log: a client flooding oversized headers must not flood the log too).
         self._unset_keepalive_if_required()
