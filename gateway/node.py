@@ -264,9 +264,7 @@ class GatewayNode:
     def keep_alive(self, connection: KeptAlive) -> None:
         self.keepalive.add(connection)
         if self._keepalive_timer is None:
-            self._keepalive_timer = asyncio.get_running_loop().call_later(
-                self.keepalive.tick_s, self._keepalive_tick
-            )
+            self._keepalive_timer = asyncio.get_running_loop().call_later(self.keepalive.tick_s, self._keepalive_tick)
 
     def stop_keeping_alive(self, connection: KeptAlive) -> None:
         self.keepalive.remove(connection)

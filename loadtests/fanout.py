@@ -475,8 +475,13 @@ class TargetResult:
             "latency_bound_per_s": round(self.latency_bound.deliveries_per_s) if self.latency_bound else None,
             "us_per_delivery_light": self.common[0].cpu_us_per_delivery if self.common else None,
             "common": [
-                {"deliveries_per_s": round(s.deliveries_per_s), "p50_ms": s.p50_ms, "p99_ms": s.p99_ms,
-                 "sustained": s.sustained, "cpu_us_per_delivery": s.cpu_us_per_delivery}
+                {
+                    "deliveries_per_s": round(s.deliveries_per_s),
+                    "p50_ms": s.p50_ms,
+                    "p99_ms": s.p99_ms,
+                    "sustained": s.sustained,
+                    "cpu_us_per_delivery": s.cpu_us_per_delivery,
+                }
                 for s in self.common
             ],
             "steps": [step.__dict__ for step in self.steps],
@@ -1156,15 +1161,14 @@ class Benchmark:
             time.sleep(min(1.0, options.storm_seconds / 4))
             dropped = time.monotonic()
             self.stop_loadgen(stormers)  # every storm client closes at once
-            stormers, storm_hello = self.start_loadgen([port], storm, concurrency=options.storm_concurrency,
-                                                       src_offset_base=200)
+            stormers, storm_hello = self.start_loadgen(
+                [port], storm, concurrency=options.storm_concurrency, src_offset_base=200
+            )
             reconnected_s = time.monotonic() - dropped
             published = publisher.expect("ran", options.storm_seconds * 3 + 30)
             time.sleep(0.5)
             after = steady.stats()
-            expected = sum(
-                sent * readers for sent, readers in zip(published["per_stream"], reading, strict=False)
-            )
+            expected = sum(sent * readers for sent, readers in zip(published["per_stream"], reading, strict=False))
             report.update(
                 rate=rate,
                 quiet_p50_ms=quiet.p50_ms,

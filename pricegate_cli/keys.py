@@ -123,4 +123,3 @@ def _table(records: list[KeyRecord]) -> str:
 
 def _when(moment: datetime) -> str:
     return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S %z")
-

@@ -788,20 +788,50 @@ class _PayloadGenerator:
         p, q = f"{price:.8f}", "0.00210000"
         builders: dict[StreamKind, Callable[[], object]] = {
             StreamKind.TRADE: lambda: {
-                "e": "trade", "E": now, "s": symbol, "t": self._next(stream.name), "p": p, "q": q,
-                "T": now - 1, "m": True, "M": True,
+                "e": "trade",
+                "E": now,
+                "s": symbol,
+                "t": self._next(stream.name),
+                "p": p,
+                "q": q,
+                "T": now - 1,
+                "m": True,
+                "M": True,
             },
             StreamKind.AGG_TRADE: lambda: self._agg_trade(stream.name, symbol, now, p, q),
             StreamKind.BOOK_TICKER: lambda: {
-                "u": self._next(stream.name), "s": symbol, "b": f"{price - 0.01:.8f}", "B": "2.10456000",
-                "a": p, "A": "0.50321000",
+                "u": self._next(stream.name),
+                "s": symbol,
+                "b": f"{price - 0.01:.8f}",
+                "B": "2.10456000",
+                "a": p,
+                "A": "0.50321000",
             },
             StreamKind.KLINE: lambda: self._kline(stream, symbol, now, p),
             StreamKind.MINI_TICKER: lambda: self._mini_ticker(symbol, now),
             StreamKind.TICKER: lambda: {
-                "e": "24hrTicker", "E": now, "s": symbol, "p": "1.00000000", "P": "0.100", "w": p, "x": p,
-                "c": p, "Q": q, "b": p, "B": "1.00000000", "a": p, "A": "1.00000000", "o": p, "h": p, "l": p,
-                "v": "10.00000000", "q": "1000.00000000", "O": now - 86_400_000, "C": now, "F": 1, "L": 2,
+                "e": "24hrTicker",
+                "E": now,
+                "s": symbol,
+                "p": "1.00000000",
+                "P": "0.100",
+                "w": p,
+                "x": p,
+                "c": p,
+                "Q": q,
+                "b": p,
+                "B": "1.00000000",
+                "a": p,
+                "A": "1.00000000",
+                "o": p,
+                "h": p,
+                "l": p,
+                "v": "10.00000000",
+                "q": "1000.00000000",
+                "O": now - 86_400_000,
+                "C": now,
+                "F": 1,
+                "L": 2,
                 "n": 2,
             },
             StreamKind.DEPTH_PARTIAL: lambda: {
@@ -817,8 +847,17 @@ class _PayloadGenerator:
     def _agg_trade(self, name: str, symbol: str, now: int, p: str, q: str) -> object:
         first = self._next(name + ":trade")
         return {
-            "e": "aggTrade", "E": now, "s": symbol, "a": self._next(name), "p": p, "q": q, "f": first,
-            "l": first, "T": now - 1, "m": False, "M": True,
+            "e": "aggTrade",
+            "E": now,
+            "s": symbol,
+            "a": self._next(name),
+            "p": p,
+            "q": q,
+            "f": first,
+            "l": first,
+            "T": now - 1,
+            "m": False,
+            "M": True,
         }
 
     def _depth_update(self, name: str, symbol: str, now: int, p: str, q: str) -> object:
@@ -828,17 +867,40 @@ class _PayloadGenerator:
     def _kline(self, stream: Stream, symbol: str, now: int, p: str) -> object:
         start = now - now % 60_000
         return {
-            "e": "kline", "E": now, "s": symbol,
+            "e": "kline",
+            "E": now,
+            "s": symbol,
             "k": {
-                "t": start, "T": start + 59_999, "s": symbol, "i": stream.interval, "f": 1, "L": 2, "o": p,
-                "c": p, "h": p, "l": p, "v": "1.00000000", "n": 2, "x": False, "q": "100.00000000",
-                "V": "0.50000000", "Q": "50.00000000", "B": "0",
+                "t": start,
+                "T": start + 59_999,
+                "s": symbol,
+                "i": stream.interval,
+                "f": 1,
+                "L": 2,
+                "o": p,
+                "c": p,
+                "h": p,
+                "l": p,
+                "v": "1.00000000",
+                "n": 2,
+                "x": False,
+                "q": "100.00000000",
+                "V": "0.50000000",
+                "Q": "50.00000000",
+                "B": "0",
             },
         }
 
     def _mini_ticker(self, symbol: str, now: int) -> object:
         p = f"{self._prices.get(symbol, 100.0):.8f}"
         return {
-            "e": "24hrMiniTicker", "E": now, "s": symbol, "c": p, "o": p, "h": p, "l": p,
-            "v": "10.00000000", "q": "1000.00000000",
+            "e": "24hrMiniTicker",
+            "E": now,
+            "s": symbol,
+            "c": p,
+            "o": p,
+            "h": p,
+            "l": p,
+            "v": "10.00000000",
+            "q": "1000.00000000",
         }

@@ -73,5 +73,3 @@ async def closed_by_server(reader: asyncio.StreamReader, timeout: float) -> bool
     except (ConnectionError, TimeoutError):
         return False
     return True
-
-

@@ -120,7 +120,7 @@ def test_rest_refusals_keep_binances_bodies_and_say_why_in_www_authenticate() ->
     status, body, headers = rest_refusal(refused("expired", 'token "x" expired'))
     assert status == 401
     assert orjson.loads(body) == {"code": -2015, "msg": "Invalid API-key, IP, or permissions for action."}
-    assert 'error_description="token \'x\' expired"' in headers["WWW-Authenticate"]
+    assert "error_description=\"token 'x' expired\"" in headers["WWW-Authenticate"]
     status, body, headers = rest_refusal(refused("unavailable", "cannot be verified now"))
     assert (status, headers) == (503, {"Retry-After": "1"})
     assert orjson.loads(body) == {"code": -1001, "msg": "cannot be verified now"}

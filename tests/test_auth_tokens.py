@@ -87,8 +87,10 @@ def test_a_token_without_streams_allows_every_stream_and_without_sub_has_no_subj
 def test_rs256_and_es256_verify_with_the_public_key(private: Any, algorithm: str) -> None:
     check = TokenVerifier(public_key_pem=pem(private), clock=lambda: NOW)
     assert isinstance(check.verify(mint({"sub": "u"}, private, algorithm)), Principal)
-    other = rsa.generate_private_key(public_exponent=65537, key_size=2048) if algorithm == "RS256" else (
-        ec.generate_private_key(ec.SECP256R1())
+    other = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if algorithm == "RS256"
+        else (ec.generate_private_key(ec.SECP256R1()))
     )
     assert refusal(check.verify(mint({}, other, algorithm)))[:2] == ("invalid", "token signature invalid")
     # Only the configured algorithm: an HS256 token is refused outright.

@@ -482,8 +482,7 @@ async def test_two_ingests_on_one_host_start_with_the_defaults_and_ride_out_a_re
                 started.append(await start_pricegate("ingest", "--source", "binance", env=env))
             ingests = list(started)
             metrics_ports = [
-                int((await p.wait_for_line(r"/metrics on http://127\.0\.0\.1:(\d+)/metrics")).group(1))
-                for p in ingests
+                int((await p.wait_for_line(r"/metrics on http://127\.0\.0\.1:(\d+)/metrics")).group(1)) for p in ingests
             ]
             assert len(set(metrics_ports)) == 2 and all(9108 <= port <= 9127 for port in metrics_ports)
             assert any("is taken" in "".join(p.output) for p in ingests)

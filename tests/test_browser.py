@@ -282,8 +282,7 @@ async def test_the_page_with_a_jwt_from_its_url(browser: Browser) -> None:
         hooked_console = Console(hooked)
         full = token()
         await hooked.add_init_script(
-            "window.hookCalls = 0;"
-            f"window.pricegateToken = async () => {{ window.hookCalls += 1; return {full!r}; }};"
+            f"window.hookCalls = 0;window.pricegateToken = async () => {{ window.hookCalls += 1; return {full!r}; }};"
         )
         hooked_sockets: list[str] = []
         hooked.on("websocket", lambda ws: hooked_sockets.append(ws.url))

@@ -264,7 +264,8 @@ async def test_an_unknown_variable_is_warned_about_even_when_the_configuration_f
     assert output.splitlines() == [
         "pricegate: warning: unknown setting PRICEGATE_DEMO_HISTORY_CANDLE (did you mean "
         "PRICEGATE_DEMO_HISTORY_CANDLES?)",
-        "pricegate: configuration error: PRICEGATE_PORT='x': not a valid int: invalid literal for int() with base 10: 'x'",
+        "pricegate: configuration error: PRICEGATE_PORT='x': not a valid int: "
+        "invalid literal for int() with base 10: 'x'",
     ]
 
 

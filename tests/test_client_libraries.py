@@ -205,7 +205,8 @@ async def test_python_binance_raw_sockets(
             await publish_when_subscribed(gw, broker, stream, payload)
             assert await asyncio.wait_for(connection.recv(), 3) == orjson.loads(payload), stream
         await eventually(
-            lambda: stream not in gw.node.relay.active, what="the relay to drop the stream"  # noqa: B023
+            lambda: stream not in gw.node.relay.active,  # noqa: B023 - awaited within this iteration
+            what="the relay to drop the stream",
         )
     await eventually(lambda: not gw.node.sessions, what="every session closed")
 

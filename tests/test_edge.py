@@ -27,8 +27,10 @@ async def test_per_ip_connections_are_capped_before_the_upgrade_and_freed_on_clo
         assert all(not writer.is_closing() for *_, writer in open_)  # none was closed to make room
         for *_, writer in open_[:10]:
             writer.close()
-        await eventually(lambda: gw.node.edge is not None and gw.node.edge.ledger.connections("127.0.0.1") == 40,
-                         what="ten closes to be counted")
+        await eventually(
+            lambda: gw.node.edge is not None and gw.node.edge.ledger.connections("127.0.0.1") == 40,
+            what="ten closes to be counted",
+        )
         status, *_ = await handshake(gw)
         assert status == 101
 
@@ -65,8 +67,10 @@ async def test_an_idle_or_dripping_socket_is_closed_at_the_header_deadline_and_c
         assert status == 408
         assert time.monotonic() - started < 2.5
         dripping.cancel()
-        await eventually(lambda: gw.node.edge is not None and gw.node.edge.open_connections == 0,
-                         what="the closed sockets to be released")
+        await eventually(
+            lambda: gw.node.edge is not None and gw.node.edge.open_connections == 0,
+            what="the closed sockets to be released",
+        )
         status, *_ = await handshake(gw)
         assert status == 101
 
@@ -128,9 +132,7 @@ async def test_origins_outside_the_allowed_list_are_refused(origin: str | None, 
 async def test_x_forwarded_for_counts_only_from_a_trusted_proxy() -> None:
     # Untrusted: a client cannot pick the address it is charged to.
     async with running_gateway(MemoryBroker(), max_connections_per_ip=2) as gw:
-        spoofed = [
-            await handshake(gw, upgrade_request(headers={"X-Forwarded-For": f"10.0.0.{i}"})) for i in range(3)
-        ]
+        spoofed = [await handshake(gw, upgrade_request(headers={"X-Forwarded-For": f"10.0.0.{i}"})) for i in range(3)]
         assert [status for status, *_ in spoofed] == [101, 101, 429]
     # Trusted (the loopback peer is the proxy): each forwarded client has its own budget.
     async with running_gateway(MemoryBroker(), max_connections_per_ip=2, forwarded_allow_ips="127.0.0.1") as gw:
@@ -167,9 +169,7 @@ async def test_subscriptions_per_ip_are_bounded_across_connections() -> None:
 async def test_rest_weights_are_charged_to_the_forwarded_client_only_behind_a_trusted_proxy() -> None:
     async def used_weights(gw: RunningGateway, clients: list[str]) -> list[int]:
         async with httpx.AsyncClient(base_url=gw.http_base) as http:
-            answers = [
-                await http.get("/api/v3/ping", headers={"X-Forwarded-For": client}) for client in clients
-            ]
+            answers = [await http.get("/api/v3/ping", headers={"X-Forwarded-For": client}) for client in clients]
         return [int(answer.headers["X-MBX-USED-WEIGHT-1M"]) for answer in answers]
 
     async with running_gateway(MemoryBroker()) as gw:  # untrusted: every request is the peer's

@@ -87,9 +87,7 @@ async def test_the_demo_with_api_keys(postgres_dsn: str, pg_schema: str) -> None
         assert refused.value.response.status_code == 401
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as http:
             assert (await http.get("/api/v3/exchangeInfo")).status_code == 401
-            await eventually(
-                lambda: _status(http, "/api/v3/exchangeInfo", key, 200), what="exchangeInfo with the key"
-            )
+            await eventually(lambda: _status(http, "/api/v3/exchangeInfo", key, 200), what="exchangeInfo with the key")
         async with connect(f"{base}/ws/btcusdt@trade", additional_headers={"X-MBX-APIKEY": key}) as ws:
             await asyncio.wait_for(ws.recv(), 10)  # live trades flow
             assert (await run_pricegate("keys", "revoke", key, env=env))[0] == 0

@@ -42,11 +42,11 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-
 def new_node(**overrides: object) -> GatewayNode:
     settings = Settings().with_overrides(overrides)
     broker = MemoryBroker()
     return GatewayNode(settings, broker, SymbolDirectory(broker, settings.symbols))
+
 
 async def test_fan_out_survives_a_subscriber_that_raises(caplog: pytest.LogCaptureFixture) -> None:
     node = new_node(flush_chunk_clients=1)

@@ -18,8 +18,7 @@ from shared.errors import ProtocolError
 from shared.streams import Stream, parse_stream
 
 UNKNOWN_VARIANT_TAIL = (
-    "expected one of `SUBSCRIBE`, `UNSUBSCRIBE`, `LIST_SUBSCRIPTIONS`, `SET_PROPERTY`, `GET_PROPERTY`, "
-    "`REFRESH_TOKEN`"
+    "expected one of `SUBSCRIBE`, `UNSUBSCRIBE`, `LIST_SUBSCRIPTIONS`, `SET_PROPERTY`, `GET_PROPERTY`, `REFRESH_TOKEN`"
 )
 BAD_ID = b'{"error":{"code":2,"msg":"Invalid request: request ID must be an unsigned integer"},"id":null}'
 

@@ -118,9 +118,7 @@ class Admission:
             return self._decide(connect, outcome, handshake.client_ip)
         return self._decide_later(connect, outcome, handshake.client_ip)
 
-    async def _decide_later(
-        self, connect: ConnectRequest, pending: Awaitable[AuthOutcome], client_ip: str
-    ) -> Decision:
+    async def _decide_later(self, connect: ConnectRequest, pending: Awaitable[AuthOutcome], client_ip: str) -> Decision:
         return self._decide(connect, await pending, client_ip)
 
     def _decide(self, connect: ConnectRequest, outcome: AuthOutcome, client_ip: str) -> Decision:

@@ -401,7 +401,6 @@ class ControlState:
         return ControlOutcome(result_frame(None, request_id), [], [], refresh_token=token, request_id=request_id)
 
 
-
 # Method -> handler, shared by every connection: a per-connection dict of bound methods would cost memory per
 # client and make each ControlState a reference cycle that only the cycle collector frees.
 _HANDLERS: dict[str, Callable[[ControlState, object, RequestId], ControlOutcome]] = {

@@ -100,4 +100,3 @@ class KeepaliveSchedule(Generic[M]):
         if due:
             deadlines.append((deadline, slot_index))
         return due, overdue
-
