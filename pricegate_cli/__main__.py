@@ -169,9 +169,10 @@ def _make_source(settings: Settings) -> Any:
 def _make_redis_broker(settings: Settings) -> Any:
     if not settings.redis_url:
         raise ConfigError(env_name("redis_url"), "", "required for this command (e.g. redis://127.0.0.1:6379/0)")
-    from shared.broker.redis import RedisBroker
+    from shared.broker.factory import redis_broker
 
-    return RedisBroker(
+    # One server, a Sentinel-watched master or a Redis Cluster, by the URL's form (shared/redis/urls.py).
+    return redis_broker(
         settings.redis_url,
         prefix=settings.channel_prefix,
         venue=settings.venue,
@@ -361,7 +362,11 @@ async def run_ingest(settings: Settings) -> None:
     recorder = candle_recorder(settings, candles, metrics.registry) if candles is not None else None
     assert settings.redis_url is not None  # _make_redis_broker refused to go on without it
     lease = LeaderLease(
-        settings.redis_url, broker.namer.leader_key, ttl_s=settings.leader_ttl_s, renew_s=settings.leader_renew_s
+        settings.redis_url,
+        broker.namer.leader_key,
+        ttl_s=settings.leader_ttl_s,
+        renew_s=settings.leader_renew_s,
+        fence=broker.take_fencing_epoch,  # a new leader's epoch reaches every slot before it publishes
     )
     fetcher = None
     if isinstance(source, BinanceSource):

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.errors import ConfigError
+from shared.redaction import redact_url
+from shared.redis.urls import parse_redis_url
 from shared.streams import KLINE_INTERVALS
 
 ENV_PREFIX = "PRICEGATE_"
@@ -106,7 +108,9 @@ class Settings:
     redis_url: str | None = _setting(
         None,
         "optional_str",
-        "Redis URL (redis://, rediss://, unix://). Required by gateway and ingest; "
+        "Redis URL: one server (redis://, rediss://, unix://), a Redis Cluster by its seed nodes "
+        "(redis+cluster://h1:p1,h2:p2,h3:p3/; Redis 7+, sharded Pub/Sub) or a master watched by Sentinels "
+        "(redis+sentinel://h1:p1,h2:p2,h3:p3/<master-name>[/db]). Required by gateway and ingest; "
         "demo uses the in-memory broker when unset.",
     )
     channel_prefix: str = _setting("pg:md", "str", "Prefix of every Redis key and channel.")
@@ -457,8 +461,8 @@ class Settings:
             raise ConfigError(env_name("ssl_keyfile"), self.ssl_keyfile, "ssl_certfile and ssl_keyfile go together")
         if not self.symbols:
             raise ConfigError(env_name("symbols"), "", "at least one symbol is required")
-        if self.redis_url is not None and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            raise ConfigError(env_name("redis_url"), self.redis_url, "must start with redis://, rediss:// or unix://")
+        if self.redis_url is not None:
+            self._validate_redis_url(self.redis_url)
         for url_field in ("binance_ws_url",):
             value = getattr(self, url_field)
             if not value.startswith(("ws://", "wss://")):
@@ -471,6 +475,24 @@ class Settings:
             )
         self._validate_storage()
         self._validate_edge()
+
+    def _validate_redis_url(self, url: str) -> None:
+        """One of the three forms (shared/redis/urls.py); on a cluster, names whose hash tags stay the streams'."""
+        try:
+            target = parse_redis_url(url)
+        except ValueError as error:
+            raise ConfigError(env_name("redis_url"), redact_url(url), str(error)) from None
+        if target.kind == "cluster":
+            for name in ("channel_prefix", "venue"):
+                if "{" in getattr(self, name) or "}" in getattr(self, name):
+                    raise ConfigError(
+                        env_name(name), getattr(self, name), "must hold no { or } on a Redis Cluster (hash tags)"
+                    )
+        if target.highly_available and self.auth_modes:
+            # Authentication's shared state (gateway/auth) is read through a client of one server for now.
+            raise ConfigError(
+                env_name("auth"), self.auth, f"needs a redis:// URL for its shared state, not {target.kind}"
+            )
 
     def _validate_edge(self) -> None:
         modes = [mode.strip() for mode in self.auth.split(",") if mode.strip()]

@@ -228,6 +228,16 @@ class ChannelNamer:
         return f"{self.base}:ingest:leader"
 
     @property
+    def fence_key(self) -> str:
+        """Sorted set whose member ``e`` scores the highest fencing epoch a leader announced (one Redis: one fence;
+        a cluster has one per slot, :meth:`slot_fence_key`)."""
+        return f"{self.base}:fence"
+
+    def slot_fence_key(self, tag: str) -> str:
+        """The fence of the slot ``tag`` hashes to (``shared.redis.slots.fence_tags``)."""
+        return f"{self.base}:fence:{{{tag}}}"
+
+    @property
     def heartbeat_channel(self) -> str:
         """Ingest publishes its wall clock here every second so gateways can see data is flowing."""
         return f"{self.base}:heartbeat"

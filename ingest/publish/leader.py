@@ -25,6 +25,16 @@ an earlier one.) An acquisition also says who took the lease
 before (``previous``), and each look that finds another process holding it is counted (``seen_others``): with those
 the publisher tells whether anyone else led since it did, and drops what only it could publish if so.
 
+Fencing epochs: each acquisition (but a holder keeping its own live lease; the acquire script below) draws a new
+fencing epoch, higher than any before it: the larger of the stored counter + 1 and the Redis server's clock in
+milliseconds, so it keeps growing even after the counter was lost with Redis' data. Before ``on_acquired`` runs the
+epoch is announced through ``fence`` (the broker's ``take_fencing_epoch``: every slot of a cluster learns it), and
+the publish script refuses any lower one: on a Redis Cluster, where a script cannot read the lease (another slot),
+that is what stops a deposed or paused leader on every shard.
+
+On a Redis Cluster the lease's other keys carry the lease key as hash tag (``{<lease>}:last``, ``{<lease>}:grace``,
+``{<lease>}:fence``), so the scripts below touch one slot; the lease key keeps its name everywhere.
+
 Why not redis-py's ``Lock``: its ``extend()`` adds to the remaining TTL by default (renewing every second with
 ``extend(ttl)`` lets the TTL grow, and failover slows down with it); its token is a bare uuid kept in thread-local
 storage; and a holder that was briefly cut off cannot take back its own still-live key with ``acquire()``. The
@@ -43,7 +53,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -51,20 +60,35 @@ from redis.backoff import NoBackoff
 from shared.cancellation import raise_if_cancel_was_lost
 from shared.errors import BrokerError, ConfigError
 from shared.redaction import redact_url
+from shared.redis.clients import CommandClient, command_client
+from shared.redis.cluster import ClusterClient
+from shared.redis.urls import parse_redis_url
 
 logger = logging.getLogger("pricegate.ingest.leader")
 
 # Take the lease if it is free, or keep it if it is already ours (a holder cut off briefly gets it back).
-# KEYS: the lease, the last leader (no TTL: it vanishes only when Redis loses its data), the grace marker. ARGV:
-# token, TTL ms, '1' = defer to the previous leader. Returns {1, the last leader before us ('' = unknown)}, {0, the
-# holder}, or {2, 'new' | ''} when asked to defer and Redis has lost its data: the lease is free only because Redis
-# restarted empty, and the process that led before holds what Redis missed meanwhile. 'new': the grace begins now
-# (the marker was missing: this is a new loss of data, whatever a process remembers of an earlier one).
+# KEYS: the lease, the last leader (no TTL: it vanishes only when Redis loses its data), the grace marker, the
+# fencing epoch counter. ARGV: token, TTL ms, '1' = defer to the previous leader. Returns {1, the last leader before
+# us ('' = unknown), fencing epoch}, {0, the holder}, or {2, 'new' | ''} when asked to defer and Redis has lost its
+# data: the lease is free only because Redis restarted empty, and the process that led before holds what Redis missed
+# meanwhile. 'new': the grace begins now (the marker was missing: this is a new loss of data, whatever a process
+# remembers of an earlier one). A holder keeping its own lease keeps its epoch (nobody else led meanwhile); any
+# other acquisition draws a new one above every earlier one (module docstring).
 _ACQUIRE = """
 local current = redis.call('GET', KEYS[1])
+local function next_epoch()
+  local now = redis.call('TIME')
+  local epoch = math.max(tonumber(redis.call('GET', KEYS[4]) or '0') + 1, now[1] * 1000 + math.floor(now[2] / 1000))
+  redis.call('SET', KEYS[4], string.format('%d', epoch))
+  return epoch
+end
 if current == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {1, ARGV[1]}
+  local epoch = tonumber(redis.call('GET', KEYS[4]) or '')
+  if not epoch then
+    epoch = next_epoch()
+  end
+  return {1, ARGV[1], epoch}
 end
 if current then
   return {0, current}
@@ -79,7 +103,7 @@ end
 redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[1])
 redis.call('DEL', KEYS[3])
-return {1, last or ''}
+return {1, last or '', next_epoch()}
 """
 # Extend only our own lease: after it expired and someone else took it, renewing must fail, not steal it back.
 _RENEW = """
@@ -96,6 +120,8 @@ return 0
 """
 
 Callback = Callable[[], Awaitable[None]]
+Fence = Callable[[int], Awaitable[None]]
+LEASE_TRIES_S = (0.0, 0.0, 0.05)  # on a cluster: the pauses before each try of a lease call
 
 
 def holder_token() -> str:
@@ -116,7 +142,10 @@ class LeaderLease:
         renew_s: float = 1.0,
         token: str | None = None,
         clock: Callable[[], float] = time.monotonic,
+        fence: Fence | None = None,
     ) -> None:
+        """``fence`` announces a new holder's fencing epoch before ``on_acquired`` runs (the broker's
+        ``take_fencing_epoch``); if it fails, the lease is given up again and taken at a later look."""
         if not ttl_s > 0:
             raise ConfigError("leader_ttl_s", ttl_s, "must be a positive number of seconds")
         if not 0 < renew_s <= ttl_s / 2:
@@ -130,13 +159,19 @@ class LeaderLease:
         self._clock = clock
         self._leader = False
         self._valid_until = 0.0
-        self._client: aioredis.Redis | None = None
+        self._client: CommandClient | None = None
+        self._cluster: ClusterClient | None = None
+        self._fence = fence
+        self.fencing_epoch: int | None = None  # this holder's, from the last acquisition
         self.acquired = 0
         self.lost: dict[str, int] = {"refused": 0, "error": 0, "expired": 0}
         self.renewals = 0
         self.holder: str | None = None  # the token in the key at the last look (ours or another process's)
-        self.last_key = f"{key}:last"  # who took the lease last (no TTL): gone only when Redis lost its data
-        self.grace_key = f"{key}:grace"  # set while standbys leave a free lease to the previous leader
+        # On a cluster the other keys share the lease's slot (the lease key is their hash tag).
+        aux = f"{{{key}}}" if parse_redis_url(redis_url).kind == "cluster" else key
+        self.last_key = f"{aux}:last"  # who took the lease last (no TTL): gone only when Redis lost its data
+        self.grace_key = f"{aux}:grace"  # set while standbys leave a free lease to the previous leader
+        self.fence_key = f"{aux}:fence"  # the fencing epoch counter (no TTL)
         # At the last acquisition, the process that had taken the lease before us: ourselves (we kept it), another
         # process, or None (Redis had lost its data, or nobody ever led).
         self.previous: str | None = None
@@ -157,14 +192,27 @@ class LeaderLease:
 
     # ---- loop ----
 
-    def _redis(self) -> aioredis.Redis:
+    async def _eval(self, script: str, keys: list[str], *args: Any) -> Any:
+        """Run a lease script. Its own connections, so renewals never queue behind large publish pipelines; every call
+        must end well within the TTL, and no hidden retries (the loop is the retry). On a cluster, on the primary of
+        the lease's slot (its keys share it), redirections handled."""
+        timeout = max(0.05, min(self.renew_s, self.ttl_s / 3))
+        options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
+        target = parse_redis_url(self.redis_url)
+        if target.kind == "cluster":
+            if self._cluster is None:
+                if target.password is not None:
+                    options["password"] = target.password
+                if target.username is not None:
+                    options["username"] = target.username
+                self._cluster = ClusterClient(
+                    target.nodes, {**options, "retry": Retry(NoBackoff(), 0)}, safe_url=redact_url(self.redis_url)
+                )
+            # Few tries: a lease call must end well within the TTL (a redirection is followed, an outage is not waited).
+            return await self._cluster.execute(keys[0], "EVAL", script, len(keys), *keys, *args, delays=LEASE_TRIES_S)
         if self._client is None:
-            # Its own connection, so renewals never queue behind large publish pipelines; every call must end well
-            # within the TTL, and no hidden retries (the loop is the retry).
-            timeout = max(0.05, min(self.renew_s, self.ttl_s / 3))
-            options: dict[str, Any] = {"socket_timeout": timeout, "socket_connect_timeout": timeout}
-            self._client = aioredis.Redis.from_url(self.redis_url, retry=Retry(NoBackoff(), 0), **options)
-        return self._client
+            self._client = command_client(self.redis_url, retry=Retry(NoBackoff(), 0), **options)
+        return await self._client.client.eval(script, len(keys), *keys, *args)
 
     async def run(self, on_acquired: Callback, on_lost: Callable[[str], None]) -> None:
         """Hold or wait for the lease forever. ``on_acquired`` runs after the lease was taken (an exception in it
@@ -190,8 +238,8 @@ class LeaderLease:
 
     async def _renew(self, ttl_ms: int, started: float, on_lost: Callable[[str], None]) -> None:
         try:
-            renewed = await self._redis().eval(_RENEW, 1, self.key, self.token, ttl_ms)
-        except (redis_errors.RedisError, OSError) as error:
+            renewed = await self._eval(_RENEW, [self.key], self.token, ttl_ms)
+        except (redis_errors.RedisError, OSError, BrokerError) as error:
             logger.warning("leader lease renewal failed (%r): stepping down at once", error)
             self._lose(on_lost, "error")
             return
@@ -207,10 +255,14 @@ class LeaderLease:
     ) -> None:
         defer = self._defers(started)
         try:
-            taken, other = await self._redis().eval(
-                _ACQUIRE, 3, self.key, self.last_key, self.grace_key, self.token, ttl_ms, "1" if defer else "0"
+            taken, other, *epoch = await self._eval(
+                _ACQUIRE,
+                [self.key, self.last_key, self.grace_key, self.fence_key],
+                self.token,
+                ttl_ms,
+                "1" if defer else "0",
             )
-        except (redis_errors.RedisError, OSError) as error:
+        except (redis_errors.RedisError, OSError, BrokerError) as error:
             logger.debug("leader lease not taken (%r)", error)
             return
         other = other.decode(errors="replace") if isinstance(other, bytes) else str(other)
@@ -235,8 +287,13 @@ class LeaderLease:
         self._valid_until = started + self.ttl_s
         self.holder = self.token
         self.acquired += 1
-        logger.info("took the leader lease %s as %s: publishing", self.key, self.token)
+        self.fencing_epoch = int(epoch[0]) if epoch else None
+        logger.info(
+            "took the leader lease %s as %s (fencing epoch %s): publishing", self.key, self.token, self.fencing_epoch
+        )
         try:
+            if self._fence is not None and self.fencing_epoch is not None:
+                await self._fence(self.fencing_epoch)
             await on_acquired()
         except asyncio.CancelledError:
             raise
@@ -267,16 +324,20 @@ class LeaderLease:
     async def release(self) -> None:
         """Delete the key if it still holds our token (so a standby takes over at once), and close the connection.
         Bounded in time: stopping must not hang on an unreachable Redis."""
-        client, self._client = self._client, None
-        if client is None:
+        if self._client is None and self._cluster is None:
             return
         try:
             async with asyncio.timeout(max(0.5, self.ttl_s / 3)):
-                await client.eval(_RELEASE, 1, self.key, self.token)
-        except (redis_errors.RedisError, OSError, TimeoutError) as error:
+                await self._eval(_RELEASE, [self.key], self.token)
+        except (redis_errors.RedisError, OSError, TimeoutError, BrokerError) as error:
             logger.warning("could not release the leader lease at %s (%r); it expires by itself", self.key, error)
         finally:
-            await client.aclose()
+            client, self._client = self._client, None
+            cluster, self._cluster = self._cluster, None
+            if client is not None:
+                await client.aclose()
+            if cluster is not None:
+                await cluster.aclose()
 
     def describe(self) -> str:
         return f"lease {self.key} at {redact_url(self.redis_url)} (ttl {self.ttl_s} s, renew every {self.renew_s} s)"

@@ -53,6 +53,7 @@ from ingest.publish.standby import StandbyBuffer
 from shared.backoff import backoff_delays
 from shared.binance.identity import BACKFILL_KINDS, CONTIGUOUS_KINDS
 from shared.broker.contract import Broker, OutgoingMessage
+from shared.broker.outcome import PartiallyPublished
 from shared.errors import BrokerError, NotLeaderError, PublishIncomplete
 from shared.streams import StreamKind, parse_stream
 
@@ -350,13 +351,18 @@ class Publisher:
             return 0
         except BrokerError as error:
             # Redis unreachable, the connection broken mid-batch, or a call refused: keep what was not confirmed
-            # and retry; the process goes on.
-            confirmed = error.confirmed if isinstance(error, PublishIncomplete) else 0
+            # and retry; the process goes on. On a cluster the confirmed calls need not be a prefix (one shard may
+            # be failing over): per stream, though, the unconfirmed ones are always the last, so order holds.
+            if isinstance(error, PartiallyPublished):
+                done, undone = error.split(messages)
+            else:
+                confirmed = error.confirmed if isinstance(error, PublishIncomplete) else 0
+                done, undone = messages[:confirmed], messages[confirmed:]
             self.metrics.publish_errors.inc()
             self.health.failed(PUBLISHING, error)
-            self._hold_back(messages[confirmed:], held=held)
-            self._count_published(messages[:confirmed], started, backfilled)
-            return confirmed
+            self._hold_back(undone, held=held)
+            self._count_published(done, started, backfilled)
+            return len(done)
         self.health.succeeded(PUBLISHING)
         self._count_published(messages, started, backfilled)
         if self._outage is not None and not len(self.standby):

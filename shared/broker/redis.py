@@ -1,11 +1,20 @@
-"""Redis broker: implements :class:`shared.broker.contract.Broker` over a standalone Redis reached by a ``redis://``,
-``rediss://`` or ``unix://`` URL (Sentinel and Cluster with sharded pub/sub are later work and are not pretended
-here). Ingest publishes through one Lua script per message (:mod:`shared.redis.scripts`), pipelined per batch,
-that atomically assigns the channel's epoch and sequence, appends the envelope to the channel's history stream
-(ID ``<seq>-0``, trimmed by length; age is bounded by a key TTL refreshed on every publish plus an age filter on
-read), stores the last value of state streams and PUBLISHes the envelope. Gateways read history and last values
-here and receive publications through the broker's one subscription connection
-(:mod:`shared.broker.redis_subscription`).
+"""Redis broker: implements :class:`shared.broker.contract.Broker` over one Redis server, reached by a ``redis://``,
+``rediss://`` or ``unix://`` URL (:class:`RedisBroker`) or as the master Sentinels name (:class:`SentinelBroker`,
+``redis+sentinel://``; it follows a failover to the promoted replica). A Redis Cluster is
+:mod:`shared.broker.redis_cluster`, which shares the publish call's layout and the reading of its replies with this
+module; :func:`shared.broker.factory.redis_broker` picks the class from the URL. Ingest publishes through one Lua
+script per message (:mod:`shared.redis.scripts`), pipelined per batch, that atomically assigns the channel's epoch
+and sequence, appends the envelope to the channel's history stream (ID ``<seq>-0``, trimmed by length; age is
+bounded by a key TTL refreshed on every publish plus an age filter on read), stores the last value of state streams
+and PUBLISHes the envelope. Gateways read history and last values here and receive publications through the
+broker's one subscription connection (:mod:`shared.broker.redis_subscription`).
+
+Fenced publishing checks two things in the script (:mod:`shared.redis.scripts`): the lease token against the lease
+key, and the fencing epoch the lease handed this process (:meth:`RedisBroker.take_fencing_epoch`) against the
+fence, the highest epoch any leader announced. Behind Sentinel (and on a cluster) the broker also remembers, per
+stream, the last (epoch, seq) Redis answered it with (the floor): a Redis that lost acknowledged writes (a promoted
+replica) then continues the sequence after it instead of handing the same seq out twice. One server's calls carry
+no floor, so they are the same every time (the load generator replays them).
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 import redis.exceptions as redis_errors
+from redis.asyncio.connection import ConnectionPool
 from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel, SentinelConnectionPool
 from redis.backoff import NoBackoff
 
 from shared.broker.contract import BrokerListener, OutgoingMessage
@@ -27,8 +38,68 @@ from shared.broker.redis_subscription import RedisSubscription
 from shared.errors import BrokerError, NotLeaderError, PublishIncomplete
 from shared.frames import Publication, decode_publication
 from shared.redaction import redact_url
-from shared.redis.scripts import HISTORY_FIELD, NOT_LEADER, PUBLISH_KEYS, PUBLISH_SCRIPT
-from shared.streams import ChannelNamer
+from shared.redis.scripts import FENCE_MEMBER, HISTORY_FIELD, NOT_LEADER, PUBLISH_KEYS, PUBLISH_SCRIPT
+from shared.redis.urls import parse_redis_url
+from shared.streams import ChannelKeys, ChannelNamer
+
+
+class PublishCalls:
+    """The publish script's arguments for a batch, and the reading of its replies: shared by every Redis broker, so
+    the KEYS/ARGV layout (the contract in :mod:`shared.redis.scripts`) is written once."""
+
+    __slots__ = ("floors", "namer", "publish_command", "use_floors")
+
+    def __init__(self, namer: ChannelNamer, *, sharded: bool, floors: bool) -> None:
+        self.namer = namer
+        self.publish_command = "SPUBLISH" if sharded else "PUBLISH"
+        # Per stream, the newest (epoch, seq) Redis answered: the script's floor (see the module docstring). Kept
+        # where a failover is part of the design (Sentinel, Cluster); one server's calls stay the same every time.
+        self.use_floors = floors
+        self.floors: dict[str, tuple[int, int]] = {}
+
+    def args(
+        self,
+        message: OutgoingMessage,
+        keys: ChannelKeys,
+        *,
+        lease_key: str,
+        fence_key: str,
+        candidate_epoch: int,
+        published_at_ms: int,
+        history_maxlen: int,
+        ttl_ms: int,
+        token: str,
+        fencing_epoch: int | None,
+    ) -> tuple[Any, ...]:
+        event = message.event
+        floor = self.floors.get(message.stream)
+        return (
+            keys.epoch,
+            keys.seq,
+            keys.history,
+            keys.last,
+            keys.event_id,
+            lease_key,
+            fence_key,
+            keys.channel,
+            candidate_epoch,
+            published_at_ms,  # the load generator (loadtests/publisher.py) relies on it coming just before the payload
+            message.payload,
+            1 if message.keep_last else 0,
+            history_maxlen,
+            ttl_ms,
+            token,
+            "" if event is None else event.last,
+            "" if fencing_epoch is None else fencing_epoch,
+            "" if floor is None else floor[0],
+            "" if floor is None else floor[1],
+            self.publish_command,
+        )
+
+    def answered(self, stream: str, epoch: int, seq: int) -> None:
+        """Record an answer as the stream's floor (the newest one: answers of one stream come in order)."""
+        if self.use_floors:
+            self.floors[stream] = (epoch, seq)
 
 
 class RedisBroker:
@@ -46,7 +117,9 @@ class RedisBroker:
         socket_timeout_s: float = 5.0,
         reconnect_initial_s: float = 0.1,
         reconnect_max_s: float = 5.0,
+        seq_floors: bool = False,
     ) -> None:
+        """``seq_floors``: pass each stream's floor to the script (module docstring; on for Sentinel)."""
         if history_maxlen < 1:
             raise ValueError(f"history_maxlen must be >= 1, got {history_maxlen!r}")
         self.url = url
@@ -61,6 +134,9 @@ class RedisBroker:
         self._client: aioredis.Redis | None = None
         self._script_sha = ""
         self._malformed_reads = 0  # history entries and last values that did not decode (skipped)
+        self._calls = PublishCalls(self.namer, sharded=False, floors=seq_floors)
+        self.fencing_epoch: int | None = None  # the lease's epoch for this process's fenced publishes (None: none)
+        self.reconnect_max_s = reconnect_max_s
         self._subscription = RedisSubscription(
             self.namer,
             safe_url=self.safe_url,
@@ -105,10 +181,14 @@ class RedisBroker:
         """The subscription reader's fatal error."""
         return self._subscription.failure
 
+    @property
+    def problem(self) -> str | None:
+        """Why the subscription side is down (for ``/readyz``), or None while it is live."""
+        return None if self.connected else self._subscription.problem
+
     # ---- lifecycle ----
-    async def start(self) -> None:
-        if self._client is not None:
-            raise BrokerError("RedisBroker.start() called twice")
+    def _options(self) -> dict[str, Any]:
+        """redis-py connection options shared by the command client and the subscription connection."""
         options: dict[str, Any] = {
             "decode_responses": False,
             "socket_timeout": self.socket_timeout_s,
@@ -118,20 +198,35 @@ class RedisBroker:
         }
         if urlsplit(self.url).scheme != "unix":
             options["socket_keepalive"] = True  # UnixDomainSocketConnection does not take it
+        return options
+
+    def _make_client(self, options: dict[str, Any]) -> aioredis.Redis:
+        return aioredis.Redis.from_url(self.url, health_check_interval=self.health_check_interval_s, **options)
+
+    def _subscription_pool(self, options: dict[str, Any]) -> ConnectionPool:
+        # RESP2 keeps pub/sub replies plain arrays.
+        return ConnectionPool.from_url(self.url, protocol=2, **options)
+
+    async def start(self) -> None:
+        if self._client is not None:
+            raise BrokerError("RedisBroker.start() called twice")
+        options = self._options()
         try:
-            self._client = aioredis.Redis.from_url(
-                self.url, health_check_interval=self.health_check_interval_s, **options
-            )
+            self._client = self._make_client(options)
             await self._client.ping()
             self._script_sha = str(await self._client.script_load(PUBLISH_SCRIPT))
-            await self._subscription.open(self.url, options)
+            await self._subscription.open(self._subscription_pool(options))
         except (redis_errors.RedisError, OSError, ValueError) as error:  # OSError includes TimeoutError
             await self._release_client()
             # Worded to follow the CLI's "PRICEGATE_REDIS_URL=...: cannot reach Redis: " prefix.
-            raise BrokerError(f"Redis at {self.safe_url}: {error}") from error
+            raise BrokerError(f"Redis at {self.safe_url}: {self._explain(error)}") from error
         except BrokerError:
             await self._release_client()
             raise
+
+    def _explain(self, error: BaseException) -> str:
+        """What a failure to start says (a subclass adds where it looked)."""
+        return str(error)
 
     async def close(self) -> None:
         await self._subscription.close()
@@ -159,31 +254,25 @@ class RedisBroker:
         # the batch is harmless because epochs are compared per channel.
         candidate_epoch = random.randrange(1, 2**31)
         ttl_ms = max(0, int(self.history_max_age_s * 1000))
-        calls: list[tuple[Any, ...]] = []
         leader_key = self.namer.leader_key
+        fence_key = self.namer.fence_key
         token = fencing_token or ""
-        for message in messages:
-            keys = self.namer.keys(message.stream)
-            event = message.event
-            calls.append(
-                (
-                    keys.epoch,
-                    keys.seq,
-                    keys.history,
-                    keys.last,
-                    keys.event_id,
-                    leader_key,
-                    keys.channel,
-                    candidate_epoch,
-                    published_at_ms,
-                    message.payload,
-                    1 if message.keep_last else 0,
-                    self.history_maxlen,
-                    ttl_ms,
-                    token,
-                    "" if event is None else event.last,
-                )
+        build = self._calls.args
+        calls = [
+            build(
+                message,
+                self.namer.keys(message.stream),
+                lease_key=leader_key,
+                fence_key=fence_key,
+                candidate_epoch=candidate_epoch,
+                published_at_ms=published_at_ms,
+                history_maxlen=self.history_maxlen,
+                ttl_ms=ttl_ms,
+                token=token,
+                fencing_epoch=self.fencing_epoch if token else None,
             )
+            for message in messages
+        ]
         results = await self._run_script(client, calls)
         missing = [index for index, result in enumerate(results) if isinstance(result, redis_errors.NoScriptError)]
         if missing:
@@ -208,8 +297,8 @@ class RedisBroker:
                 done = sum(1 for r in results if not isinstance(r, BaseException))
                 if str(result).startswith(NOT_LEADER):
                     raise NotLeaderError(
-                        f"publish to {self.safe_url} refused from {message.stream!r} on: the fencing token no longer "
-                        f"holds the leader lease ({done}/{len(messages)} of the batch were published before)"
+                        f"publish to {self.safe_url} refused from {message.stream!r} on: {result} (a later leader "
+                        f"holds the lease; {done}/{len(messages)} of the batch were published before)"
                     ) from result
                 raise PublishIncomplete(
                     f"publish to {self.safe_url} failed for {message.stream!r} "
@@ -219,9 +308,23 @@ class RedisBroker:
             if result == 0:
                 self.duplicates_dropped += 1
                 continue
-            epoch, seq = result
-            publications.append(Publication(int(epoch), int(seq), published_at_ms, message.payload))
+            epoch, seq = int(result[0]), int(result[1])
+            self._calls.answered(message.stream, epoch, seq)
+            publications.append(Publication(epoch, seq, published_at_ms, message.payload))
         return publications
+
+    async def take_fencing_epoch(self, epoch: int) -> None:
+        """The lease was taken with fencing ``epoch``: announce it in the fence (no publisher with a lower one
+        publishes after this returns) and publish fenced with it from now on. BrokerError if the fence holds a higher
+        one already (a later leader's, which this process's lease outlived only because Redis lost its writes): the
+        lease is then given up, and the next acquisition draws a higher epoch."""
+        pipe = self._require_client().pipeline(transaction=False)
+        pipe.zadd(self.namer.fence_key, {FENCE_MEMBER: epoch}, gt=True)
+        pipe.zscore(self.namer.fence_key, FENCE_MEMBER)
+        _, highest = await self._command("announce the fencing epoch", pipe.execute())
+        if highest is not None and highest > epoch:
+            raise BrokerError(f"fencing epoch {epoch} is below {highest:.0f}, a later leader's, at {self.safe_url}")
+        self.fencing_epoch = epoch
 
     async def _run_script(self, client: aioredis.Redis, calls: list[tuple[Any, ...]]) -> list[Any]:
         """All calls in one round trip, like a pipeline; per-call errors come back as exception values. The replies
@@ -343,3 +446,63 @@ class RedisBroker:
         except ValueError:
             self._malformed_reads += 1
             return None
+
+
+class SentinelBroker(RedisBroker):
+    """:class:`RedisBroker` on the master that Sentinels name (``redis+sentinel://s1:p1,s2:p2/<master>[/db]``). Every
+    new connection asks the Sentinels where the master is, so after a failover the subscription's reconnect, and the
+    next publish or command after a failed one, reach the promoted replica; a master demoted while a connection
+    stays open answers ``READONLY``, which redis-py turns into a lost connection. Writes the old master confirmed but
+    never replicated are handled by the publish script's floor and epoch (module docstring)."""
+
+    def __init__(self, url: str, **kwargs: Any) -> None:
+        super().__init__(url, seq_floors=True, **kwargs)
+        target = parse_redis_url(url)
+        if target.kind != "sentinel":
+            raise ValueError(f"not a redis+sentinel:// URL: {self.safe_url}")
+        self.target = target
+        self._sentinel: Sentinel | None = None
+
+    def _sentinels(self, options: dict[str, Any]) -> Sentinel:
+        if self._sentinel is None:
+            timeout = options.get("socket_timeout", self.socket_timeout_s)
+            self._sentinel = Sentinel(  # type: ignore[no-untyped-call]  # untyped in redis-py
+                list(self.target.nodes),
+                sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout},
+                **options,
+            )
+        return self._sentinel
+
+    def _data_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        data = dict(options, db=self.target.db)
+        if self.target.password is not None:
+            data["password"] = self.target.password
+        if self.target.username is not None:
+            data["username"] = self.target.username
+        return data
+
+    def _make_client(self, options: dict[str, Any]) -> aioredis.Redis:
+        client: aioredis.Redis = self._sentinels(options).master_for(
+            self.target.master_name, health_check_interval=self.health_check_interval_s, **self._data_options(options)
+        )
+        return client
+
+    def _subscription_pool(self, options: dict[str, Any]) -> ConnectionPool:
+        return SentinelConnectionPool(  # type: ignore[no-untyped-call]  # untyped in redis-py
+            self.target.master_name, self._sentinels(options), protocol=2, **self._data_options(options)
+        )
+
+    def _explain(self, error: BaseException) -> str:
+        sentinels = ",".join(f"{host}:{port}" for host, port in self.target.nodes)
+        if "No master found" in str(error):
+            return (
+                f"no Sentinel of {sentinels} names a reachable master {self.target.master_name!r} "
+                f"(is the name right, and are the Sentinels up?): {error}"
+            )
+        return f"the master Sentinels ({sentinels}) name for {self.target.master_name!r} does not answer: {error}"
+
+    async def close(self) -> None:
+        await super().close()
+        sentinel, self._sentinel = self._sentinel, None
+        if sentinel is not None:
+            await sentinel.aclose()

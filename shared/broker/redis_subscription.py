@@ -4,6 +4,11 @@ reads it. A small RESP parser (:mod:`shared.redis.resp`) handles every message o
 its own PING deadline and reconnects with jittered backoff, resubscribing every channel before it reports
 ``on_broker_reconnect`` so the relay can repair from history. SUBSCRIBE and UNSUBSCRIBE are written straight to
 the socket and wait for Redis to confirm each channel.
+
+On a Redis Cluster the same class is one shard's connection (``sharded=True``): SSUBSCRIBE/SUNSUBSCRIBE, one command
+per hash slot (a sharded command's channels must share a slot), ``smessage`` on the fast path, and no reconnecting
+of its own: a lost connection, a ``-MOVED`` answer and the ``sunsubscribe`` a node pushes when a slot leaves it
+are reported to its owner (:mod:`shared.broker.redis_sharded`), which knows where each slot lives now.
 """
 
 from __future__ import annotations
@@ -13,7 +18,6 @@ import logging
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import redis.exceptions as redis_errors
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
@@ -30,6 +34,9 @@ logger = logging.getLogger("shared.broker.redis")
 
 _READ_SIZE = 1 << 18  # what one transport read can deliver; many messages are parsed per read
 _MESSAGE_PREFIX = b"*3\r\n$7\r\nmessage\r\n"
+_SHARD_MESSAGE_PREFIX = b"*3\r\n$8\r\nsmessage\r\n"
+# A cluster node's refusal of a sharded subscription that another look at the cluster can fix.
+_CLUSTER_RETRYABLE = (b"MOVED ", b"ASK ", b"TRYAGAIN", b"CLUSTERDOWN")
 
 # redis-py raises its own ConnectionError/TimeoutError (not the builtins); authentication and ACL failures
 # subclass its ConnectionError but retrying them cannot help. Any OSError on the subscription socket (a TLS
@@ -50,6 +57,10 @@ class _Pending:
     remaining: int
     future: asyncio.Future[None] | None = None
     on_done: Callable[[], None] | None = None
+    # Sharded only: the command's channels not yet confirmed. A node also pushes ``sunsubscribe`` by itself when a
+    # slot leaves it; a reply for a channel the head command does not wait for is such a push.
+    channels: set[bytes] | None = None
+    unsubscribing: bool = False
 
 
 class RedisSubscription:
@@ -66,7 +77,14 @@ class RedisSubscription:
         health_check_interval_s: float,
         reconnect_initial_s: float,
         reconnect_max_s: float,
+        sharded: bool = False,
+        slot_of: Callable[[bytes], int] | None = None,
+        on_lost: Callable[[RedisSubscription, BaseException], None] | None = None,
+        on_moved: Callable[[RedisSubscription, list[bytes], str], None] | None = None,
     ) -> None:
+        """``sharded``: a cluster shard's connection; ``slot_of`` gives a channel's hash slot, ``on_lost`` is told
+        when the connection is lost (it is not reconnected here) and ``on_moved`` which channels the node gave up
+        (they are no longer subscribed here), with the node's words."""
         self.safe_url = safe_url  # the URL with its password redacted, for logs and errors
         self.socket_timeout_s = socket_timeout_s
         self.health_check_interval_s = health_check_interval_s
@@ -79,7 +97,15 @@ class RedisSubscription:
         self.client_id: int | None = None  # CLIENT ID of the live subscription connection
         self.task: asyncio.Task[None] | None = None  # the reader; completes with its fatal error, if any
         self.failure: BaseException | None = None  # that fatal error
+        self.problem: str | None = None  # why the last connection was lost or could not be made (for /readyz)
 
+        self._sharded = sharded
+        self._slot_of = slot_of
+        self._on_lost = on_lost
+        self._on_moved = on_moved
+        self._message_prefix = _SHARD_MESSAGE_PREFIX if sharded else _MESSAGE_PREFIX
+        self._subscribe_command = b"SSUBSCRIBE" if sharded else b"SUBSCRIBE"
+        self._unsubscribe_command = b"SUNSUBSCRIBE" if sharded else b"UNSUBSCRIBE"
         self._namer = namer
         self._pool: ConnectionPool | None = None
         self._conn: AbstractConnection | None = None
@@ -101,17 +127,22 @@ class RedisSubscription:
     def set_listener(self, listener: BrokerListener) -> None:
         self._listener = listener
 
-    async def open(self, url: str, options: dict[str, Any]) -> None:
-        """Connect to ``url`` (redis-py connection ``options``), subscribe the heartbeat and every desired channel
-        and start the reader; returns once Redis confirmed them all. A failure to connect propagates as redis-py's
-        error, an OSError or a ValueError (a bad URL); a subscription refused or not confirmed within the socket
-        timeout raises BrokerError. After any failure the subscription is closed again."""
+    @property
+    def channels(self) -> dict[bytes, str]:
+        """The channels this connection should hold (channel bytes -> stream name; read only)."""
+        return self._streams_by_channel
+
+    async def open(self, pool: ConnectionPool) -> None:
+        """Connect through ``pool`` (a redis-py pool of RESP2 connections, which this subscription owns from now on),
+        subscribe the heartbeat and every desired channel and start the reader; returns once Redis confirmed them
+        all. A failure to connect propagates as redis-py's error, an OSError or a ValueError (a bad URL); a
+        subscription refused or not confirmed within the socket timeout raises BrokerError. After any failure the
+        subscription is closed again."""
         if self._pool is not None:
             raise BrokerError("the Redis subscription is already open")
         self._ever_connected = False
         self.failure = None
-        # RESP2 keeps pub/sub replies plain arrays.
-        self._pool = ConnectionPool.from_url(url, protocol=2, **options)
+        self._pool = pool
         try:
             ready = await self._connect()
             self.task = asyncio.create_task(self._run(), name="pricegate-redis-subscriber")
@@ -152,15 +183,18 @@ class RedisSubscription:
     # ---- channels ----
     async def subscribe(self, streams: Iterable[str]) -> None:
         """See :meth:`shared.broker.redis.RedisBroker.subscribe`."""
+        await self.subscribe_channels({self._namer.channel(stream).encode(): stream for stream in streams})
+
+    async def subscribe_channels(self, wanted: dict[bytes, str]) -> None:
+        """:meth:`subscribe` by channel (channel bytes -> the stream name delivered with its messages)."""
         channels: list[bytes] = []
-        for stream in streams:
-            channel = self._namer.channel(stream).encode()
+        for channel, stream in wanted.items():
             if channel not in self._streams_by_channel:
                 self._streams_by_channel[channel] = stream
                 channels.append(channel)
         if channels:
             try:
-                await self._send_and_confirm(b"SUBSCRIBE", channels)
+                await self._send_and_confirm(self._subscribe_command, channels)
             except BrokerError:
                 # Refused as a whole (e.g. an ACL): forget them, or every reconnect would be refused too.
                 for channel in channels:
@@ -169,13 +203,20 @@ class RedisSubscription:
 
     async def unsubscribe(self, streams: Iterable[str]) -> None:
         """See :meth:`shared.broker.redis.RedisBroker.unsubscribe`."""
+        await self.unsubscribe_channels([self._namer.channel(stream).encode() for stream in streams])
+
+    async def unsubscribe_channels(self, unwanted: Iterable[bytes]) -> None:
+        """:meth:`unsubscribe` by channel."""
         channels: list[bytes] = []
-        for stream in streams:
-            channel = self._namer.channel(stream).encode()
+        for channel in unwanted:
             if self._streams_by_channel.pop(channel, None) is not None:
                 channels.append(channel)
         if channels:
-            await self._send_and_confirm(b"UNSUBSCRIBE", channels)
+            await self._send_and_confirm(self._unsubscribe_command, channels)
+
+    def add_channel(self, channel: bytes, stream: str) -> None:
+        """Record a channel to hold without sending anything (the heartbeat of a shard, before :meth:`open`)."""
+        self._streams_by_channel[channel] = stream
 
     # ---- connection ----
     async def _connect(self) -> asyncio.Future[None]:
@@ -204,17 +245,48 @@ class RedisSubscription:
             raise BrokerError("unsupported redis-py connection internals: no asyncio streams on the connection")
         self._reader = reader
         self._writer = writer
-        channels = [self._heartbeat_channel, *self._streams_by_channel]
         ready: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append(_Pending(len(channels), ready, self._on_subscribed))
-        writer.write(pack_command(b"SUBSCRIBE", *channels))
+        if self._sharded:
+            groups = self._by_slot(list(self._streams_by_channel))
+            if not groups:
+                self._on_subscribed()
+                ready.set_result(None)
+                return ready
+            for index, group in enumerate(groups):
+                last = index == len(groups) - 1
+                self._pending.append(
+                    _Pending(
+                        len(group),
+                        ready if last else None,
+                        self._on_subscribed if last else None,
+                        channels=set(group),
+                    )
+                )
+            writer.write(b"".join(pack_command(b"SSUBSCRIBE", *group) for group in groups))
+        else:
+            channels = [self._heartbeat_channel, *self._streams_by_channel]
+            self._pending.append(_Pending(len(channels), ready, self._on_subscribed))
+            writer.write(pack_command(b"SUBSCRIBE", *channels))
         async with asyncio.timeout(self.socket_timeout_s):
             await writer.drain()
         return ready
 
+    def _by_slot(self, channels: list[bytes]) -> list[list[bytes]]:
+        """Sharded commands, one per hash slot (a sharded command's channels must share one)."""
+        slot_of = self._slot_of
+        if slot_of is None:
+            return [channels] if channels else []
+        groups: dict[int, list[bytes]] = {}
+        for channel in channels:
+            groups.setdefault(slot_of(channel), []).append(channel)
+        return list(groups.values())
+
     def _on_subscribed(self) -> None:
         """Every channel is subscribed (again): only now can history repair close a gap without a hole."""
         self._connected = True
+        self.problem = None
+        if self._sharded:
+            return  # the owner of the shard connections reports reconnects, once for all of them
         if not self._ever_connected:
             self._ever_connected = True
             return
@@ -236,8 +308,17 @@ class RedisSubscription:
             return  # disconnected or not started: the (re)connect subscribes the desired set
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         # Append and write without an await in between so the FIFO order is the order on the wire.
-        self._pending.append(_Pending(len(channels), done))
-        writer.write(pack_command(command, *channels))
+        if self._sharded:
+            groups = self._by_slot(channels)
+            for index, group in enumerate(groups):
+                future = done if index == len(groups) - 1 else None
+                self._pending.append(
+                    _Pending(len(group), future, channels=set(group), unsubscribing=command == b"SUNSUBSCRIBE")
+                )
+            writer.write(b"".join(pack_command(command, *group) for group in groups))
+        else:
+            self._pending.append(_Pending(len(channels), done))
+            writer.write(pack_command(command, *channels))
         try:
             await writer.drain()
         except ConnectionError:
@@ -255,7 +336,8 @@ class RedisSubscription:
                 entry.future.set_result(None)
 
     async def _run(self) -> None:
-        """The reader task: read until the connection fails, then reconnect with backoff, forever."""
+        """The reader task: read until the connection fails, then reconnect with backoff, forever (a shard's
+        connection reports the loss to its owner instead and ends)."""
         try:
             while True:
                 try:
@@ -264,6 +346,11 @@ class RedisSubscription:
                     if not is_retryable(error, retryable=_RETRYABLE, fatal=_FATAL):
                         raise
                     logger.warning("Redis subscription connection to %s lost: %r", self.safe_url, error)
+                    self.problem = f"subscription connection to {self.safe_url} lost: {error!r}"
+                    if self._on_lost is not None:
+                        await self._disconnect()
+                        self._on_lost(self, error)
+                        return
                 await self._disconnect()
                 await self._reconnect()
         except asyncio.CancelledError:
@@ -291,6 +378,7 @@ class RedisSubscription:
                 if not is_retryable(error, retryable=_RETRYABLE, fatal=_FATAL):
                     raise
                 logger.warning("Redis at %s still unreachable (%r); retrying", self.safe_url, error)
+                self.problem = f"Redis at {self.safe_url} unreachable: {error!r}"
                 await self._disconnect()
 
     # ---- reading ----
@@ -331,9 +419,10 @@ class RedisSubscription:
         size = len(buf)
         streams = self._streams_by_channel
         heartbeat = self._heartbeat_channel
-        prefix_len = len(_MESSAGE_PREFIX)
+        message_prefix = self._message_prefix
+        prefix_len = len(message_prefix)
         while pos < size:
-            if buf.startswith(_MESSAGE_PREFIX, pos):
+            if buf.startswith(message_prefix, pos):
                 # Fast path for the overwhelmingly common reply: a published message.
                 channel_reply = parse_reply(buf, pos + prefix_len)
                 if channel_reply is None:
@@ -396,6 +485,9 @@ class RedisSubscription:
             # Redis answers a refused SUBSCRIBE/UNSUBSCRIBE (e.g. an ACL) with one error for the whole command.
             text = reply.message.decode(errors="replace")
             entry = self._pending.popleft() if self._pending else None
+            if self._sharded and entry is not None and reply.message.startswith(_CLUSTER_RETRYABLE):
+                self._refused_by_cluster(entry, text)
+                return
             if entry is not None and entry.on_done is not None:
                 # The (re)subscription of every channel was refused: nothing would ever be delivered and no
                 # retry can change that, so the reader stops loudly.
@@ -409,7 +501,7 @@ class RedisSubscription:
         if not isinstance(reply, list) or not reply:
             return  # e.g. a RESP3 +PONG
         kind = reply[0]
-        if kind == b"message" and len(reply) == 3:
+        if (kind == b"message" or kind == b"smessage") and len(reply) == 3:
             channel, data = reply[1], reply[2]
             if isinstance(channel, bytes) and isinstance(data, bytes):
                 if channel == self._heartbeat_channel:
@@ -418,6 +510,9 @@ class RedisSubscription:
                     self._deliver(stream, data)
                 return
             raise ProtocolDesync("pub/sub message without channel or data")
+        if kind in (b"ssubscribe", b"sunsubscribe") and len(reply) >= 2 and isinstance(reply[1], bytes):
+            self._sharded_confirmation(kind == b"sunsubscribe", reply[1])
+            return
         if kind in (b"subscribe", b"unsubscribe"):
             if not self._pending:
                 return  # nothing waits for it
@@ -430,3 +525,38 @@ class RedisSubscription:
                 if entry.on_done is not None:
                     entry.on_done()
         # anything else (pong, ...) needs no action
+
+    # ---- sharded replies ----
+    def _sharded_confirmation(self, unsubscribed: bool, channel: bytes) -> None:
+        entry = self._pending[0] if self._pending else None
+        waiting = entry is not None and entry.channels is not None and channel in entry.channels
+        if entry is not None and waiting and entry.unsubscribing == unsubscribed:
+            assert entry.channels is not None
+            entry.channels.discard(channel)
+            entry.remaining -= 1
+            if entry.remaining <= 0:
+                self._pending.popleft()
+                if entry.future is not None and not entry.future.done():
+                    entry.future.set_result(None)
+                if entry.on_done is not None:
+                    entry.on_done()
+            return
+        if unsubscribed and self._streams_by_channel.pop(channel, None) is not None:
+            # Pushed by the node: the channel's slot left it (migrated, or the node is a replica now).
+            logger.info("Redis at %s gave up shard channel %r (its slot moved)", self.safe_url, channel)
+            if self._on_moved is not None:
+                self._on_moved(self, [channel], "sunsubscribe pushed by the node")
+
+    def _refused_by_cluster(self, entry: _Pending, text: str) -> None:
+        """A sharded command refused with a redirection or a cluster state the owner can wait out: its channels are
+        not held here; the owner looks where they live now."""
+        channels = sorted(entry.channels or ())
+        if not entry.unsubscribing:
+            for channel in channels:
+                self._streams_by_channel.pop(channel, None)
+        if entry.future is not None and not entry.future.done():
+            entry.future.set_result(None)
+        if entry.on_done is not None:
+            entry.on_done()
+        if channels and not entry.unsubscribing and self._on_moved is not None:
+            self._on_moved(self, channels, text)
