@@ -51,7 +51,7 @@ from tests.processes import PricegateProcess, free_port, start_pricegate
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
-KUSTOMIZATIONS = ("base", "overlays/dev", "overlays/prod")
+KUSTOMIZATIONS = ("base", "overlays/dev", "overlays/prod", "overlays/cluster")
 # 1.30: the oldest release with the preStop sleep handler on by default; 1.37: the newest schema bundled.
 KUBERNETES_VERSIONS = ("1.30.0", "1.33.0", "1.37.0")
 CRD_GROUP = "monitoring.coreos.com"
@@ -529,6 +529,9 @@ def test_config_map_holds_only_valid_pricegate_settings(name: str) -> None:
     assert settings_problems(docs) == []
     data = config_map(docs)["data"]
     assert data["PRICEGATE_HOST"] == "0.0.0.0", "pods must listen on every interface"
+    if name == "overlays/cluster":  # seed nodes of a Redis Cluster (a StatefulSet behind a headless Service)
+        assert data["PRICEGATE_REDIS_URL"].startswith("redis+cluster://redis-cluster-0.redis-cluster:")
+        return
     assert data["PRICEGATE_REDIS_URL"].startswith("redis://redis:"), "Redis is reached through a Service named redis"
 
 
