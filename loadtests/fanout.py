@@ -355,6 +355,7 @@ class Options:
     storm: int = 0  # --storm M: M clients drop and reconnect at once beside the N steady ones
     storm_seconds: float = 6.0
     storm_concurrency: int = 2048
+    storm_rate: float = 1.0  # messages per second per stream (so per client) during the storm
 
 
 @dataclass
@@ -1134,10 +1135,10 @@ class Benchmark:
 
     # ---- the reconnect storm ----
     def run_storm(self, target: str, clients: int, storm: int) -> dict[str, Any]:
-        """``--storm M``: ``clients`` steady clients and M more on one server, every client receiving about five
-        messages a second (even pace); then, in a measured step, all M drop at once and reconnect at full speed
-        (a new load generator connecting ``--storm-concurrency`` at a time). What matters is the steady clients'
-        p99 during that step, beside the same step without a storm."""
+        """``--storm M``: ``clients`` steady clients and M more on one server, every client receiving
+        ``--storm-rate`` messages a second (even pace); then, in a measured step, all M drop at once and reconnect
+        at full speed (a new load generator connecting ``--storm-concurrency`` at a time). What matters is the
+        steady clients' p99 during that step, beside the same step without a storm."""
         options = self.options
         prefix = f"pgbench:{self.run_id}:storm:{target}"
         port = free_port()
@@ -1150,7 +1151,7 @@ class Benchmark:
             stormers, _ = self.start_loadgen([port], storm, src_offset_base=100)
             reading = hello["reading_per_stream"]
             self.warm_up(publisher, steady, server)
-            rate = 5.0 * len(self.streams)  # five messages a second per stream: every client gets ~5/s
+            rate = options.storm_rate * len(self.streams)  # every client gets storm_rate messages a second
             quiet = self.run_step(
                 rate, options.step_s, server=server, publisher=publisher, loadgen=steady, reading_per_stream=reading,
                 p99_max_ms=100.0, pace="even",
@@ -1470,6 +1471,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     parser.add_argument("--storm-seconds", type=float, default=6.0, help="the measured step around the storm")
     parser.add_argument(
+        "--storm-rate", type=float, default=1.0, help="messages/s each client receives during --storm (default 1)"
+    )
+    parser.add_argument(
         "--retry-disturbed",
         type=int,
         default=0,
@@ -1533,6 +1537,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         latency_bound=not args.no_latency_bound,
         storm=args.storm,
         storm_seconds=args.storm_seconds,
+        storm_rate=args.storm_rate,
     )
 
 
