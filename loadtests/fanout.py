@@ -47,6 +47,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -56,7 +57,10 @@ from typing import Any
 from loadtests.loadgen import LineProcess, LoadGen, LoadGenError, LoadGenGroup, build, fd_limit
 from loadtests.publisher import STREAMS, SYMBOLS
 
-TARGETS = ("pricegate", "naive", "picows", "uvloop")
+TARGETS = ("pricegate", "naive", "picows", "uvloop", "pricegate-apikey")
+DEFAULT_TARGETS = ("pricegate", "naive", "picows", "uvloop")
+# pricegate-apikey: the same gateway with PRICEGATE_AUTH=apikey (a key issued in a fresh PostgreSQL schema, sent by
+# every client in X-MBX-APIKEY): authentication happens at the handshake only, so its fan-out figures must match.
 KEYS = (
     "clients",
     "max_sustained_per_s",
@@ -356,6 +360,7 @@ class Options:
     storm_seconds: float = 6.0
     storm_concurrency: int = 2048
     storm_rate: float = 1.0  # messages per second per stream (so per client) during the storm
+    database_url: str = "postgresql://127.0.0.1:5432/test"  # for the pricegate-apikey target's keys
 
 
 @dataclass
@@ -503,6 +508,8 @@ class Benchmark:
         self.processes = Processes()
         self.python = sys.executable
         self.run_id = f"{os.getpid()}-{int(time.time())}"
+        self.api_key: str | None = None  # issued for the pricegate-apikey target
+        self.schema: str | None = None
         self.redis_url = options.redis_url or ""
         self.redis_process: subprocess.Popen[Any] | None = None
         self.metrics_ports: dict[int, int] = {}  # pricegate server pid -> its port (for /metrics)
@@ -517,8 +524,52 @@ class Benchmark:
         self.root = Path(__file__).resolve().parent.parent
 
     # ---- lifecycle ----
+    def api_key_env(self) -> dict[str, str]:
+        """PRICEGATE_AUTH=apikey on a fresh schema of ``--database-url`` with one key issued (once per run)."""
+        if self.api_key is None:
+            schema = f"fanout_{uuid.uuid4().hex[:10]}"
+            env = {
+                **self._env(),
+                "PRICEGATE_DATABASE_URL": self.options.database_url,
+                "PRICEGATE_DATABASE_SCHEMA": schema,
+                "PRICEGATE_REDIS_URL": self.redis_url,
+            }
+            for args in (["db", "migrate"], ["keys", "create", "--label", "fanout-benchmark"]):
+                done = subprocess.run(
+                    [self.python, "-m", "pricegate_cli", *args], env=env, cwd=self.root, capture_output=True,
+                    text=True, timeout=60, check=False,
+                )  # fmt: skip
+                if done.returncode != 0:
+                    raise BenchmarkError(f"pricegate {' '.join(args)}: {done.stderr.strip()[-300:]}")
+            self.schema = schema
+            self.api_key = done.stdout.split()[-1]
+            log(f"pricegate-apikey: one key issued in schema {schema} of {self.options.database_url}")
+        return {
+            "PRICEGATE_AUTH": "apikey",
+            "PRICEGATE_DATABASE_URL": self.options.database_url,
+            "PRICEGATE_DATABASE_SCHEMA": self.schema or "",
+        }
+
+    def _drop_schema(self) -> None:
+        if self.schema is None:
+            return
+        with contextlib.suppress(Exception):
+            import asyncio
+
+            import asyncpg
+
+            async def drop() -> None:
+                connection = await asyncpg.connect(self.options.database_url)
+                try:
+                    await connection.execute(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
+                finally:
+                    await connection.close()
+
+            asyncio.run(drop())
+
     def close(self) -> None:
         self.processes.stop_all()
+        self._drop_schema()
         if self.options.redis_url:
             self._delete_keys()
         shutil.rmtree(self.tempdir, ignore_errors=True)
@@ -582,7 +633,9 @@ class Benchmark:
         env = self._env()
         streams = ",".join(self.streams)
         metrics_base = 0
-        if target == "pricegate":
+        if target in ("pricegate", "pricegate-apikey"):
+            if target == "pricegate-apikey":
+                env.update(self.api_key_env(), PRICEGATE_MAX_CONNECTIONS_PER_KEY=str(max(50_000, 2 * clients)))
             env.update(
                 PRICEGATE_REDIS_URL=self.redis_url,
                 PRICEGATE_CHANNEL_PREFIX=prefix,
@@ -614,7 +667,7 @@ class Benchmark:
             for index in range(workers):  # each worker serves its /metrics once it serves clients
                 wait_for_port(metrics_base + index, process, 30)
             self.worker_metrics_ports[process.pid] = [metrics_base + index for index in range(workers)]
-        elif target == "pricegate":
+        elif target in ("pricegate", "pricegate-apikey"):
             self.metrics_ports[process.pid] = port
         return process
 
@@ -636,6 +689,7 @@ class Benchmark:
         *,
         concurrency: int | None = None,
         src_offset_base: int = 0,
+        header: str | None = None,
     ) -> tuple[LoadGen | LoadGenGroup, dict[str, Any]]:
         """One load generator, or several when N exceeds what one process may open (its hard open-file limit,
         which root cannot raise without CAP_SYS_RESOURCE), each on its own source addresses."""
@@ -658,6 +712,7 @@ class Benchmark:
                 # (with default loopback buffers it takes megabytes, longer than a step).
                 stall_rcvbuf=4096 if stall_fraction else None,
                 concurrency=concurrency,
+                header=header,
             )
             self.processes.add(member)
             members.append(member)
@@ -852,7 +907,8 @@ class Benchmark:
             time.sleep(0.5)
             result.rss_base_kib = rss_kib(server.pid)
             publisher = self.start_publisher(prefix)
-            loadgen, hello = self.start_loadgen([port], clients)
+            header = f"X-MBX-APIKEY: {self.api_key}" if target == "pricegate-apikey" else None
+            loadgen, hello = self.start_loadgen([port], clients, header=header)
             result.connected, result.connect_s = hello["open"], hello["elapsed_s"]
             if hello["open"] < clients:
                 raise BenchmarkError(f"only {hello['open']}/{clients} clients connected ({hello['failed']} failed)")
@@ -1342,6 +1398,13 @@ def per_n_line(clients: int, results: dict[str, TargetResult]) -> dict[str, Any]
     line["ratio_latency_bound_vs_picows"] = _ratio(ours_bound, picows_bound)
     line["us_per_delivery_light"] = ours.summary()["us_per_delivery_light"] if ours else None
     line["picows_us_per_delivery_light"] = picows.summary()["us_per_delivery_light"] if picows else None
+    apikey = results.get("pricegate-apikey")
+    if apikey is not None:
+        # Authentication costs nothing on the fan-out path: same figures within noise (issue 10: within 5 %).
+        line["ratio_apikey_vs_off"] = _ratio(apikey.max_sustained_per_s, ours_max)
+        line["ratio_apikey_vs_off_latency_bound"] = _ratio(
+            apikey.latency_bound.deliveries_per_s if apikey.latency_bound else None, ours_bound
+        )
     for name, result in results.items():
         summary = result.summary()
         if name != "pricegate":
@@ -1434,7 +1497,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "--clients",
         help="comma-separated N values (default 1000,5000,10000; none with --scale unless given: then both run)",
     )
-    parser.add_argument("--targets", default=",".join(TARGETS), help="subset of pricegate,naive,picows,uvloop")
+    parser.add_argument(
+        "--targets",
+        default=",".join(DEFAULT_TARGETS),
+        help="subset of pricegate,naive,picows,uvloop,pricegate-apikey (the last: auth on, keys in --database-url)",
+    )
+    parser.add_argument("--database-url", default="postgresql://127.0.0.1:5432/test", help="for pricegate-apikey")
     parser.add_argument(
         "--common-rates",
         help="deliveries/s every target is measured at, even pace (default 20000,40000,80000; --quick 20000,80000)",
@@ -1538,6 +1606,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         storm=args.storm,
         storm_seconds=args.storm_seconds,
         storm_rate=args.storm_rate,
+        database_url=args.database_url,
     )
 
 
