@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import tempfile
@@ -442,6 +443,7 @@ async def test_a_paused_leader_cannot_publish_on_any_shard_after_a_standby_took_
             probe.kill()
             await probe.wait()
         await reader
+        os.unlink(script.name)
 
 
 @pytest.mark.timeout(60)

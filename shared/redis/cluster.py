@@ -54,6 +54,7 @@ class ClusterClient:
         self._clients: dict[Address, aioredis.Redis] = {}
         self._refresh_lock = asyncio.Lock()
         self._refreshed_at = 0.0
+        self._failed_at: dict[Address, float] = {}  # when a node last failed to answer a map read
 
     # ---- nodes ----
     def node(self, address: Address) -> aioredis.Redis:
@@ -83,7 +84,9 @@ class ClusterClient:
         async with self._refresh_lock:
             if self._refreshed_at >= requested - REFRESH_MIN_INTERVAL_S and self.map.covered():
                 return self.map
-            candidates = list(dict.fromkeys([*self.map.primaries, *self.map.nodes, *self.seeds]))
+            known = list(dict.fromkeys([*self.map.primaries, *self.map.nodes, *self.seeds]))
+            # Nodes that failed lately go last: a dead host that drops packets costs a whole connect timeout.
+            candidates = sorted(known, key=lambda address: self._failed_at.get(address, 0.0))
             failures: list[str] = []
             for address in candidates:
                 try:
@@ -94,12 +97,14 @@ class ClusterClient:
                     continue
                 except (*_UNREACHABLE, ValueError) as error:
                     failures.append(f"{describe(address)}: {error!r}")
+                    self._failed_at[address] = time.monotonic()
                     continue
                 if not slot_map.covered() and len(candidates) > 1:
                     failures.append(f"{describe(address)}: serves no slot")
                     continue
                 self.map = slot_map
                 self.answered_by = address
+                self._failed_at.pop(address, None)
                 self._refreshed_at = time.monotonic()
                 self.refreshes += 1
                 return slot_map
