@@ -58,8 +58,9 @@ class PrivateRedis:
             listen = ["--port", "0", "--unixsocket", self.socket_path, "--unixsocketperm", "700"]
         else:
             listen = ["--port", str(self.port), "--bind", "127.0.0.1"]
+        # Not the checkout as its directory: a server started there would load (or leave) a dump.rdb in it.
         self._process = await asyncio.create_subprocess_exec(
-            executable, *listen, "--save", "", "--appendonly", "no",
+            executable, *listen, "--save", "", "--appendonly", "no", "--dir", tempfile.gettempdir(),
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
         )  # fmt: skip
         client = aioredis.from_url(self.url)
