@@ -97,7 +97,8 @@ def test_quick_mode_plumbing_at_tiny_scale(tmp_path: Path) -> None:
     assert per_n["ratio_latency_bound_vs_picows"] == round(
         per_n["latency_bound_per_s"] / per_n["picows_latency_bound_per_s"], 2
     )
-    assert per_n["us_per_delivery_light"] > 0 and per_n["picows_us_per_delivery_light"] > 0
+    # CPU time is read in 10 ms ticks: at this tiny scale a step may use less than one.
+    assert per_n["us_per_delivery_light"] >= 0 and per_n["picows_us_per_delivery_light"] >= 0
     for entry in report["results"]:
         assert [round(c["deliveries_per_s"]) for c in entry["common"]] == [400, 800], entry["common"]
         assert all(step["pace"] == "even" for step in entry["latency_steps"])
@@ -114,8 +115,6 @@ def test_quick_mode_plumbing_at_tiny_scale(tmp_path: Path) -> None:
 
 
 async def test_packed_publisher_sends_exactly_what_redis_broker_publish_sends(monkeypatch: pytest.MonkeyPatch) -> None:
-    from redis.asyncio.connection import Connection
-
     from loadtests.publisher import PackedScript, record_publish
     from shared.broker.contract import OutgoingMessage
     from shared.broker.redis import RedisBroker
@@ -126,8 +125,8 @@ async def test_packed_publisher_sends_exactly_what_redis_broker_publish_sends(mo
     broker._script_sha = "0123456789abcdef0123456789abcdef01234567"
     packed = await PackedScript.from_broker(broker, STREAMS)
     payload = ticker_payload(5, 1_700_000_000_123_456)
-    # What RedisBroker.publish itself hands redis-py for this message, packed the way redis-py packs it.
-    (command,) = await record_publish(broker, [OutgoingMessage(STREAMS[5], payload, True)])
-    theirs = b"".join(Connection().pack_command("EVALSHA", *command))
-    ms = b"%d" % command[command.index(payload) - 1]
-    assert packed.command(5, b"$%d\r\n%b\r\n" % (len(ms), ms), payload) == theirs
+    # What RedisBroker.publish itself writes to Redis for this message.
+    (theirs,) = await record_publish(broker, [OutgoingMessage(STREAMS[5], payload, True)])
+    head = theirs[: theirs.index(b"$%d\r\n%b" % (len(payload), payload))]
+    published_ms = head[head.rindex(b"$", 0, len(head) - 2) :]  # the bulk string just before the payload
+    assert packed.command(5, published_ms, payload) == theirs
