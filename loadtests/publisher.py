@@ -44,8 +44,7 @@ from urllib.parse import urlsplit
 
 from shared.broker.contract import OutgoingMessage
 from shared.broker.redis import RedisBroker
-from shared.redis.resp import pack_command
-from shared.redis.scripts import PUBLISH_KEYS
+from shared.redis.resp import pack_command, parse_reply
 
 SYMBOLS = (
     "BTCUSDT", "ETHUSDT", "BNBUSDT", "SOLUSDT", "XRPUSDT", "ADAUSDT", "DOGEUSDT", "TRXUSDT", "DOTUSDT", "LINKUSDT",
@@ -87,14 +86,19 @@ def publish_time_us(frame: bytes | str) -> int | None:
     return int(data[start + 4 : end]) if end > start + 4 else None
 
 
-async def record_publish(broker: RedisBroker, messages: Sequence[OutgoingMessage]) -> list[tuple[Any, ...]]:
-    """The ``EVALSHA`` arguments (sha, numkeys, keys..., args...) ``broker.publish(messages)`` sends to Redis:
-    the broker's round trip is swapped for one that records the calls and answers like the script would."""
-    recorded: list[tuple[Any, ...]] = []
+async def record_publish(broker: RedisBroker, messages: Sequence[OutgoingMessage]) -> list[bytes]:
+    """The ``EVALSHA`` commands ``broker.publish(messages)`` sends to Redis, one packed command per message: the
+    broker's round trip is swapped for one that records the bytes and answers like the script would."""
+    recorded: list[bytes] = []
 
-    async def record(client: Any, calls: list[tuple[Any, ...]]) -> list[Any]:
-        recorded.extend((broker._script_sha, PUBLISH_KEYS, *args) for args in calls)
-        return [[1, index + 1] for index in range(len(calls))]
+    async def record(client: Any, packed: bytes, count: int) -> list[Any]:
+        position = 0
+        for _ in range(count):  # split the batch's bytes at command boundaries
+            parsed = parse_reply(packed, position)
+            assert parsed is not None, "a packed command the RESP parser cannot read"
+            recorded.append(packed[position : parsed[1]])
+            position = parsed[1]
+        return [[1, index + 1] for index in range(count)]
 
     broker._run_script = record  # type: ignore[method-assign]
     client = broker._client
@@ -114,8 +118,8 @@ _MARK = b"\x00pricegate-benchmark-payload\x00"
 class PackedScript:
     """``RedisBroker.publish``'s commands, packed once per stream: only the publish time and payload vary.
 
-    The templates are taken from the broker itself (:func:`record_publish` with a marker payload, packed with
-    redis-py's own ``pack_command``), so they follow any change to the script's keys or arguments; they require
+    The templates are taken from the broker itself (:func:`record_publish` with a marker payload: the bytes
+    ``RedisBroker.publish`` writes), so they follow any change to the script's keys or arguments; they require
     that the publish time is the argument just before the payload, and say so if that ever changes."""
 
     def __init__(self, heads: list[bytes], tails: list[bytes]) -> None:
@@ -126,24 +130,22 @@ class PackedScript:
 
     @classmethod
     async def from_broker(cls, broker: RedisBroker, streams: Sequence[str]) -> PackedScript:
-        from redis.asyncio.connection import Connection
-
+        before = time.time_ns() // 1_000_000
         commands = await record_publish(broker, [OutgoingMessage(stream, _MARK, True) for stream in streams])
-        packer = Connection()
+        after = time.time_ns() // 1_000_000
         heads, tails = [], []
-        for command in commands:
-            where = [index for index, arg in enumerate(command) if arg is _MARK]
-            if len(where) != 1 or not isinstance(command[where[0] - 1], int):
+        for packed in commands:
+            head, found, tail = packed.partition(b"$%d\r\n%b\r\n" % (len(_MARK), _MARK))
+            # The publish time (ms, taken during the call) is the bulk string just before the payload.
+            start = head.rfind(b"$", 0, len(head) - 2)
+            length, _, digits = head[start + 1 : -2].partition(b"\r\n")
+            if not found:
+                raise SystemExit("cannot find the payload in RedisBroker's command: --via broker")
+            if not (digits.isdigit() and length == b"%d" % len(digits) and before <= int(digits) <= after):
                 raise SystemExit(
                     "RedisBroker.publish changed shape (publish time not before the payload): --via broker"
                 )
-            published_ms = command[where[0] - 1]
-            packed = b"".join(packer.pack_command("EVALSHA", *command))
-            middle = b"$%d\r\n%d\r\n$%d\r\n%b\r\n" % (len(str(published_ms)), published_ms, len(_MARK), _MARK)
-            head, found, tail = packed.partition(middle)
-            if not found:
-                raise SystemExit("cannot find the publish time and payload in RedisBroker's command: --via broker")
-            heads.append(head)
+            heads.append(head[:start])
             tails.append(tail)
         return cls(heads, tails)
 

@@ -32,6 +32,7 @@ PURE_MODULES = (
     "shared/redis/resp.py",
     "shared/redis/urls.py",
     "shared/redis/slots.py",
+    "shared/redis/packed_publish.py",
     "shared/broker/outcome.py",
     "shared/intervals.py",
     "shared/candles/model.py",

@@ -6,8 +6,10 @@ module; :func:`shared.broker.factory.redis_broker` picks the class from the URL.
 script per message (:mod:`shared.redis.scripts`), pipelined per batch, that atomically assigns the channel's epoch
 and sequence, appends the envelope to the channel's history stream (ID ``<seq>-0``, trimmed by length; age is
 bounded by a key TTL refreshed on every publish plus an age filter on read), stores the last value of state streams
-and PUBLISHes the envelope. Gateways read history and last values here and receive publications through the
-broker's one subscription connection (:mod:`shared.broker.redis_subscription`).
+and PUBLISHes the envelope. A batch's calls are packed by hand and their replies read raw
+(:mod:`shared.redis.packed_publish`, :mod:`shared.redis.packed_pipeline`: a few microseconds a message where redis-py
+spent tens). Gateways read history and last values here and receive publications through the broker's one
+subscription connection (:mod:`shared.broker.redis_subscription`).
 
 Fenced publishing checks two things in the script (:mod:`shared.redis.scripts`): the lease token against the lease
 key, and the fencing epoch the lease handed this process (:meth:`RedisBroker.take_fencing_epoch`) against the
@@ -38,7 +40,9 @@ from shared.broker.redis_subscription import RedisSubscription
 from shared.errors import BrokerError, NotLeaderError, PublishIncomplete
 from shared.frames import Publication, decode_publication
 from shared.redaction import redact_url
-from shared.redis.scripts import FENCE_MEMBER, HISTORY_FIELD, NOT_LEADER, PUBLISH_KEYS, PUBLISH_SCRIPT
+from shared.redis.packed_pipeline import run_packed
+from shared.redis.packed_publish import PublishPacker
+from shared.redis.scripts import FENCE_MEMBER, HISTORY_FIELD, NOT_LEADER, PUBLISH_SCRIPT
 from shared.redis.urls import parse_redis_url
 from shared.streams import ChannelKeys, ChannelNamer
 
@@ -135,6 +139,7 @@ class RedisBroker:
         self._script_sha = ""
         self._malformed_reads = 0  # history entries and last values that did not decode (skipped)
         self._calls = PublishCalls(self.namer, sharded=False, floors=seq_floors)
+        self._packer = PublishPacker(self.namer, lease_key=self.namer.leader_key, fence_key=self.namer.fence_key)
         self.fencing_epoch: int | None = None  # the lease's epoch for this process's fenced publishes (None: none)
         self.reconnect_max_s = reconnect_max_s
         self._subscription = RedisSubscription(
@@ -254,26 +259,24 @@ class RedisBroker:
         # the batch is harmless because epochs are compared per channel.
         candidate_epoch = random.randrange(1, 2**31)
         ttl_ms = max(0, int(self.history_max_age_s * 1000))
-        leader_key = self.namer.leader_key
-        fence_key = self.namer.fence_key
         token = fencing_token or ""
-        build = self._calls.args
-        calls = [
-            build(
-                message,
-                self.namer.keys(message.stream),
-                lease_key=leader_key,
-                fence_key=fence_key,
+        packer = self._packer
+        packer.set_script(self._script_sha)
+
+        def pack(batch: Sequence[OutgoingMessage]) -> bytes:
+            # The calls PublishCalls.args describes, packed by hand (tests/test_packed_publish.py holds them equal).
+            return packer.pack(
+                batch,
                 candidate_epoch=candidate_epoch,
                 published_at_ms=published_at_ms,
                 history_maxlen=self.history_maxlen,
                 ttl_ms=ttl_ms,
                 token=token,
                 fencing_epoch=self.fencing_epoch if token else None,
+                floors=self._calls.floors,
             )
-            for message in messages
-        ]
-        results = await self._run_script(client, calls)
+
+        results = await self._run_script(client, pack(messages), len(messages))
         missing = [index for index, result in enumerate(results) if isinstance(result, redis_errors.NoScriptError)]
         if missing:
             # Redis restarted or SCRIPT FLUSH ran: nothing of those calls executed, so running them again is
@@ -284,8 +287,9 @@ class RedisBroker:
                 raise PublishIncomplete(
                     f"publish to {self.safe_url}: cannot load the publish script: {error}", missing[0]
                 ) from error
+            packer.set_script(self._script_sha)
             try:
-                retried = await self._run_script(client, [calls[index] for index in missing])
+                retried = await self._run_script(client, pack([messages[index] for index in missing]), len(missing))
             except PublishIncomplete as error:
                 # Counted in the whole batch: everything before the first rerun call, plus what the rerun confirmed.
                 raise PublishIncomplete(str(error), missing[0] + error.confirmed) from error
@@ -326,11 +330,11 @@ class RedisBroker:
             raise BrokerError(f"fencing epoch {epoch} is below {highest:.0f}, a later leader's, at {self.safe_url}")
         self.fencing_epoch = epoch
 
-    async def _run_script(self, client: aioredis.Redis, calls: list[tuple[Any, ...]]) -> list[Any]:
-        """All calls in one round trip, like a pipeline; per-call errors come back as exception values. The replies
-        are read one by one (redis-py's pipeline drops those it read when the connection breaks), so when Redis goes
-        away mid-batch the caller learns how many calls are known done (:class:`PublishIncomplete`) and resends
-        only the rest, which a killed Redis never ran: no message is published twice."""
+    async def _run_script(self, client: aioredis.Redis, packed: bytes, count: int) -> list[Any]:
+        """``count`` packed calls in one round trip, like a pipeline; per-call errors come back as exception values.
+        The replies are read as they arrive (:func:`shared.redis.packed_pipeline.run_packed`), so when Redis goes away
+        mid-batch the caller learns how many calls are known done (:class:`PublishIncomplete`) and resends only the
+        rest, which a killed Redis never ran: no message is published twice."""
         pool = client.connection_pool
         results: list[Any] = []
         try:
@@ -338,13 +342,7 @@ class RedisBroker:
         except (redis_errors.RedisError, OSError) as error:
             raise PublishIncomplete(f"publish to {self.safe_url} failed: {error}", 0) from error
         try:
-            commands = [("EVALSHA", self._script_sha, PUBLISH_KEYS, *args) for args in calls]
-            await connection.send_packed_command(connection.pack_commands(commands))
-            for _ in commands:
-                try:
-                    results.append(await connection.read_response())
-                except redis_errors.ResponseError as error:  # read in full: the connection stays in step
-                    results.append(error)
+            await run_packed(connection, packed, count, results, timeout_s=self.socket_timeout_s)
         except (redis_errors.RedisError, OSError) as error:  # OSError includes TimeoutError
             await connection.disconnect()
             raise PublishIncomplete(f"publish to {self.safe_url} failed: {error}", len(results)) from error

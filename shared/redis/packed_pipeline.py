@@ -1,0 +1,86 @@
+"""A pipeline of hand-packed commands on a redis-py asyncio connection, replies read raw: the I/O half of
+:mod:`shared.redis.packed_publish`.
+
+redis-py reads a pipeline's replies one by one, each through its parser and under a timeout context of its own,
+which costs ingest more than the publish script costs Redis. :func:`run_packed` writes the packed calls with the
+connection's ``send_packed_command`` (connect, AUTH, SELECT, TLS and Sentinel stay redis-py's) and reads the
+replies from the connection's stream in large chunks, parsed by
+:func:`~shared.redis.packed_publish.parse_publish_replies`.
+Replies are appended to the caller's list as they are parsed, so when the connection breaks mid-batch the caller
+knows exactly how many calls Redis answered (the broker's ``PublishIncomplete.confirmed``). Error replies become
+redis-py's exceptions (``NoScriptError`` for ``NOSCRIPT``, else ``ResponseError``), as its pipeline gives them.
+
+The raw read needs the connection's ``asyncio.StreamReader`` (redis-py keeps it as ``_reader``) and a parser with
+nothing buffered; a connection without them is read the slow way, reply by reply through redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import redis.exceptions as redis_errors
+from redis.asyncio.connection import AbstractConnection
+
+from shared.redis.packed_publish import parse_publish_replies
+from shared.redis.resp import ErrorReply, ProtocolDesync
+
+READ_CHUNK = 1 << 18
+
+
+def _error(reply: ErrorReply) -> redis_errors.ResponseError:
+    message = reply.message.decode(errors="replace")
+    if message.startswith("NOSCRIPT"):
+        return redis_errors.NoScriptError(message)
+    return redis_errors.ResponseError(message)
+
+
+def _raw_reader(connection: AbstractConnection) -> asyncio.StreamReader | None:
+    reader = getattr(connection, "_reader", None)
+    parser = getattr(connection, "_parser", None)
+    if not isinstance(reader, asyncio.StreamReader) or getattr(parser, "_buffer", None):
+        return None
+    return reader
+
+
+async def run_packed(
+    connection: AbstractConnection, data: bytes, count: int, into: list[Any], *, timeout_s: float | None
+) -> None:
+    """Send ``count`` packed commands (``data``) and append their replies to ``into`` in order: ``(epoch, seq)``,
+    ``0``, an exception value for an error reply, or what else Redis answered. Raises redis-py's
+    ``ConnectionError``/``TimeoutError`` (or ``OSError``) when the connection fails; the replies read before that
+    are in ``into``. The caller disconnects the connection on any exception (its state is then unknown)."""
+    await connection.send_packed_command(data)
+    reader = _raw_reader(connection)
+    if reader is None:
+        for _ in range(count):
+            try:
+                into.append(await connection.read_response())
+            except redis_errors.ResponseError as error:  # read in full: the connection stays in step
+                into.append(error)
+        return
+    buf = b""
+    pos = 0
+    wanted = count
+    while wanted:
+        try:
+            async with asyncio.timeout(timeout_s):
+                chunk = await reader.read(READ_CHUNK)
+        except TimeoutError:
+            raise redis_errors.TimeoutError("Timeout reading from socket") from None
+        if not chunk:
+            raise redis_errors.ConnectionError("Connection closed by server.")
+        buf = buf[pos:] + chunk if pos < len(buf) else chunk
+        try:
+            replies, pos = parse_publish_replies(buf, 0, wanted)
+        except ProtocolDesync as error:
+            raise redis_errors.ConnectionError(f"Protocol error: {error}") from error
+        for reply in replies:
+            into.append(_error(reply) if isinstance(reply, ErrorReply) else reply)
+        wanted -= len(replies)
+    if pos < len(buf):
+        # More bytes than replies: the connection is out of step with its commands.
+        raise redis_errors.ConnectionError(f"{len(buf) - pos} unexpected bytes after the replies")
+
+
+__all__ = ["run_packed"]
