@@ -47,6 +47,10 @@ class Judgement:
     missing: IdRange | None = None  # set for GAP
 
 
+NEW = Judgement(Verdict.NEW)  # judgements are immutable: the two without a range are shared (one per event is hot)
+DUPLICATE = Judgement(Verdict.DUPLICATE)
+
+
 class Continuity:
     """Last published identity per stream. ``judge`` does not record; ``advance`` does, once published."""
 
@@ -59,12 +63,12 @@ class Continuity:
     def judge(self, stream: str, event: EventId, *, contiguous: bool) -> Judgement:
         last = self._last.get(stream)
         if last is None:
-            return Judgement(Verdict.NEW)
+            return NEW
         if event.last <= last:
-            return Judgement(Verdict.DUPLICATE)
+            return DUPLICATE
         if contiguous and event.first > last + 1:
             return Judgement(Verdict.GAP, IdRange(last + 1, event.first - 1))
-        return Judgement(Verdict.NEW)
+        return NEW
 
     def advance(self, stream: str, last_id: int) -> None:
         """Record ``last_id`` as published on ``stream`` (never moves backwards)."""

@@ -48,7 +48,7 @@ from prometheus_client import Counter, Histogram
 from ingest.broker_health import BrokerHealth
 from ingest.metrics import IngestMetrics
 from ingest.publish.backfill import Backfilled
-from ingest.publish.continuity import BackfillPlan, Continuity, IdRange, Verdict, plan_backfill
+from ingest.publish.continuity import NEW, BackfillPlan, Continuity, IdRange, Verdict, plan_backfill
 from ingest.publish.standby import StandbyBuffer
 from shared.backoff import backoff_delays
 from shared.binance.identity import BACKFILL_KINDS, CONTIGUOUS_KINDS
@@ -105,6 +105,22 @@ class TradeFetcher(Protocol):
     ) -> Backfilled: ...
 
 
+class _Stream:
+    """What the publisher needs to know of a stream, parsed once: its kind, symbol, whether its ids are contiguous,
+    and its kind's published counter and lag histogram children."""
+
+    __slots__ = ("contiguous", "kind", "lag", "published", "symbol")
+
+    def __init__(
+        self, kind: StreamKind, symbol: str | None, contiguous: bool, published: Counter, lag: Histogram
+    ) -> None:
+        self.kind = kind
+        self.symbol = symbol
+        self.contiguous = contiguous
+        self.published = published
+        self.lag = lag
+
+
 class Publisher:
     def __init__(
         self,
@@ -151,7 +167,7 @@ class Publisher:
         self._holding: dict[str, list[OutgoingMessage]] = {}
         self._backfills: dict[str, asyncio.Task[None]] = {}
         self._failure: BaseException | None = None
-        self._streams: dict[str, tuple[StreamKind, str | None]] = {}
+        self._streams: dict[str, _Stream] = {}
         self._kind_metrics: dict[StreamKind, tuple[Counter, Histogram]] = {}
         self._leading = asyncio.Event()
         if self.active:
@@ -271,43 +287,54 @@ class Publisher:
 
     # ---- leading ----
 
-    def _describe(self, stream: str) -> tuple[StreamKind, str | None]:
+    def _describe(self, stream: str) -> _Stream:
         known = self._streams.get(stream)
         if known is None:
             parsed = parse_stream(stream)
-            known = self._streams[stream] = (parsed.kind, parsed.symbol)
+            published, lag = self._per_kind(parsed.kind)
+            known = self._streams[stream] = _Stream(
+                parsed.kind, parsed.symbol, parsed.kind in CONTIGUOUS_KINDS, published, lag
+            )
         return known
 
     async def _lead(self, batch: Sequence[OutgoingMessage]) -> None:
         """Judge each event and publish what is new (under the lock, while active)."""
         ready: list[OutgoingMessage] = []
+        append = ready.append
         continuity = self._continuity
+        judge = continuity.judge
+        advance = continuity.advance
+        holding = self._holding
+        streams = self._streams
         for message in batch:
             event = message.event
             if event is None:
-                ready.append(message)
+                append(message)
                 continue
             stream = message.stream
-            held = self._holding.get(stream)
-            if held is not None:
-                held.append(message)  # a backfill of this stream is running: everything after it waits
-                continue
-            kind, symbol = self._describe(stream)
-            judgement = continuity.judge(stream, event, contiguous=kind in CONTIGUOUS_KINDS)
-            if judgement.verdict is Verdict.DUPLICATE:
-                self.metrics.duplicates.labels(kind=kind.value).inc()
-                continue
-            if judgement.verdict is Verdict.GAP and judgement.missing is not None:
-                self.metrics.sequence_gaps.labels(kind=kind.value).inc()
-                if kind in BACKFILL_KINDS and symbol is not None:
-                    if self.fetcher is not None and self.fetcher.can_fill(kind):
-                        self._start_backfill(stream, kind, symbol, judgement.missing, message)
-                        continue
-                    self._count_lost(stream, kind, [judgement.missing], "no REST backfill for this stream")
-                else:
-                    logger.info("%s: update ids %s missed upstream", stream, judgement.missing)
-            continuity.advance(stream, event.last)
-            ready.append(message)
+            if holding:
+                held = holding.get(stream)
+                if held is not None:
+                    held.append(message)  # a backfill of this stream is running: everything after it waits
+                    continue
+            info = streams.get(stream) or self._describe(stream)
+            judgement = judge(stream, event, contiguous=info.contiguous)
+            if judgement is not NEW:
+                if judgement.verdict is Verdict.DUPLICATE:
+                    self.metrics.duplicates.labels(kind=info.kind.value).inc()
+                    continue
+                if judgement.verdict is Verdict.GAP and judgement.missing is not None:
+                    kind, symbol = info.kind, info.symbol
+                    self.metrics.sequence_gaps.labels(kind=kind.value).inc()
+                    if kind in BACKFILL_KINDS and symbol is not None:
+                        if self.fetcher is not None and self.fetcher.can_fill(kind):
+                            self._start_backfill(stream, kind, symbol, judgement.missing, message)
+                            continue
+                        self._count_lost(stream, kind, [judgement.missing], "no REST backfill for this stream")
+                    else:
+                        logger.info("%s: update ids %s missed upstream", stream, judgement.missing)
+            advance(stream, event.last)
+            append(message)
         if ready:
             await self._send(ready)
 
@@ -377,13 +404,18 @@ class Publisher:
         now = time.time()
         metrics.last_event.set(now)
         now_ms = now * 1000
+        streams = self._streams
+        tally: dict[Counter, int] = {}  # one inc per kind and batch: each inc takes the metric's lock
         for message in messages:
-            kind, _ = self._describe(message.stream)
-            published, lag = self._per_kind(kind)
-            published.inc()
+            info = streams.get(message.stream) or self._describe(message.stream)
+            published = info.published
+            tally[published] = tally.get(published, 0) + 1
             event = message.event
             if event is not None and event.time_ms is not None and not backfilled:
-                lag.observe(max(0.0, now_ms - event.time_ms) / 1000)
+                lag = now_ms - event.time_ms
+                info.lag.observe(lag / 1000 if lag > 0 else 0.0)
+        for published, count in tally.items():
+            published.inc(count)
 
     def _per_kind(self, kind: StreamKind) -> tuple[Counter, Histogram]:
         """The kind's published counter and lag histogram children (a labels() lookup per message is not free)."""
@@ -445,7 +477,7 @@ class Publisher:
             return
         total = 0
         for stream, count in lost.items():
-            kind, _ = self._describe(stream)
+            kind = self._describe(stream).kind
             self.metrics.outage_dropped.labels(kind=kind.value).inc(count)
             total += count
         outage = self._outage

@@ -34,6 +34,40 @@ def _int(value: object) -> int | None:
 
 def event_identity(document: object) -> EventId | None:
     """The identity of one decoded Binance stream payload, or None if it has none we recognise."""
+    if type(document) is dict:  # what orjson makes; the loop below is ingest's hot path, so no helper calls on it
+        get = document.get
+        event_time = get("E")
+        if type(event_time) is not int:
+            event_time = _int(event_time)
+        event_type = get("e")
+        if isinstance(event_type, str):
+            key = _ID_KEY_BY_EVENT.get(event_type)
+            if key is None:
+                # kline, 24hrTicker, 24hrMiniTicker, avgPrice, ...: state pushed on a clock, identified by its time.
+                return None if event_time is None else EventId(event_time, event_time, event_time)
+            last = get(key)
+            if type(last) is not int:
+                last = _int(last)
+                if last is None:
+                    return None
+            if key != "u":
+                return EventId(last, last, event_time)
+            first = get("U")  # depthUpdate: U..u
+            if type(first) is not int:
+                first = _int(first)
+            if first is None or first > last:
+                first = last
+            return EventId(first, last, event_time)
+        # Spot bookTicker and partial books carry no "e" (and no "E").
+        book_update = _int(get("lastUpdateId"))
+        if book_update is not None:
+            return EventId(book_update, book_update, None)
+        update = get("u")
+        if type(update) is not int:
+            update = _int(update)
+        if update is not None and "b" in document:
+            return EventId(update, update, event_time)
+        return None
     if isinstance(document, list):
         # !miniTicker@arr: only symbols that changed, all stamped with the same push; the newest time identifies it.
         times = [t for entry in document if isinstance(entry, dict) and (t := _int(entry.get("E"))) is not None]
@@ -41,27 +75,6 @@ def event_identity(document: object) -> EventId | None:
             return None
         newest = max(times)
         return EventId(newest, newest, newest)
-    if not isinstance(document, dict):
-        return None
-    event_time = _int(document.get("E"))
-    event_type = document.get("e")
-    if isinstance(event_type, str):
-        key = _ID_KEY_BY_EVENT.get(event_type)
-        if key is None:
-            # kline, 24hrTicker, 24hrMiniTicker, avgPrice, ...: state pushed on a clock, identified by its time.
-            return None if event_time is None else EventId(event_time, event_time, event_time)
-        last = _int(document.get(key))
-        if last is None:
-            return None
-        first = _int(document.get("U")) if event_type == "depthUpdate" else last
-        if first is None or first > last:
-            first = last
-        return EventId(first, last, event_time)
-    # Spot bookTicker and partial books carry no "e" (and no "E").
-    book_update = _int(document.get("lastUpdateId"))
-    if book_update is not None:
-        return EventId(book_update, book_update, None)
-    update = _int(document.get("u"))
-    if update is not None and "b" in document:
-        return EventId(update, update, event_time)
+    if isinstance(document, dict):  # a dict subclass: the same rules, the slow way
+        return event_identity(dict(document))
     return None

@@ -35,7 +35,7 @@ from collections.abc import Callable, Collection, Iterator
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.frames import Frame, Opcode
-from websockets.protocol import Event
+from websockets.protocol import Event, State
 
 from ingest.sources.base import Publish
 from ingest.sources.binance.rotation import (
@@ -58,14 +58,17 @@ from ingest.sources.binance.wire import (
     Malformed,
     ServerShutdown,
     assign_streams,
+    frame_size,
     parse_frame,
     plan_changes,
+    read_data_frames,
+    read_event,
 )
 from shared.backoff import backoff_delays
 from shared.binance.identity import CONTIGUOUS_KINDS
 from shared.binance.rest import BinanceRest
 from shared.binance.weight import parse_retry_after
-from shared.broker.contract import OutgoingMessage
+from shared.broker.contract import EventId, OutgoingMessage
 from shared.errors import ConfigError, ProtocolError
 from shared.settings import BINANCE_REST_URL, BINANCE_WS_URL
 from shared.streams import parse_stream
@@ -85,7 +88,9 @@ _MAX_FRAME_BYTES = 4 * 2**20  # all-market arrays (!miniTicker@arr) run to a few
 _RECV_QUEUE_FRAMES = 1024  # frames websockets buffers before it stops reading the socket
 _OUTBOX_HIGH_WATER = 10_000  # messages waiting for publish before readers pause (and TCP pushes back)
 _HANDOVER_POLL_S = 0.02  # how often a rotation checks whether the successor overlaps the old socket
-_CONNECT_ERRORS = (OSError, TimeoutError, InvalidHandshake)
+# A connection closed during the opening handshake (a reset, a server or proxy hanging up) is a failed attempt too.
+_CONNECT_ERRORS = (OSError, TimeoutError, InvalidHandshake, ConnectionClosed)
+_DATA_OPCODES = frozenset({Opcode.TEXT, Opcode.BINARY, Opcode.CONT})
 
 
 class _Outbox:
@@ -124,19 +129,91 @@ class _Outbox:
 
 
 class _WatchedConnection(ClientConnection):
-    """A client connection that notes when any frame last arrived and reports Binance's pings.
+    """A client connection that hands data frames straight to ``on_data``, notes when bytes last arrived and reports
+    Binance's pings.
 
-    Pings never reach ``recv()`` (websockets answers them itself, echoing the payload as Binance wants), so
-    this is the one place that sees them: they prove the connection alive to the watchdog, and the pongs
-    they trigger count against Binance's inbound message limit, so the pacer is charged for each."""
+    Data frames never reach ``recv()``: websockets would parse each one with its generic frame parser and queue it
+    for a ``recv()`` coroutine, several microseconds a message, which at the whole market's rate is most of a core.
+    While the connection is open, :meth:`data_received` cuts complete final, unmasked text and binary frames out of
+    the bytes itself (:func:`~ingest.sources.binance.wire.read_data_frames`) and calls ``on_data`` with each payload,
+    synchronously. A frame of any other kind (a ping, a close, a fragment, anything unusual) goes to websockets alone
+    once complete, so websockets answers pings, runs the closing handshake and enforces the protocol, and is between
+    frames again afterwards; its data frames reach ``on_data`` through :meth:`process_event` (fragments joined). An
+    oversized frame and everything after a close go to websockets as they come. Without ``on_data`` the connection
+    behaves as websockets' own.
+
+    Pings prove the connection alive to the watchdog, and the pongs they trigger count against Binance's inbound
+    message limit, so the pacer is charged for each."""
 
     last_frame_at: float = 0.0
     on_ping: Callable[[], None] | None = None
+    on_data: Callable[[bytes], None] | None = None
+    _partial: bytes = b""  # the start of a data frame the fast path is waiting to complete
+    _fragments: list[bytes] | None = None  # a fragmented message websockets is delivering
+
+    def data_received(self, data: bytes) -> None:
+        self.last_frame_at = self.loop.time()
+        handler = self.on_data
+        protocol = self.protocol
+        if handler is None or protocol.state is not State.OPEN or protocol.reader.buffer:
+            super().data_received(data)  # not open yet (or any more), or websockets holds a partial frame
+            return
+        buffer = self._partial + data if self._partial else data
+        position = 0
+        end = len(buffer)
+        while position < end:
+            if self._fragmented():
+                handover = True  # websockets is inside a fragmented message: its frames go to it one by one
+            else:
+                payloads, position, handover = read_data_frames(buffer, _MAX_FRAME_BYTES, position)
+                for payload in payloads:
+                    handler(payload)
+                    if self.on_data is None:  # the handler ended the connection
+                        self._partial = b""
+                        return
+                if not handover:
+                    break
+            # A frame for websockets (a ping, a close, a fragment, anything odd): handed over alone once complete, so
+            # that websockets is between frames again after it and the data frames that follow stay on this path.
+            size = frame_size(buffer, position)
+            if size is not None and size > _MAX_FRAME_BYTES:
+                self._partial = b""
+                super().data_received(buffer[position:])  # websockets refuses it (and closes the connection)
+                return
+            if size is None or position + size > end:
+                break  # incomplete: kept until the rest arrives
+            super().data_received(buffer[position : position + size])
+            position += size
+            if self.on_data is None or protocol.state is not State.OPEN:  # closing, or the handler failed
+                self._partial = b""
+                if position < end:
+                    super().data_received(buffer[position:])
+                return
+        self._partial = buffer[position:] if position < end else b""
+
+    def _fragmented(self) -> bool:
+        """Websockets is inside a fragmented message (``current_size`` is ``cur_size`` before websockets 16)."""
+        protocol = self.protocol
+        return getattr(protocol, "current_size", getattr(protocol, "cur_size", None)) is not None
 
     def process_event(self, event: Event) -> None:
         if isinstance(event, Frame):
             self.last_frame_at = self.loop.time()
-            if event.opcode is Opcode.PING and self.on_ping is not None:
+            opcode = event.opcode
+            handler = self.on_data
+            if handler is not None and opcode in _DATA_OPCODES:
+                if opcode is not Opcode.CONT:
+                    if event.fin:
+                        handler(bytes(event.data))
+                    else:
+                        self._fragments = [bytes(event.data)]
+                elif self._fragments is not None:  # websockets checked the order of the fragments
+                    self._fragments.append(bytes(event.data))
+                    if event.fin:
+                        message, self._fragments = b"".join(self._fragments), None
+                        handler(message)
+                return
+            if opcode is Opcode.PING and self.on_ping is not None:
                 self.on_ping()
         super().process_event(event)
 
@@ -399,6 +476,9 @@ class _Socket:
         self.wake = asyncio.Event()
         self.wake.set()
         self._helper_error: BaseException | None = None
+        self._frame_error: Exception | None = None
+        self._resume: asyncio.Task[None] | None = None
+        ws.on_data = self._on_frame
         self.task = asyncio.create_task(self._serve())
 
     @property
@@ -431,6 +511,9 @@ class _Socket:
         try:
             await self._read()
         finally:
+            self.ws.on_data = None
+            if self._resume is not None:
+                helpers.append(self._resume)
             for helper in helpers:
                 helper.cancel()
             await asyncio.wait(helpers)
@@ -450,56 +533,86 @@ class _Socket:
             self.ws.transport.abort()
 
     async def _read(self) -> None:
+        """Frames arrive through :meth:`_on_frame`, called by the connection; this waits until it closes and ends
+        the way a reader of ``recv()`` would: with the close exception (or the error a frame raised)."""
+        ws = self.ws
+        await ws.wait_closed()
+        if self._frame_error is not None:
+            raise self._frame_error
+        raise ws.protocol.close_exc
+
+    def _on_frame(self, frame: bytes) -> None:
+        """One upstream frame, synchronously, in arrival order (from the connection's ``data_received``)."""
+        try:
+            self._handle_frame(frame)
+        except Exception as error:  # a bug: end the socket with it, so run() fails loudly (end_reason re-raises)
+            if self._frame_error is None:
+                self._frame_error = error
+            self.ws.on_data = None
+            self.ws.transport.abort()
+
+    def _handle_frame(self, frame: bytes) -> None:
+        source = self.slot.source
+        source.frames_received += 1
+        self.healthy = True
+        event = read_event(frame)  # market data (nearly every frame): parse_frame's fast path, without its object
+        if event is not None:
+            self._deliver(*event)
+            return
+        parsed = parse_frame(frame)
+        if isinstance(parsed, DataFrame):  # a layout the fast path does not read
+            self._deliver(parsed.stream, parsed.payload, parsed.event)
+        elif isinstance(parsed, ControlReply):
+            if isinstance(parsed.id, int):
+                self.pending.pop(parsed.id, None)
+        elif isinstance(parsed, ControlError):
+            self.slot.on_control_error(self, parsed)
+        elif isinstance(parsed, ServerShutdown):
+            log.info("upstream sent serverShutdown (E=%s): replacing the connection", parsed.event_time_ms)
+            self.request_rotation(ROTATE_SERVER_SHUTDOWN)
+        elif isinstance(parsed, Malformed):
+            source.malformed_frames += 1
+            self.malformed += 1
+            # Logged at powers of two only: a misbehaving upstream must not flood the log.
+            if source.malformed_frames & (source.malformed_frames - 1) == 0:
+                log.warning("skipped malformed upstream frame (%d so far): %s", source.malformed_frames, parsed.reason)
+            if self.malformed >= source.malformed_limit:
+                self.request_rotation(REASON_MALFORMED)
+
+    def _deliver(self, stream: str, payload: bytes, event: EventId | None) -> None:
+        """A market-data event: to the publisher (through the slot), or to the buffer while a rotation's successor."""
+        if self.retired:
+            return
         slot = self.slot
         source = slot.source
-        outbox = source._outbox
-        keep_last = source._keep_last
-        contiguous = source._contiguous
-        kinds = source._kind
-        received = source.received
-        ws = self.ws
-        while True:
-            frame = await ws.recv(decode=False)
-            source.frames_received += 1
-            self.healthy = True
-            parsed = parse_frame(frame)
-            if isinstance(parsed, DataFrame):
-                stream = parsed.stream
-                if self.retired:
-                    continue
-                if stream not in slot.desired:
-                    source.unwanted_frames += 1
-                    continue
-                received[kinds[stream]] += 1
-                message = OutgoingMessage(stream, parsed.payload, keep_last[stream], parsed.event)
-                buffer = self.buffer
-                if buffer is not None:
-                    buffer.append(message)
-                    event = parsed.event
-                    if event is not None and contiguous[stream] and stream not in self.first_ids:
-                        self.first_ids[stream] = event.first
-                else:
-                    slot.emit(message)
-                    if outbox.full:
-                        await outbox.wait_for_room()
-            elif isinstance(parsed, ControlReply):
-                if isinstance(parsed.id, int):
-                    self.pending.pop(parsed.id, None)
-            elif isinstance(parsed, ControlError):
-                slot.on_control_error(self, parsed)
-            elif isinstance(parsed, ServerShutdown):
-                log.info("upstream sent serverShutdown (E=%s): replacing the connection", parsed.event_time_ms)
-                self.request_rotation(ROTATE_SERVER_SHUTDOWN)
-            elif isinstance(parsed, Malformed):
-                source.malformed_frames += 1
-                self.malformed += 1
-                # Logged at powers of two only: a misbehaving upstream must not flood the log.
-                if source.malformed_frames & (source.malformed_frames - 1) == 0:
-                    log.warning(
-                        "skipped malformed upstream frame (%d so far): %s", source.malformed_frames, parsed.reason
-                    )
-                if self.malformed >= source.malformed_limit:
-                    self.request_rotation(REASON_MALFORMED)
+        if stream not in slot.desired:
+            source.unwanted_frames += 1
+            return
+        source.received[source._kind[stream]] += 1
+        message = OutgoingMessage(stream, payload, source._keep_last[stream], event)
+        buffer = self.buffer
+        if buffer is not None:
+            buffer.append(message)
+            if event is not None and source._contiguous[stream] and stream not in self.first_ids:
+                self.first_ids[stream] = event.first
+        else:
+            slot.emit(message)
+            if source._outbox.full:
+                self._pause_reading()
+
+    def _pause_reading(self) -> None:
+        """The outbox is full: stop reading the socket (TCP pushes back on the exchange) until it has room."""
+        if self._resume is None:
+            self.ws.transport.pause_reading()
+            self._resume = asyncio.create_task(self._resume_when_room())
+
+    async def _resume_when_room(self) -> None:
+        try:
+            await self.slot.source._outbox.wait_for_room()
+        finally:
+            self._resume = None
+        if not self.ws.transport.is_closing():
+            self.ws.transport.resume_reading()
 
     async def _control(self) -> None:
         """Keep the socket's subscriptions equal to the slot's, one paced request at a time."""

@@ -1,13 +1,14 @@
-"""Binance's stream protocol as seen from ingest, without I/O: frames in, typed results out; streams in,
+"""Binance's stream protocol as seen from ingest, without I/O: bytes and frames in, typed results out; streams in,
 control messages out; and the pacing of those messages against Binance's inbound-message limit.
 
 Everything here is pure (no sockets, no event loop) so the parsing, planning and pacing rules are tested
 on their own; ``ingest.sources.binance.source`` is the thin asyncio adapter that feeds it bytes and a clock. Three jobs:
 
-- :func:`parse_frame` classifies one upstream text frame: a combined data frame (payload sliced out
-  verbatim, so downstream clients receive Binance's exact bytes, with the event's identity read from the same
-  decode that validates it), a control reply or error, a ``serverShutdown`` notice, or a malformed frame. It
-  never raises: outside input must not crash ingest.
+- :func:`read_data_frames` cuts the WebSocket data frames Binance streams out of received bytes (the rest of the
+  WebSocket protocol stays the websockets library's), and :func:`parse_frame` classifies one upstream text frame: a
+  combined data frame (payload sliced out verbatim, so downstream clients receive Binance's exact bytes, with the
+  event's identity read from the same decode that validates it), a control reply or error, a ``serverShutdown``
+  notice, or a malformed frame. It never raises: outside input must not crash ingest.
 - :func:`plan_subscriptions`, :func:`assign_streams` and :func:`plan_changes` spread streams over
   connections (≤ 1024 each) and turn them into SUBSCRIBE/UNSUBSCRIBE requests of bounded size.
 - :class:`ControlPacer` is a token bucket that says when the next control message may go out, so a
@@ -112,6 +113,10 @@ def parse_frame(frame: bytes | str, *, validate_payload: bool = True) -> Upstrea
     envelope layout is trusted as is.
     """
     data = frame.encode("utf-8", "surrogatepass") if isinstance(frame, str) else bytes(frame)
+    if validate_payload:
+        event = read_event(data)
+        if event is not None:
+            return DataFrame(*event)
     sliced = split_combined_frame(data)
     if sliced is not None:
         stream, payload = sliced
@@ -123,11 +128,39 @@ def parse_frame(frame: bytes | str, *, validate_payload: bool = True) -> Upstrea
                     return ServerShutdown(_event_time(payload))
                 return DataFrame(stream, payload)
             document = _decode(payload)
-            if document is not _INVALID:
-                if stream == SERVER_SHUTDOWN_STREAM:
-                    return ServerShutdown(_event_time_of(document))
-                return DataFrame(stream, payload, event_identity(document))
+            if document is not _INVALID and stream == SERVER_SHUTDOWN_STREAM:
+                return ServerShutdown(_event_time_of(document))
     return _parse_slow(data)
+
+
+def read_event(frame: bytes) -> tuple[str, bytes, EventId | None] | None:
+    """:func:`parse_frame`'s fast path as a plain tuple: ``(stream, payload, identity)`` for a market-data frame in
+    Binance's envelope layout whose payload is valid JSON (exactly what :func:`parse_frame` returns as a
+    :class:`DataFrame` for it), None for any other frame (:func:`parse_frame` then says what it is). The live
+    source calls it for every frame: no object is made besides the tuple and the identity."""
+    sliced = split_combined_frame(frame)
+    if sliced is None:
+        return None
+    stream, payload = sliced
+    if stream not in _PLAUSIBLE:
+        if not _plausible_stream(stream) or stream == SERVER_SHUTDOWN_STREAM:
+            return None
+        if len(_PLAUSIBLE) >= _PLAUSIBLE_MAX:
+            _PLAUSIBLE.clear()
+        _PLAUSIBLE.add(stream)
+    if not payload.startswith(_JSON_STARTS):
+        return None
+    try:
+        document = orjson.loads(payload)
+    except ValueError:
+        return None
+    return stream, payload, event_identity(document)
+
+
+# Stream names already found plausible (the set a connection carries is small and steady): the check is a lookup.
+_PLAUSIBLE: set[str] = set()
+_PLAUSIBLE_MAX = 100_000
+_JSON_STARTS = (b"{", b"[")
 
 
 def _plausible_stream(stream: str) -> bool:
@@ -211,6 +244,67 @@ def _control_error(request_id: object, error: dict[str, object]) -> ControlError
         code if isinstance(code, int) and not isinstance(code, bool) else None,
         str(error.get("msg", "")),
     )
+
+
+def read_data_frames(buffer: bytes, max_size: int, start: int = 0) -> tuple[list[bytes], int, bool]:
+    """The WebSocket data frames in ``buffer`` (bytes a client received) from ``start``, as many as are complete:
+    ``(payloads, position after them, handover)``.
+
+    Only final, unmasked text or binary frames without RSV bits and of at most ``max_size`` bytes are read here, the
+    frames Binance streams; at the first frame of any other kind (a ping, a close, a fragment, a masked or oversized
+    frame) reading stops with ``handover`` True: that frame is for a complete WebSocket implementation, which answers
+    control frames and enforces the protocol (:func:`frame_size` says where it ends). ``handover`` False and bytes
+    left over: the last frame is not complete yet (keep the rest and read more)."""
+    payloads: list[bytes] = []
+    append = payloads.append
+    position = start
+    end = len(buffer)
+    while end - position >= 2:
+        first = buffer[position]
+        length = buffer[position + 1]
+        if (first != 0x81 and first != 0x82) or length & 0x80:
+            return payloads, position, True
+        begin = position + 2
+        if length == 126:
+            if end - begin < 2:
+                break
+            length = (buffer[begin] << 8) | buffer[begin + 1]
+            begin += 2
+        elif length == 127:
+            if end - begin < 8:
+                break
+            length = int.from_bytes(buffer[begin : begin + 8], "big")
+            begin += 8
+        if length > max_size:
+            return payloads, position, True
+        stop = begin + length
+        if stop > end:
+            break
+        append(buffer[begin:stop])
+        position = stop
+    return payloads, position, False
+
+
+def frame_size(buffer: bytes, start: int = 0) -> int | None:
+    """How many bytes the WebSocket frame at ``start`` takes, header included (any kind of frame, masked or not), or
+    None while its header is incomplete."""
+    end = len(buffer)
+    if end - start < 2:
+        return None
+    second = buffer[start + 1]
+    length = second & 0x7F
+    header = 2
+    if length == 126:
+        if end - start < 4:
+            return None
+        length = (buffer[start + 2] << 8) | buffer[start + 3]
+        header = 4
+    elif length == 127:
+        if end - start < 10:
+            return None
+        length = int.from_bytes(buffer[start + 2 : start + 10], "big")
+        header = 10
+    return header + (4 if second & 0x80 else 0) + length
 
 
 # ---------------------------------------------------------------------------------------------------------
