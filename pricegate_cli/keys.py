@@ -4,8 +4,9 @@
 ``create`` prints the new key once (it is stored only as a digest and cannot be shown again); ``list`` shows each
 key's subject (the first 16 hex characters of its digest: what logs, metrics and limits call it), label,
 creation and revocation, never a key; ``revoke`` takes the key itself, marks it revoked and deletes the key's
-entry in the gateways' shared Redis cache (when ``PRICEGATE_REDIS_URL`` is set), so new connections with it are
-refused and open ones closed within ``PRICEGATE_AUTH_CACHE_TTL_S``.
+entry in the gateways' shared Redis cache (when ``PRICEGATE_REDIS_URL`` is set: one server, the master Sentinels
+name, or the cluster node serving the entry's slot), so new connections with it are refused and open ones closed
+within ``PRICEGATE_AUTH_CACHE_TTL_S``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import asyncio
 from datetime import datetime
 from typing import Any
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.auth.api_keys import ApiKeys, KeyRecord, digest, subject_of
@@ -23,6 +23,7 @@ from gateway.auth.key_validator import redis_key
 from shared.db import create_pool, load_migrations, schema_version
 from shared.errors import ConfigError, DatabaseError, PricegateError
 from shared.redaction import redact_url
+from shared.redis.clients import state_client
 from shared.settings import Settings, env_name
 
 MAX_LABEL_LENGTH = 200
@@ -100,9 +101,10 @@ async def _forget_cached(settings: Settings, digest_hex: str) -> str:
     """Delete the key's entry in the gateways' shared cache; a note for the output when that was not possible."""
     if not settings.redis_url:
         return ""
-    client = aioredis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+    client = state_client(settings.redis_url, max_connections=1, timeout_s=2)
     try:
-        await client.delete(redis_key(settings.channel_prefix, digest_hex))
+        async with client.turn() as redis:
+            await redis.delete(redis_key(settings.channel_prefix, digest_hex))
     except (RedisError, OSError) as error:
         return f" (the Redis cache could not be cleared: {type(error).__name__}; the bound still holds)"
     finally:

@@ -488,11 +488,6 @@ class Settings:
                     raise ConfigError(
                         env_name(name), getattr(self, name), "must hold no { or } on a Redis Cluster (hash tags)"
                     )
-        if target.highly_available and self.auth_modes:
-            # Authentication's shared state (gateway/auth) is read through a client of one server for now.
-            raise ConfigError(
-                env_name("auth"), self.auth, f"needs a redis:// URL for its shared state, not {target.kind}"
-            )
 
     def _validate_edge(self) -> None:
         modes = [mode.strip() for mode in self.auth.split(",") if mode.strip()]

@@ -10,6 +10,10 @@ that second). A replica reads the hashes of credentials it has connections of, o
 has not seen before makes it sync at once, so its first handshakes here learn the others' counts within a
 round trip instead of a second. Without Redis
 (the demo), or while Redis does not answer, the limit is this process's own.
+
+Redis is whatever ``PRICEGATE_REDIS_URL`` names (:class:`shared.redis.clients.StateClient`): one server, a
+Sentinel-watched master or a Redis Cluster. Every command touches one hash; on a cluster the round's pipeline is
+sent to each node holding some of them (redis-py's non-transactional cluster pipeline).
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ import socket
 import time
 from collections.abc import Callable
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
+
+from shared.redis.clients import StateClient
 
 logger = logging.getLogger("pricegate.gateway.auth")
 
@@ -44,7 +49,7 @@ class ConnectionCounts:
         self,
         limit: int,
         *,
-        redis: aioredis.Redis | None = None,
+        redis: StateClient | None = None,
         prefix: str = "pg:md",
         replica: str | None = None,
         clock: Callable[[], float] = time.time,
@@ -116,19 +121,20 @@ class ConnectionCounts:
         now_ms = int(self.clock() * 1000)
         writes = self._dirty | self.local.keys()
         reads = list(self._interest)
-        pipe = self.redis.pipeline(transaction=False)
-        for credential in writes:
-            key = self.hash_key(credential)
-            count = self.local.get(credential, 0)
-            if count:
-                pipe.hset(key, self.replica, f"{count}:{now_ms}")
-                pipe.pexpire(key, HASH_TTL_MS)
-            else:
-                pipe.hdel(key, self.replica)
-        for credential in reads:
-            pipe.hgetall(self.hash_key(credential))
         try:
-            results = await pipe.execute()
+            async with self.redis.turn() as redis:
+                pipe = redis.pipeline(transaction=False)
+                for credential in writes:
+                    key = self.hash_key(credential)
+                    count = self.local.get(credential, 0)
+                    if count:
+                        pipe.hset(key, self.replica, f"{count}:{now_ms}")
+                        pipe.pexpire(key, HASH_TTL_MS)
+                    else:
+                        pipe.hdel(key, self.replica)
+                for credential in reads:
+                    pipe.hgetall(self.hash_key(credential))
+                results = await pipe.execute()
         except (RedisError, OSError, TimeoutError) as error:
             if not self._failing:
                 self._failing = True
@@ -176,11 +182,12 @@ class ConnectionCounts:
 
     async def _delete_fields(self, expired: list[tuple[str, list[bytes]]]) -> None:
         assert self.redis is not None
-        pipe = self.redis.pipeline(transaction=False)
-        for key, fields in expired:
-            pipe.hdel(key, *fields)
         try:
-            await pipe.execute()
+            async with self.redis.turn() as redis:
+                pipe = redis.pipeline(transaction=False)
+                for key, fields in expired:
+                    pipe.hdel(key, *fields)
+                await pipe.execute()
         except (RedisError, OSError, TimeoutError):
             pass  # the next reader deletes them
 
@@ -188,11 +195,12 @@ class ConnectionCounts:
         """Withdraw this replica's counts (best effort: they expire anyway)."""
         if self.redis is None or not self.local:
             return
-        pipe = self.redis.pipeline(transaction=False)
-        for credential in self.local:
-            pipe.hdel(self.hash_key(credential), self.replica)
         try:
-            await pipe.execute()
+            async with self.redis.turn() as redis:
+                pipe = redis.pipeline(transaction=False)
+                for credential in self.local:
+                    pipe.hdel(self.hash_key(credential), self.replica)
+                await pipe.execute()
         except (RedisError, OSError, TimeoutError):
             pass
         self.local.clear()

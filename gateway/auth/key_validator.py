@@ -13,6 +13,10 @@ it is down); unknown keys are refused with 503 (fail closed). One probe at a tim
 down, at most every :data:`DB_RETRY_S`, so a dead database is not hammered. Redis down: skipped, the database is
 asked directly. :meth:`KeyValidator.status` says which for ``/readyz``.
 
+Redis is whatever ``PRICEGATE_REDIS_URL`` names: one server, a Sentinel-watched master or a Redis Cluster
+(:func:`shared.redis.clients.state_client`). A key's lookup lock ``<prefix>:auth:lock:{<entry>}`` carries its entry's
+name as hash tag, so the two live in one slot and are read in one round trip on a cluster too.
+
 A cache entry is fresh until ``auth_cache_ttl_s`` after the database check it comes from, and
 ``pricegate keys revoke`` deletes the Redis entry, so a revoked key stops working here within that TTL (plus the
 lookup). Open connections are re-validated the same way by :class:`gateway.auth.service.Authenticator`.
@@ -28,7 +32,6 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.auth.api_keys import KeyRecord
@@ -43,6 +46,7 @@ from gateway.auth.key_cache import (
 )
 from gateway.auth.principal import AuthRefusal, Principal, refused
 from shared.errors import DatabaseError
+from shared.redis.clients import StateClient, state_client
 
 logger = logging.getLogger("pricegate.gateway.auth")
 
@@ -75,21 +79,15 @@ def redis_key(prefix: str, digest: str) -> str:
 
 
 def lock_key(prefix: str, digest: str) -> str:
-    """Held (``SET NX PX``) by the one replica asking the database about a key; the others wait for its answer."""
-    return f"{prefix}:auth:lock:{digest}"
+    """Held (``SET NX PX``) by the one replica asking the database about a key; the others wait for its answer.
+    Its hash tag is the entry's name (which holds no brace: a cluster's prefix may not), so both share a slot."""
+    return f"{prefix}:auth:lock:{{{redis_key(prefix, digest)}}}"
 
 
-def auth_redis(url: str) -> aioredis.Redis:
-    """A small client for authentication's shared state: short timeouts, so a dead Redis costs a handshake at
-    most about a second before the database is asked instead."""
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=16,
-        timeout=REDIS_TIMEOUT_S,
-        socket_timeout=REDIS_TIMEOUT_S,
-        socket_connect_timeout=REDIS_TIMEOUT_S,
-    )
-    return aioredis.Redis(connection_pool=pool)
+def auth_redis(url: str) -> StateClient:
+    """A small client for authentication's shared state on any deployment: short timeouts, so a dead Redis costs a
+    handshake about a second (a couple with the retries) before the database is asked instead."""
+    return state_client(url, max_connections=16, timeout_s=REDIS_TIMEOUT_S)
 
 
 class KeyValidator:
@@ -98,7 +96,7 @@ class KeyValidator:
         store: KeyStore | None,
         *,
         ttl_s: float,
-        redis: aioredis.Redis | None = None,
+        redis: StateClient | None = None,
         prefix: str = "pg:md",
         cache_result: Callable[[str], None] = lambda result: None,
         lookup_result: Callable[[str], None] = lambda result: None,
@@ -246,7 +244,8 @@ class KeyValidator:
         if self.redis is None:
             return None
         try:
-            raw = await self.redis.get(redis_key(self.prefix, digest))
+            async with self.redis.turn() as redis:
+                raw = await redis.get(redis_key(self.prefix, digest))
         except (RedisError, OSError, TimeoutError) as error:
             self._redis_failed(error)
             return None
@@ -260,7 +259,8 @@ class KeyValidator:
         token = secrets.token_hex(8)
         ttl_ms = int((self.lookup_timeout_s + 1.0) * 1000)
         try:
-            taken = await self.redis.set(lock_key(self.prefix, digest), token, nx=True, px=ttl_ms)
+            async with self.redis.turn() as redis:
+                taken = await redis.set(lock_key(self.prefix, digest), token, nx=True, px=ttl_ms)
         except (RedisError, OSError, TimeoutError) as error:
             self._redis_failed(error)
             return False, None
@@ -269,7 +269,8 @@ class KeyValidator:
     async def _unlock(self, digest: str, token: str) -> None:
         assert self.redis is not None
         try:
-            await self.redis.eval(_UNLOCK, 1, lock_key(self.prefix, digest), token)
+            async with self.redis.turn() as redis:
+                await redis.eval(_UNLOCK, 1, lock_key(self.prefix, digest), token)
         except (RedisError, OSError, TimeoutError) as error:
             self._redis_failed(error)  # it expires by itself
 
@@ -281,10 +282,12 @@ class KeyValidator:
         while asyncio.get_running_loop().time() < deadline:
             await asyncio.sleep(LOCK_POLL_S)
             try:
-                pipe = self.redis.pipeline(transaction=False)
-                pipe.get(redis_key(self.prefix, digest))
-                pipe.exists(lock_key(self.prefix, digest))
-                raw, locked = await pipe.execute()
+                async with self.redis.turn() as redis:
+                    # One slot (the lock's hash tag is the entry's name): one node's round trip on a cluster too.
+                    pipe = redis.pipeline(transaction=False)
+                    pipe.get(redis_key(self.prefix, digest))
+                    pipe.exists(lock_key(self.prefix, digest))
+                    raw, locked = await pipe.execute()
             except (RedisError, OSError, TimeoutError) as error:
                 self._redis_failed(error)
                 return None
@@ -317,7 +320,8 @@ class KeyValidator:
         if self.redis is None or ttl_s <= 0:
             return
         try:
-            await self.redis.set(redis_key(self.prefix, digest), value, px=max(1, math.floor(ttl_s * 1000)))
+            async with self.redis.turn() as redis:
+                await redis.set(redis_key(self.prefix, digest), value, px=max(1, math.floor(ttl_s * 1000)))
         except (RedisError, OSError, TimeoutError) as error:
             self._redis_failed(error)
 
@@ -358,4 +362,3 @@ class KeyValidator:
         await asyncio.gather(*self._pending.values(), return_exceptions=True)
         if self.redis is not None:
             await self.redis.aclose()
-            await self.redis.connection_pool.disconnect()
