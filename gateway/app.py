@@ -32,7 +32,6 @@ from gateway.edge.origins import OriginPolicy
 from gateway.metrics import GatewayMetrics
 from gateway.node import GatewayNode
 from gateway.rest.api import RestApi, not_served
-from gateway.rest.cache import ENTRY_FRACTION, MemoryResponseCache, ResponseCache
 from gateway.rest.openapi import openapi_document, openapi_routes, swagger_ui_directory
 from gateway.static_assets import StaticAssets
 from gateway.symbols import SymbolDirectory
@@ -41,7 +40,6 @@ from gateway.ws.host import HOST_STATE_KEY
 from gateway.ws.uvicorn_protocol import DRAIN_STATE_KEY
 from shared.broker.contract import Broker
 from shared.candles.model import CandleStore
-from shared.redis.urls import parse_redis_url
 from shared.runtime_metrics import GcFreezer, GcPauseMonitor, LoopLagMonitor
 from shared.settings import Settings
 
@@ -92,7 +90,6 @@ def create_app(
         candles=candles,
         authenticate=auth.authenticate if auth is not None else None,
         proxies=edge.proxies,
-        cache=per_replica_cache(settings),
     )
     failed: list[str] = []
 
@@ -206,15 +203,6 @@ def create_app(
     app.state.rest = rest_api
     app.state.auth = auth
     return app
-
-
-def per_replica_cache(settings: Settings) -> ResponseCache | None:
-    """The REST response cache when it cannot be Redis: gateway/rest/cache.py reaches one server by URL, so behind a
-    Sentinel or Cluster URL each replica caches in its own memory (bounded the same way); None: the default."""
-    if settings.redis_url is None or not parse_redis_url(settings.redis_url).highly_available:
-        return None
-    max_bytes = settings.cache_max_bytes
-    return MemoryResponseCache(max_bytes=max_bytes, max_entry_bytes=max_bytes // ENTRY_FRACTION)
 
 
 def edge_guard(settings: Settings, metrics: GatewayMetrics) -> EdgeGuard:

@@ -8,8 +8,11 @@ freshness by ``stale_s``: when the backend fails, the last good body is served m
 error. Cache trouble (Redis down) never fails a request: the cache is skipped and the backend asked directly.
 
 Keys are namespaced and versioned (``<prefix>:cache:v<N>:<key>``); bump :data:`CACHE_VERSION` whenever a cached
-response's format changes, so replicas of different versions never read each other's bodies. The in-memory
-cache (embedded demo) has the same semantics within one process.
+response's format changes, so replicas of different versions never read each other's bodies. A key's lock,
+``<prefix>:cache:v<N>:lock:{<its entry's name>}``, has the entry's name as hash tag: the two live in one slot on a
+Redis Cluster. Redis is whatever ``PRICEGATE_REDIS_URL`` names, one server, a Sentinel-watched master or a cluster
+(:func:`shared.redis.clients.state_client`). The in-memory cache (embedded demo) has the same semantics within one
+process.
 
 Memory is bounded whatever the keys: the in-memory cache evicts least recently used entries beyond
 ``max_bytes`` (bodies, keys and a per-entry overhead counted) and ``max_entries``; either cache refuses to store
@@ -21,6 +24,7 @@ computation runs, and the Redis cache keeps its entries in Redis, under a TTL.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import math
 import secrets
@@ -30,9 +34,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-import redis.asyncio as aioredis
 from prometheus_client import Counter
 
+from shared.redis.clients import state_client
 from shared.settings import Settings
 
 logger = logging.getLogger("pricegate.gateway.cache")
@@ -138,7 +142,8 @@ class MemoryResponseCache:
 
 class RedisResponseCache:
     """Bodies stored as ``<stored_at_ms>:<body>`` with a TTL of freshness + stale retention; a body larger
-    than ``max_entry_bytes`` is not stored. Nothing is kept in the process per key."""
+    than ``max_entry_bytes`` is not stored. Nothing is kept in the process per key. ``url`` is any form of
+    ``PRICEGATE_REDIS_URL`` (one server, Sentinel, Cluster)."""
 
     def __init__(
         self,
@@ -152,18 +157,23 @@ class RedisResponseCache:
         self.prefix = f"{prefix}:cache:v{CACHE_VERSION}:"
         self.max_entry_bytes = max_entry_bytes
         # Bounded: a burst of requests waits for a connection instead of opening thousands.
-        self._pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=socket_timeout_s,
-            socket_timeout=socket_timeout_s,
-            socket_connect_timeout=socket_timeout_s,
-        )
-        self._client = aioredis.Redis(connection_pool=self._pool)
-        self._unlock = self._client.register_script(_UNLOCK)
+        self._redis = state_client(url, max_connections=max_connections, timeout_s=socket_timeout_s)
+        self._unlock = self._redis.client.register_script(_UNLOCK)
+
+    def entry_key(self, key: str) -> str:
+        """Where ``key``'s body lives. Its name is the hash tag of its lock's, so it must hold no brace: the keys
+        pricegate makes hold none (symbols, intervals, numbers), and one that did is named by its SHA-256."""
+        if "{" in key or "}" in key:
+            key = "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+        return self.prefix + key
+
+    def lock_key(self, key: str) -> str:
+        """``key``'s compute lock, in the slot of its entry (the entry's name is the hash tag)."""
+        return f"{self.prefix}lock:{{{self.entry_key(key)}}}"
 
     async def get(self, key: str) -> CachedBody | None:
-        data = await self._client.get(self.prefix + key)
+        async with self._redis.turn() as redis:
+            data = await redis.get(self.entry_key(key))
         if data is None:
             return None
         raw = data.encode() if isinstance(data, str) else bytes(data)
@@ -173,20 +183,23 @@ class RedisResponseCache:
     async def put(self, key: str, body: bytes, stored_at_ms: int, keep_s: float) -> None:
         if len(body) > self.max_entry_bytes:
             return
-        await self._client.set(self.prefix + key, b"%d:%b" % (stored_at_ms, body), ex=max(1, math.ceil(keep_s)))
+        value = b"%d:%b" % (stored_at_ms, body)
+        async with self._redis.turn() as redis:
+            await redis.set(self.entry_key(key), value, ex=max(1, math.ceil(keep_s)))
 
     async def try_lock(self, key: str, ttl_ms: int) -> str | None:
         token = secrets.token_hex(8)
-        acquired = await self._client.set(self.prefix + "lock:" + key, token, nx=True, px=ttl_ms)
+        async with self._redis.turn() as redis:
+            acquired = await redis.set(self.lock_key(key), token, nx=True, px=ttl_ms)
         return token if acquired else None
 
     async def unlock(self, key: str, token: str) -> None:
         # Delete only our own lock: if it expired and another replica took it, leave theirs alone.
-        await self._unlock(keys=[self.prefix + "lock:" + key], args=[token])
+        async with self._redis.turn() as redis:
+            await self._unlock(keys=[self.lock_key(key)], args=[token], client=redis)
 
     async def aclose(self) -> None:
-        await self._client.aclose()
-        await self._pool.aclose()
+        await self._redis.aclose()
 
 
 def response_cache(settings: Settings) -> ResponseCache:
