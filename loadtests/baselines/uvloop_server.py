@@ -14,16 +14,13 @@ on this event loop pays on this machine.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import hashlib
-import signal
 import sys
 from typing import cast
-from urllib.parse import urlsplit
 
-from loadtests.baselines.picows_server import PubSubProtocol
+from loadtests.baselines import common
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -87,35 +84,17 @@ async def serve(host: str, port: int, redis_url: str, prefix: str, streams: list
                 transport.write(frame)
 
     loop = asyncio.get_running_loop()
-    url = urlsplit(redis_url)
-    _, protocol = await loop.create_connection(
-        lambda: PubSubProtocol(list(channels), on_message), url.hostname or "127.0.0.1", url.port or 6379
+    await common.serve(
+        redis_url,
+        list(channels),
+        on_message,
+        lambda: loop.create_server(lambda: Client(clients), host, port, backlog=4096),
     )
-    server = await loop.create_server(lambda: Client(clients), host, port, backlog=4096)
-    stop: asyncio.Future[None] = loop.create_future()
-
-    def request_stop() -> None:
-        if not stop.done():
-            stop.set_result(None)
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, request_stop)
-    await asyncio.wait([stop, protocol.closed], return_when=asyncio.FIRST_COMPLETED)
-    server.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="bare uvloop fan-out baseline")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--redis-url", required=True, help="redis://host:port (no auth, no database: Pub/Sub)")
-    parser.add_argument("--prefix", required=True)
-    parser.add_argument("--streams", required=True, help="comma-separated stream names")
-    args = parser.parse_args(argv)
-    import uvloop
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        runner.run(serve(args.host, args.port, args.redis_url, args.prefix, args.streams.split(",")))
+    args = common.parse_args("bare uvloop fan-out baseline", argv)
+    common.run(serve(args.host, args.port, args.redis_url, args.prefix, args.streams.split(",")))
     return 0
 
 
