@@ -26,6 +26,7 @@ what it could not publish until Redis is back (``ingest.publish.publisher``).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Iterable, Sequence
@@ -33,7 +34,7 @@ from collections.abc import Iterable, Sequence
 from ingest.metrics import IngestMetrics
 from ingest.publish.candle_writer import CandleRecorder
 from ingest.publish.leader import LeaderLease
-from ingest.publish.publisher import Publisher, TradeFetcher
+from ingest.publish.publisher import LIVE_PIPELINE, Publisher, TradeFetcher
 from ingest.sources.base import MarketSource
 from shared.backoff import backoff_delays
 from shared.broker.contract import Broker, OutgoingMessage
@@ -50,6 +51,7 @@ DEMAND_POLL_S = 0.5
 HEARTBEAT_S = 1.0
 REFUSED_EXAMPLES = 5  # refused streams named in the log line (the count says how many)
 STANDBY_POLL_S = 0.5  # how often leader-only loops look whether this process leads now
+GC_FREEZE_AFTER_S = (5.0, 55.0)  # pauses before each freeze of the long-lived state (``_freeze_long_lived``)
 
 
 def always_on_streams(names: Iterable[str]) -> frozenset[str]:
@@ -75,13 +77,17 @@ class IngestService:
         candles: CandleRecorder | None = None,
         lease: LeaderLease | None = None,
         fetcher: TradeFetcher | None = None,
+        gc_freeze: bool = False,
     ) -> None:
+        """``gc_freeze``: freeze the long-lived state after start-up (``_freeze_long_lived``; for the process that
+        runs nothing else: ``pricegate ingest``)."""
         self.settings = settings
         self.broker = broker
         self.source = source
         self.metrics = metrics or IngestMetrics()
         self.candles = candles
         self.lease = lease
+        self.gc_freeze = gc_freeze
         self.always_on = always_on_streams(settings.always_on_streams)
         if candles is not None:
             self.always_on |= candles.streams
@@ -99,6 +105,7 @@ class IngestService:
             outage_buffer_messages=settings.outage_buffer_messages,
             observe=candles.observe if candles is not None else None,
             carried=lambda: self.wanted,
+            pipeline=LIVE_PIPELINE,
         )
 
     @property
@@ -116,12 +123,25 @@ class IngestService:
                 group.create_task(self._heartbeat_forever())
                 if self.candles is not None:
                     group.create_task(self.candles.run())
+                if self.gc_freeze:
+                    group.create_task(self._freeze_long_lived())
                 group.create_task(self.source.run(self.publish))
         finally:
             self.publisher.step_down("stopped")
             await self.publisher.aclose()
             if self.lease is not None:
                 await self.lease.release()  # a standby takes over within one renewal period, not a TTL
+
+    async def _freeze_long_lived(self) -> None:
+        """Hide what start-up built from the garbage collector, once it is built: modules, clients and the per-stream
+        state of every carried stream (its connections, continuity, metric children, packed keys). Otherwise every
+        full collection scans it all, and at tens of thousands of messages a second young objects reach the oldest
+        generation often enough for full collections of 20-30 ms (BENCHMARKS.md, "Ingest firehose"). Garbage made
+        later, cyclic or not, is collected as before; a collection first clears what is garbage by then."""
+        for delay in GC_FREEZE_AFTER_S:
+            await asyncio.sleep(delay)
+            gc.collect()
+            gc.freeze()
 
     async def publish(self, messages: Sequence[OutgoingMessage]) -> None:
         await self.publisher.publish(messages)

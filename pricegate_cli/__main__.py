@@ -372,7 +372,9 @@ async def run_ingest(settings: Settings) -> None:
     if isinstance(source, BinanceSource):
         metrics.registry.register(UpstreamCollector(source))
         fetcher = TradeBackfiller(source.rest, trades=settings.backfill_trades)
-    service = IngestService(settings, broker, source, metrics, candles=recorder, lease=lease, fetcher=fetcher)
+    service = IngestService(
+        settings, broker, source, metrics, candles=recorder, lease=lease, fetcher=fetcher, gc_freeze=True
+    )
     main = asyncio.current_task()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

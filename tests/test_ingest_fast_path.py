@@ -1,7 +1,8 @@
 """Ingest's per-message fast path gives the same answers as the general one: data frames cut out of received bytes
 (``wire.read_data_frames``), market-data frames read without a ``DataFrame`` (``wire.read_event`` against
-``parse_frame``), event identities (``event_identity`` against the rules as first written), and a live connection
-whose data frames skip websockets' parser while pings, fragments and odd frames still go through it."""
+``parse_frame``), event identities (``event_identity`` against the rules as first written), a live connection
+whose data frames skip websockets' parser while pings, fragments and odd frames still go through it, and the
+garbage collector's freeze of what ``pricegate ingest`` built at start-up."""
 
 from __future__ import annotations
 
@@ -247,3 +248,21 @@ async def test_data_frames_skip_websockets_and_the_rest_still_goes_through_it(
     # Everything but the fragments took the fast path: a ping or a fragmented message does not leave websockets'
     # parser holding the rest of the stream.
     assert fast == [b"first", b"raw-1", b"raw-2", b"after ping", big.encode(), b"raw-3", b"raw-4", b"last"]
+
+
+# ---- the start-up freeze ----
+
+
+async def test_pricegate_ingest_freezes_its_start_up_state_once_built(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from ingest.service import IngestService
+
+    monkeypatch.setattr("ingest.service.GC_FREEZE_AFTER_S", (0.0, 0.0))
+    service = object.__new__(IngestService)  # only the freezing job runs here
+    before = gc.get_freeze_count()
+    try:
+        await IngestService._freeze_long_lived(service)
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()  # the test process must not keep its objects frozen

@@ -32,6 +32,14 @@ The source hands every batch to :meth:`Publisher.publish` (one caller, in arriva
   run by a Redis that was killed; after a mere network cut it may have been, and is then dropped as a duplicate
   if it carries an exchange identity (a synthetic or replayed message would go out twice).
 
+- **Two publish calls in flight** (``pipeline``; ``pricegate ingest`` runs :data:`LIVE_PIPELINE`): a live batch goes
+  out while the previous call still waits for Redis' answers, provided it carries none of that call's streams (a
+  stream is in one call at a time, so its messages reach Redis in order; a batch that shares a stream waits for it).
+  One call at a time, Redis' time per call and ingest's work between two calls add up and cap the rate well below
+  what either can do (BENCHMARKS.md, "Ingest firehose"). A call that fails hands back what Redis did not confirm,
+  ahead of anything newer of its streams (which queues behind it, as above); the retry of held messages, a takeover
+  and shutdown first wait for every call in flight. ``publish`` then returns once its batch is sent, not answered.
+
 Without a lease (the single-process demo) the publisher leads from the start and never fences.
 """
 
@@ -61,6 +69,7 @@ logger = logging.getLogger("pricegate.ingest.publisher")
 
 PUBLISHING = "publishing"  # the BrokerHealth operation name of publishing
 RETRY_CHUNK = 1000  # most messages per publish call (one pipeline); other work runs between two of them
+LIVE_PIPELINE = 2  # pricegate ingest: live publish calls in flight at once (on disjoint streams)
 TAKEOVER_READ_ATTEMPTS = 3  # right after a Redis restart the first command may meet a connection of the old one
 
 
@@ -138,6 +147,7 @@ class Publisher:
         observe: Callable[[Sequence[OutgoingMessage]], None] | None = None,
         carried: Callable[[], Collection[str]] = frozenset,
         clock: Callable[[], float] = time.monotonic,
+        pipeline: int = 1,
     ) -> None:
         """``carried`` says which streams are flowing upstream now: at a takeover their last published identities
         are read too, so a gap is found even on a stream the standby buffer holds nothing of (a cold start).
@@ -164,6 +174,8 @@ class Publisher:
         self._retry: asyncio.Task[None] | None = None
         self._history = leadership if isinstance(leadership, LeaseHistory) else None
         self._sightings = 0 if self._history is None else self._history.seen_others  # as of our last leadership
+        self.pipeline = pipeline  # live publish calls in flight at once, on disjoint streams (1: one at a time)
+        self._in_flight: dict[asyncio.Task[None], frozenset[str]] = {}
         self._holding: dict[str, list[OutgoingMessage]] = {}
         self._backfills: dict[str, asyncio.Task[None]] = {}
         self._failure: BaseException | None = None
@@ -223,6 +235,7 @@ class Publisher:
         async with self._lock:
             if self.active:
                 return
+            await self._quiesce()  # calls sent while we led before: answered (and accounted for) first
             history = self._history
             if self.standby.holding and (
                 self._deposed() or (history is not None and history.previous not in (None, self._token()))
@@ -347,19 +360,54 @@ class Publisher:
             self.observe(messages)
         # In chunks: a takeover's buffer may hold 100 000 messages, and one pipeline of them all would hold the
         # whole batch's commands and replies in memory at once.
+        pipelined = self.pipeline > 1 and not backfilled
         for start in range(0, len(messages), RETRY_CHUNK):
             chunk = messages[start : start + RETRY_CHUNK]
+            streams = frozenset(message.stream for message in chunk)
+            # A stream is in one publish call at a time, so its messages reach Redis in order; pipelined, other
+            # calls may be in flight meanwhile (module docstring).
+            await self._clear_of(streams, room=pipelined)
             if len(self.standby) or not self.active:
                 # Held messages wait to be published (Redis was unreachable): newer ones queue behind them, in order.
                 self._keep(messages[start:])
                 if self.active:
                     self._retry_later()
                 return
+            if pipelined:
+                task = asyncio.create_task(self._publish_in_flight(chunk, backfilled))
+                self._in_flight[task] = streams
+                task.add_done_callback(self._landed)
+                continue
             if await self._publish_now(chunk, backfilled=backfilled, held=False) < len(chunk):
                 self._keep(messages[start + RETRY_CHUNK :])
                 if self.active:
                     self._retry_later()
                 return
+
+    async def _clear_of(self, streams: frozenset[str], *, room: bool) -> None:
+        """Until no publish call in flight carries any of ``streams`` (and, with ``room``, fewer than ``pipeline`` are
+        in flight)."""
+        in_flight = self._in_flight
+        while in_flight:
+            busy = [task for task, carried in in_flight.items() if not carried.isdisjoint(streams)]
+            if not busy and not (room and len(in_flight) >= self.pipeline):
+                return
+            await asyncio.wait(busy or list(in_flight), return_when=asyncio.FIRST_COMPLETED)
+
+    async def _quiesce(self) -> None:
+        """Until every publish call in flight has its answer (and has been accounted for)."""
+        while self._in_flight:
+            await asyncio.wait(list(self._in_flight))
+
+    async def _publish_in_flight(self, chunk: list[OutgoingMessage], backfilled: bool) -> None:
+        if await self._publish_now(chunk, backfilled=backfilled, held=False) < len(chunk) and self.active:
+            self._retry_later()  # what Redis did not confirm is held (in order, before anything newer of its streams)
+
+    def _landed(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+        if not task.cancelled() and task.exception() is not None and self._failure is None:
+            # Surfaces on the next publish() call, which fails the source like any unexpected error.
+            self._failure = task.exception()
 
     async def _publish_now(self, messages: list[OutgoingMessage], *, held: bool, backfilled: bool = False) -> int:
         """Publish, and count what went out. On failure what Redis did not confirm goes (back: ``held``, they were
@@ -527,6 +575,9 @@ class Publisher:
                             self.step_down("expired")
                         if not self.active or not len(self.standby):
                             return
+                        await self._quiesce()  # a call in flight may still hand its unconfirmed messages back
+                        if not self.active or not len(self.standby):
+                            return
                         chunk = self.standby.take(RETRY_CHUNK)
                         confirmed = await self._publish_now(chunk, held=True)
                     if confirmed < len(chunk):
@@ -588,6 +639,7 @@ class Publisher:
 
     async def aclose(self) -> None:
         """Cancel running backfills and the retry of held messages (on shutdown)."""
+        await self._quiesce()  # calls in flight are answered (or fail) within the broker's socket timeout
         tasks = list(self._backfills.values())
         if self._retry is not None and not self._retry.done():
             tasks.append(self._retry)
