@@ -8,11 +8,12 @@ ingest`` process publishes with the full contract, and the exchange-send -> Redi
 
 What it starts (and stops, also on Ctrl-C and on errors): a ``redis-server`` on a free port; the fake exchange
 (``loadtests/fake_exchange.py``: REST exchangeInfo and the combined stream endpoint for N symbols); the Redis tap
-(``loadtests/publication_tap.py``: one PSUBSCRIBE to every stream channel, counts publications, checks their
-sequence and times them against the exchange's send time ``E``); and ``pricegate ingest --source binance`` exactly
-as deployed (leader lease, fenced publish script with seq + epoch, history, last value, event-id filter), told to
-carry every stream of the market with ``PRICEGATE_ALWAYS_ON_STREAMS``, so it opens ceil(3N / 1024) upstream
-connections and subscribes them with paced SUBSCRIBE requests. With ``taskset`` and two or more CPUs, ingest runs
+(``loadtests/tap.c``, or ``loadtests/publication_tap.py`` without a C compiler: one PSUBSCRIBE to every stream
+channel, counts publications, checks their sequence and times them against the exchange's send time ``E``); and
+``pricegate ingest --source binance`` exactly as deployed (leader lease, fenced publish script with seq + epoch,
+history, last value, event-id filter), told to carry every stream of the market with
+``PRICEGATE_ALWAYS_ON_STREAMS``, so it opens ceil(3N / 1024) upstream connections and subscribes them with paced
+SUBSCRIBE requests. With ``taskset`` and two or more CPUs, ingest runs
 alone on CPU 1 and everything else (Redis, fake exchange, tap, this script) on CPU 0, where Redis runs at nice -5
 (``--redis-nice``) so that the load generators do not delay it: in production it has a core of its own.
 
@@ -62,6 +63,7 @@ from loadtests.fanout import (
     wait_for_port,
 )
 from loadtests.loadgen import LineProcess, LoadGenError
+from loadtests.publication_tap import build_c_tap
 
 SUSTAINED_RATIO = 0.99
 P99_LIMIT_MS = 5.0
@@ -100,6 +102,7 @@ class Options:
     ingest_root: Path | None
     retry_disturbed: int
     streams_per_connection: int | None
+    tap: str
 
 
 @dataclass
@@ -172,6 +175,7 @@ class Benchmark:
             self.pinning = "none (" + ("disabled" if not options.pin else "no taskset or one CPU") + ")"
         self.redis: subprocess.Popen[Any] | None = None
         self.redis_nice = 0
+        self.tap_kind = ""
         self.redis_url = ""
         self.exchange: LineProcess | None = None
         self.exchange_port = 0
@@ -226,15 +230,17 @@ class Benchmark:
         self.exchange_port = int(ready["port"])
         log(f"fake exchange on port {self.exchange_port}: {ready['symbols']} symbols, {ready['streams']} streams")
 
-        self.tap = LineProcess(
-            [
-                *self.pin_load, python, "-m", "loadtests.publication_tap", "--redis-url", self.redis_url,
-                "--pattern", f"{PREFIX}:{VENUE}:{{*",
-            ],
-            name="tap",
-            env=self._env(),
-            cwd=self.root,
-        )  # fmt: skip
+        pattern = f"{PREFIX}:{VENUE}:{{*"
+        c_tap = build_c_tap() if self.options.tap != "python" else None
+        if self.options.tap == "c" and c_tap is None:
+            raise BenchmarkError("--tap c needs a C compiler (cc, gcc or clang)")
+        if c_tap is not None:
+            tap_command = [str(c_tap), "--host", "127.0.0.1", "--port", str(port), "--pattern", pattern]
+        else:
+            module = "loadtests.publication_tap"
+            tap_command = [python, "-m", module, "--redis-url", self.redis_url, "--pattern", pattern]
+        self.tap_kind = "c" if c_tap is not None else "python"
+        self.tap = LineProcess([*self.pin_load, *tap_command], name="tap", env=self._env(), cwd=self.root)
         self.processes.add(self.tap)
         self.tap.expect("ready", 30)
 
@@ -497,6 +503,12 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="redis-server's nice value (default -5, ahead of the fake exchange and the tap on the load CPU, as if it "
         "had a core of its own; needs root, else it stays at 0); 0 to leave it",
     )
+    parser.add_argument(
+        "--tap",
+        choices=("auto", "c", "python"),
+        default="auto",
+        help="the Redis subscriber: loadtests/tap.c (auto: when a C compiler is there) or loadtests/publication_tap.py",
+    )
     parser.add_argument("--retry-disturbed", type=int, default=1, help="reruns of a failed step others disturbed")
     parser.add_argument(
         "--streams-per-connection", type=int, default=None, help="PRICEGATE_UPSTREAM_MAX_STREAMS (default: 1024)"
@@ -531,6 +543,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         ingest_root=args.ingest_root.resolve() if args.ingest_root else None,
         retry_disturbed=args.retry_disturbed,
         streams_per_connection=args.streams_per_connection,
+        tap=args.tap,
     )
 
 
@@ -589,6 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = benchmark.wait_subscribed()
             report["subscribe_s"] = round(time.monotonic() - subscribed_at, 2)
             report["redis_nice"] = benchmark.redis_nice
+            report["tap"] = benchmark.tap_kind
             log(f"every stream subscribed in {report['subscribe_s']}s over {status['connections']} connections")
             # Warm-up: every stream published at least once (its epoch is made), the lease surely held.
             warm_rate = min(5000, max(500, len(benchmark.streams)))

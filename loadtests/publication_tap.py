@@ -9,27 +9,56 @@ checks the envelope's sequence (``<epoch>:<seq>:<published_ms>:<payload>``; a se
 + 1 within an epoch is a gap, counted) and, when the payload carries ``"E":<µs>`` (the fake exchange's send time,
 ``loadtests/fake_exchange.py``), records now - E in µs.
 
-Control on stdin, one JSON answer per line on stdout: ``{"cmd":"reset"}`` (start a new window: counts and lags
-cleared; sequence tracking goes on), ``{"cmd":"count"}`` (publications in the window so far), ``{"cmd":"report"}``
-(the window's count, timed messages, lag p50/p90/p99/max in µs, sequence gaps, channels and epochs seen, the
-tap's CPU seconds); ``{"cmd":"quit"}``. Prints ``{"event":"ready"}`` once Redis confirmed the subscription.
+``loadtests/tap.c`` is the same tool in C (:func:`build_c_tap` compiles it once into the load generator's cache):
+the benchmark uses it when a C compiler is there, since it costs a fraction of what this one does on the CPU it
+shares with Redis. Control on stdin, one JSON answer per line on stdout, the same for both: ``{"cmd":"reset"}``
+(start a new window: counts and lags cleared; sequence tracking goes on), ``{"cmd":"count"}`` (publications in the
+window so far), ``{"cmd":"report"}`` (the window's count, timed messages, lag p50/p90/p99/max in µs, sequence
+gaps, channels and epochs seen, the tap's CPU seconds); ``{"cmd":"quit"}``. Prints ``{"event":"ready"}`` once
+Redis confirmed the subscription.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
 import resource
 import selectors
 import socket
+import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from loadtests.loadgen import LoadGenError, cache_dir, find_compiler
 from shared.redis.resp import pack_command, parse_reply
+
+C_SOURCE = Path(__file__).with_name("tap.c")
+
+
+def build_c_tap() -> Path | None:
+    """The compiled C tap (compiled first if this source version never was), or None without a C compiler."""
+    try:
+        compiler = find_compiler()
+    except LoadGenError:
+        return None
+    source = C_SOURCE.read_bytes()
+    target = cache_dir() / f"tap-{hashlib.sha256(source).hexdigest()[:16]}"
+    if target.is_file() and os.access(target, os.X_OK):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
+    command = [compiler, "-O2", "-std=gnu11", "-Wall", "-o", str(temporary), str(C_SOURCE)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        raise LoadGenError(f"compiling the tap failed ({' '.join(command)}):\n{result.stderr}")
+    temporary.replace(target)  # atomic: concurrent runs never see a half-written binary
+    return target
 
 
 def percentile(ordered: list[int], fraction: float) -> int | None:

@@ -1,8 +1,9 @@
 """The ingest firehose benchmark's plumbing at tiny scale, so it cannot rot: ``python -m loadtests.ingest_firehose``
 with 20 symbols (60 streams over three upstream connections of 25 streams) and two short steps against a real
-``pricegate ingest``, the fake exchange and a real Redis. Figures are not checked (this is no benchmark), only that
-everything offered was published with the contract (no sequence gap, no new epoch, no duplicate or gap in ingest's
-eyes), timed, and reported in the documented shape; and that the fake exchange keeps Binance's rules."""
+``pricegate ingest``, the fake exchange and a real Redis, with either tap (C and Python). Figures are not checked
+(this is no benchmark), only that everything offered was published with the contract (no sequence gap, no new
+epoch, no duplicate or gap in ingest's eyes), timed, and reported in the documented shape; and that the fake
+exchange keeps Binance's rules."""
 
 from __future__ import annotations
 
@@ -55,9 +56,12 @@ def test_two_thousand_symbols_fit_in_one_environment_variable() -> None:
 
 @pytest.mark.integration
 @pytest.mark.timeout(60)
-def test_tiny_firehose_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tap", ["c", "python"])
+def test_tiny_firehose_run(tmp_path: Path, tap: str) -> None:
+    if tap == "c" and not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+        pytest.skip("the C tap needs a C compiler")
     command = [
-        sys.executable, "-m", "loadtests.ingest_firehose",
+        sys.executable, "-m", "loadtests.ingest_firehose", "--tap", tap,
         "--symbols", "20", "--streams-per-connection", "25",
         "--rates", "300,600", "--step-seconds", "1", "--bisect", "0", "--all-rates",
         "--out", str(tmp_path / "out"),
@@ -74,7 +78,7 @@ def test_tiny_firehose_run(tmp_path: Path) -> None:
         assert key in final, key
 
     report = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert report["completed"] is True and report["final"] == final
+    assert report["completed"] is True and report["final"] == final and report["tap"] == tap
     assert report["command"].startswith("python -m loadtests.ingest_firehose")
     assert report["warmup"]["published_ratio"] == 1.0
     assert [step["rate"] for step in report["steps"] if not step["disturbed_retry"]] == [300, 600]
