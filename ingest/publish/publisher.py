@@ -32,9 +32,9 @@ The source hands every batch to :meth:`Publisher.publish` (one caller, in arriva
   run by a Redis that was killed; after a mere network cut it may have been, and is then dropped as a duplicate
   if it carries an exchange identity (a synthetic or replayed message would go out twice).
 
-- **Two publish calls in flight** (``pipeline``; ``pricegate ingest`` runs :data:`LIVE_PIPELINE`): a live batch goes
-  out while the previous call still waits for Redis' answers, provided it carries none of that call's streams (a
-  stream is in one call at a time, so its messages reach Redis in order; a batch that shares a stream waits for it).
+- **Publish calls in flight** (``pipeline``; ``pricegate ingest`` runs :data:`LIVE_PIPELINE`, 4): a live batch goes
+  out while earlier calls still wait for Redis' answers, provided it carries none of their streams (a stream is in
+  one call at a time, so its messages reach Redis in order; a batch that shares a stream waits for that call).
   One call at a time, Redis' time per call and ingest's work between two calls add up and cap the rate well below
   what either can do (BENCHMARKS.md, "Ingest firehose"). A call that fails hands back what Redis did not confirm,
   ahead of anything newer of its streams (which queues behind it, as above); the retry of held messages, a takeover
@@ -69,7 +69,7 @@ logger = logging.getLogger("pricegate.ingest.publisher")
 
 PUBLISHING = "publishing"  # the BrokerHealth operation name of publishing
 RETRY_CHUNK = 1000  # most messages per publish call (one pipeline); other work runs between two of them
-LIVE_PIPELINE = 2  # pricegate ingest: live publish calls in flight at once (on disjoint streams)
+LIVE_PIPELINE = 4  # pricegate ingest: live publish calls in flight at once (on disjoint streams)
 TAKEOVER_READ_ATTEMPTS = 3  # right after a Redis restart the first command may meet a connection of the old one
 
 
