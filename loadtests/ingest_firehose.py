@@ -70,7 +70,7 @@ P99_LIMIT_MS = 5.0
 TARGET_PER_S = 50_000
 INGEST_SETTLE_S = GC_FREEZE_AFTER_S[0] + 2.0  # the ladder starts once ingest froze its start-up state
 DISTURBED_PCT = 10.0  # other processes' CPU (% of one CPU) during a step above which a failed step is run again
-DEFAULT_RATES = (10_000, 20_000, 40_000, 60_000, 80_000, 100_000, 120_000, 150_000)
+DEFAULT_RATES = (10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000, 120_000)
 ENV_LIMIT = 131_072 - 64  # Linux caps one environment string (name=value) at 128 KiB
 PREFIX = "pg:md"
 VENUE = "binance"
