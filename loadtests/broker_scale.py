@@ -1,7 +1,7 @@
 """The broker-scale benchmark (issue 11, item 6): end-to-end messages/s through ingest's publish path into a Redis
 Cluster of 1, 2 and 3 shards with a real gateway subscribed to every stream, and the per-shard ceiling.
 
-    python -m loadtests.broker_scale                    # 1, 2, 3 shards x (packed, broker), full ramp: ~8 minutes
+    python -m loadtests.broker_scale                    # 1, 2, 3 shards x (packed, broker), full ramp: ~7 minutes
     python -m loadtests.broker_scale --quick            # same configurations, coarser ramp: ~3 minutes
     python -m loadtests.broker_scale --shards 1 --via packed --layout none   # one configuration, nothing pinned
 
@@ -25,6 +25,13 @@ shard's CPU (``/proc/<pid>/stat``), the gateway's, the publisher's and the load 
 From those: **Redis CPU per message** (all shards' CPU over the messages published), the gateway's and the
 publisher's CPU per message, and which one ran out first (the bottleneck named in each result).
 
+Then, for the packed path, **the shards alone**: the gateway and its clients stop, one raw ``SSUBSCRIBE`` reader per
+node takes their place (the same ``SPUBLISH`` to one subscriber per message, so the same Redis work) and the rate
+rises again from the configuration's max until the publisher cannot keep it: the messages/s a shard sustains and
+its CPU per message there (the per-shard ceiling). Last, at ``--fanout-rate`` messages/s per shard, 1, 4 and 8
+readers per channel (as 1, 4 and 8 gateway processes would subscribe): the shard's CPU per message for each further
+subscriber, the slope the capacity model (docs/capacity.md) uses.
+
 CPU layout (``--layout``): ``split`` (default with ``taskset`` and two CPUs): every Redis node on CPU 0, gateway,
 publisher, load generator and this script on CPU 1, so one shard has a core to itself and its saturation is measured
 directly, while 2 and 3 shards share that one core (their sum cannot exceed it: what grows with shards is what each
@@ -43,6 +50,7 @@ import json
 import math
 import os
 import resource
+import selectors
 import shutil
 import signal
 import socket
@@ -137,9 +145,9 @@ class Receiver(Protocol):
 
 
 class RawSubscribers:
-    """In place of the gateway for the shard ceiling: per primary one connection holding an ``SSUBSCRIBE`` per
-    stream it owns (``SSUBSCRIBE`` takes channels of one slot only), read on a thread that counts the pushed
-    ``smessage``s without parsing them. Their CPU is this script's (a few % at the highest rates)."""
+    """In place of the gateway for the shard ceiling: per primary ``copies`` connections, each holding an
+    ``SSUBSCRIBE`` per stream the primary owns (``SSUBSCRIBE`` takes channels of one slot only), all read by one
+    thread (``selectors``) that counts the pushed ``smessage``s without parsing them. Their CPU is this script's."""
 
     MARK = b"\r\nsmessage\r\n"
 
@@ -156,12 +164,13 @@ class RawSubscribers:
         self.base = 0
         self.lock = threading.Lock()
         self.stopping = threading.Event()
-        self.threads: list[threading.Thread] = []
+        self.thread: threading.Thread | None = None
         self.sockets: list[socket.socket] = []
 
     def start(self) -> RawSubscribers:
         for port, channels in [item for item in self.channels.items() for _ in range(self.copies)]:
             sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            self.sockets.append(sock)
             sock.sendall(b"".join(pack_command(b"SSUBSCRIBE", channel.encode()) for channel in channels))
             confirmed = b""
             while confirmed.count(b"ssubscribe") < len(channels):
@@ -169,31 +178,35 @@ class RawSubscribers:
                 if not chunk:
                     raise BenchmarkError(f"node {port} closed the subscription")
                 confirmed += chunk
-            sock.settimeout(0.2)
-            self.sockets.append(sock)
-            thread = threading.Thread(target=self._read, args=(sock,), name=f"ssubscribe-{port}", daemon=True)
-            thread.start()
-            self.threads.append(thread)
+            sock.setblocking(False)
+        self.thread = threading.Thread(target=self._read, name="ssubscribe-readers", daemon=True)
+        self.thread.start()
         return self
 
-    def _read(self, sock: socket.socket) -> None:
-        tail = b""
+    def _read(self) -> None:
         keep = len(self.MARK) - 1
-        while not self.stopping.is_set():
-            try:
-                chunk = sock.recv(1 << 18)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            if not chunk:
-                return
-            data = tail + chunk
-            found = data.count(self.MARK)
-            tail = data[-keep:]
-            if found:
-                with self.lock:
-                    self.count += found
+        tails = {sock.fileno(): b"" for sock in self.sockets}
+        with selectors.DefaultSelector() as selector:
+            for sock in self.sockets:
+                selector.register(sock, selectors.EVENT_READ, sock)
+            while not self.stopping.is_set():
+                found = 0
+                for key, _ in selector.select(timeout=0.1):
+                    sock = key.data
+                    try:
+                        chunk = sock.recv(1 << 18)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    except OSError:
+                        return
+                    if not chunk:
+                        return
+                    data = tails[sock.fileno()] + chunk
+                    found += data.count(self.MARK)
+                    tails[sock.fileno()] = data[-keep:]
+                if found:
+                    with self.lock:
+                        self.count += found
 
     def reset(self) -> None:
         with self.lock:
@@ -216,8 +229,8 @@ class RawSubscribers:
 
     def stop(self) -> None:
         self.stopping.set()
-        for thread in self.threads:
-            thread.join(timeout=2)
+        if self.thread is not None:
+            self.thread.join(timeout=2)
         for sock in self.sockets:
             sock.close()
 
@@ -260,6 +273,7 @@ class Step:
     p99_ms: float
     max_ms: float
     sent: int
+    msgs_per_pipeline: float  # messages per pipeline per primary: what one Redis read and reply carry
     redis_cpu_pct: list[float]  # per shard, % of one CPU over the step
     redis_us_per_msg: float  # all shards' CPU over the messages published
     gateway_cpu_pct: float
@@ -307,6 +321,12 @@ class Ceiling:
         spread = sum((x - mean_x) ** 2 for x, _ in points)
         return round(sum((x - mean_x) * (y - mean_y) for x, y in points) / spread, 3) if spread else None
 
+    def us_per_subscriber_pipeline(self) -> float | None:
+        """The same per pipeline: Redis writes to a subscriber once per pipeline it serves, whatever it carries."""
+        slope = self.us_per_extra_subscriber()
+        batches = [row["msgs_per_pipeline"] for row in self.fanout]
+        return None if slope is None or not batches else round(slope * sum(batches) / len(batches), 2)
+
     def line(self, shards: int) -> dict[str, Any]:
         best = self.max_sustained
         return {
@@ -317,8 +337,12 @@ class Ceiling:
             "limited_by": self.limited_by,
             "redis_saturated": self.limited_by.startswith("redis"),
             "redis_us_per_extra_subscriber": self.us_per_extra_subscriber(),
+            "redis_us_per_subscriber_pipeline": self.us_per_subscriber_pipeline(),
             "fanout": [
-                {key: row[key] for key in ("subscribers", "rate", "redis_us_per_msg", "delivered_ratio")}
+                {
+                    key: row[key]
+                    for key in ("subscribers", "rate", "msgs_per_pipeline", "redis_us_per_msg", "delivered_ratio")
+                }
                 for row in self.fanout
             ],
         }
@@ -549,6 +573,7 @@ class Benchmark:
             p99_ms=p99_ms,
             max_ms=after["max_us"] / 1000,
             sent=sent,
+            msgs_per_pipeline=round(sent / max(int(published.get("pipelines", 0)), 1), 2),
             redis_cpu_pct=[round(seconds / wall * 100, 1) for seconds in redis_s],
             redis_us_per_msg=round(sum(redis_s) / max(sent, 1) * 1e6, 2),
             gateway_cpu_pct=round(gateway_s / wall * 100, 1),
@@ -722,14 +747,13 @@ class Benchmark:
         assert self.cluster is not None
         for copies in options.fanout_subscribers:
             several = RawSubscribers(self.cluster, subscribers.prefix, subscribers.streams, copies).start()
+            rate = options.fanout_rate * result.shards
             try:
-                done = self.run_step(
-                    options.fanout_rate, publisher=publisher, receiver=several, reading=[copies] * result.streams
-                )
+                done = self.run_step(rate, publisher=publisher, receiver=several, reading=[copies] * result.streams)
             finally:
                 several.stop()
             log(f"{label}, {copies} subscriber(s) per channel: {done.brief()}")
-            ceiling.fanout.append({"subscribers": copies, "rate": options.fanout_rate, **asdict(done)})
+            ceiling.fanout.append({"subscribers": copies, **asdict(done)})
         slope = ceiling.us_per_extra_subscriber()
         if slope is not None:
             log(f"{label}: each extra subscriber per channel costs the shard {slope:.2f} us per message")
@@ -789,6 +813,35 @@ class Benchmark:
         return good, bad
 
 
+def redis_cost_fit(results: list[ConfigResult]) -> dict[str, Any]:
+    """Redis CPU per message = ``us_per_msg + us_per_pipeline / (messages per pipeline)``, least squares over the
+    steps with the shards alone (one subscriber per channel) of every configuration: what a shard costs depends on
+    how many messages each of its reads and replies carries, i.e. on how busy it is."""
+    points = []
+    for result in results:
+        if result.ceiling is None:
+            continue
+        steps = list(result.ceiling.steps)
+        steps += [Step(**{k: v for k, v in row.items() if k != "subscribers"}) for row in result.ceiling.fanout[:1]]
+        points += [(1 / step.msgs_per_pipeline, step.redis_us_per_msg) for step in steps if step.msgs_per_pipeline]
+    if len(points) < 3:
+        return {}
+    mean_x = sum(x for x, _ in points) / len(points)
+    mean_y = sum(y for _, y in points) / len(points)
+    spread = sum((x - mean_x) ** 2 for x, _ in points)
+    if not spread:
+        return {}
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / spread
+    residual = [y - (mean_y + slope * (x - mean_x)) for x, y in points]
+    return {
+        "us_per_msg": round(mean_y - slope * mean_x, 2),
+        "us_per_pipeline": round(slope, 2),
+        "points": len(points),
+        "rms_error_us": round(math.sqrt(sum(r * r for r in residual) / len(residual)), 2),
+        "msgs_per_pipeline_range": [round(1 / max(x for x, _ in points), 1), round(1 / min(x for x, _ in points), 1)],
+    }
+
+
 def summary(results: list[ConfigResult], layout: str, cpus: int) -> dict[str, Any]:
     """The last line: max messages/s per shard count and publish path, and the per-shard ceiling."""
     shards = sorted({result.shards for result in results})
@@ -806,7 +859,10 @@ def summary(results: list[ConfigResult], layout: str, cpus: int) -> dict[str, An
     ceiling: dict[str, Any] = {}
     measured = [r for r in results if r.ceiling is not None and r.ceiling.max_sustained is not None]
     if measured:
-        one = min(measured, key=lambda r: r.shards)
+        # The fewest shards that were driven to saturation (a disturbed run may leave one configuration short).
+        one = min(
+            measured, key=lambda r: (not r.ceiling.limited_by.startswith("redis") if r.ceiling else True, r.shards)
+        )
         assert one.ceiling is not None and one.ceiling.max_sustained is not None
         best = one.ceiling.max_sustained
         ceiling = {
@@ -820,7 +876,10 @@ def summary(results: list[ConfigResult], layout: str, cpus: int) -> dict[str, An
             "msgs_per_s_per_shard_core": round(1e6 / best.redis_us_per_msg) if best.redis_us_per_msg else None,
             # Each further gateway subscribed to a stream: Redis CPU per message on that stream's shard.
             "redis_us_per_extra_subscriber": one.ceiling.us_per_extra_subscriber(),
+            "redis_us_per_subscriber_pipeline": one.ceiling.us_per_subscriber_pipeline(),
         }
+
+    fit = redis_cost_fit(results)
 
     def short(texts: list[Any]) -> list[str | None]:
         return [None if text is None else str(text).split(" ", 1)[0] for text in texts]
@@ -838,6 +897,7 @@ def summary(results: list[ConfigResult], layout: str, cpus: int) -> dict[str, An
         "packed_publisher_us_per_msg": figures("packed", "publisher_us_per_msg"),
         "broker_publisher_us_per_msg": figures("broker", "publisher_us_per_msg"),
         "per_shard_ceiling": ceiling,
+        "redis_cost_fit": fit,
         "cpus": cpus,
         "layout": layout,
     }
@@ -865,10 +925,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     )
     parser.add_argument(
         "--fanout-subscribers",
-        help="shards alone, at --fanout-rate: subscribers per channel to measure (default 1,4,16; --quick 1,8)",
+        help="shards alone, at --fanout-rate: subscribers per channel to measure (default 1,4,8; --quick 1,8)",
     )
     parser.add_argument(
-        "--fanout-rate", type=float, default=10_000.0, help="messages/s of the subscriber steps (default 10000)"
+        "--fanout-rate",
+        type=float,
+        default=5_000.0,
+        help="messages/s per shard of the subscriber steps (default 5000)",
     )
     parser.add_argument("--layout", choices=("split", "none"), default="split", help="CPU pinning (module docstring)")
     parser.add_argument("--redis-cpu", type=int, default=0)
@@ -903,9 +966,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         drain_cap_s=1.5,
         ceiling=not args.no_ceiling,
         ceiling_growth=1.5 if quick else 1.25,
-        fanout_subscribers=[
-            int(n) for n in (args.fanout_subscribers or ("1,8" if quick else "1,4,16")).split(",") if n
-        ],
+        fanout_subscribers=[int(n) for n in (args.fanout_subscribers or ("1,8" if quick else "1,4,8")).split(",") if n],
         fanout_rate=args.fanout_rate,
         layout=args.layout,
         redis_cpu=args.redis_cpu,

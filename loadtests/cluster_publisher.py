@@ -14,9 +14,10 @@ ids) and ``keep_last`` (a state stream), so the script does all its work: fence 
   shard is;
 - ``packed``: the same ``EVALSHA`` commands, byte for byte (the per-stream templates are recorded from
   ``ClusterBroker.publish`` itself; ``tests/test_broker_scale.py`` compares a packed command with what the broker
-  hands redis-py), sent one pipeline per primary per batch on a connection of our own, with each stream's floor
-  (the last ``(epoch, seq)`` answered) kept from the replies as the broker keeps it. Redis does identical work and
-  the gateways see identical envelopes; the client costs a few µs per message, so the shards can be saturated.
+  hands redis-py), sent one pipeline per primary per batch on a connection of our own (up to ``--pipelines`` batches
+  in flight per primary, so a shard never waits for this process), with each stream's floor (the last
+  ``(epoch, seq)`` answered) kept from the replies as the broker keeps it. Redis does identical work and the gateways
+  see identical envelopes; the client costs a few µs per message, so the shards can be saturated.
 
 The publish time travels in the payload's ``E`` field in microseconds (as in ``loadtests/publisher.py``), taken when
 a batch is built: the load generator measures publish -> receive from it.
@@ -35,7 +36,8 @@ import random
 import resource
 import sys
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from loadtests.publisher import MAX_BATCH, ticker_template
@@ -145,60 +147,92 @@ class PackedCalls:
 
 
 class PackedSender:
-    """One connection per primary; a batch is one pipeline per primary, replies read in order."""
+    """One connection per primary; a batch is one pipeline per primary. Up to ``depth`` batches are in flight per
+    node (a reader task per node takes the replies as they come), so a shard is never idle while this process
+    reads replies and packs the next batch: with one batch at a time a shard cannot pass ~90 % busy."""
 
-    def __init__(self, owners: dict[str, Address]) -> None:
+    def __init__(self, owners: dict[str, Address], depth: int = 2) -> None:
         self.owners = owners
+        self.depth = depth
         self.connections: dict[Address, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
-        self.buffers: dict[Address, bytes] = {}
+        self.pending: dict[Address, deque[list[int]]] = {}
+        self.readers: list[asyncio.Task[None]] = []
+        self.progress = asyncio.Event()
+        self.failure: BaseException | None = None
+        self.on_reply: Callable[[int, tuple[bytes, bytes]], None] = lambda index, reply: None
 
     async def connect(self) -> None:
         for address in sorted(set(self.owners.values())):
             self.connections[address] = await asyncio.open_connection(*address)
-            self.buffers[address] = b""
+            self.pending[address] = deque()
+            self.readers.append(asyncio.create_task(self._read(address)))
 
-    async def send(self, per_node: dict[Address, list[bytes]]) -> dict[Address, list[tuple[bytes, bytes] | None]]:
+    async def send(self, per_node: dict[Address, list[bytes]], order: dict[Address, list[int]]) -> None:
+        """Write one batch (``order``: the stream index of each command), then wait while a node has ``depth``
+        batches unanswered."""
         for address, commands in per_node.items():
             self.connections[address][1].write(b"".join(commands))
-        if len(per_node) == 1:
-            ((address, commands),) = per_node.items()
-            return {address: await self._replies(address, len(commands))}
-        replies = await asyncio.gather(
-            *(self._replies(address, len(commands)) for address, commands in per_node.items())
-        )
-        return dict(zip(per_node, replies, strict=True))
+            self.pending[address].append(order[address])
+        await self._wait(lambda: all(len(batches) < self.depth for batches in self.pending.values()))
 
-    async def _replies(self, address: Address, count: int) -> list[tuple[bytes, bytes] | None]:
-        """``count`` script replies from one node: ``(epoch, seq)`` as ASCII digits, or None for a duplicate
-        (``:0``); raises on anything else (an error reply)."""
+    async def drain(self) -> None:
+        """Until every batch sent is answered."""
+        await self._wait(lambda: not any(self.pending.values()))
+
+    async def _wait(self, done: Callable[[], bool]) -> None:
+        while not done():
+            if self.failure is not None:
+                raise self.failure
+            self.progress.clear()
+            await self.progress.wait()
+        if self.failure is not None:
+            raise self.failure
+
+    async def _read(self, address: Address) -> None:
+        """Replies in order: ``*2 :epoch :seq`` per publication (handed to :attr:`on_reply` with its stream index),
+        ``:0`` per duplicate; anything else (an error reply) fails the run."""
         reader = self.connections[address][0]
-        data = self.buffers[address]
-        replies: list[tuple[bytes, bytes] | None] = []
+        pending = self.pending[address]
+        data = b""
         position = 0
-        while len(replies) < count:
-            end = data.find(b"\r\n", position)
-            if end >= 0 and data.startswith(b"*2\r\n", position):
-                epoch_end = data.find(b"\r\n", end + 2)
-                seq_end = data.find(b"\r\n", epoch_end + 2) if epoch_end >= 0 else -1
-                if seq_end >= 0:
-                    replies.append((data[end + 3 : epoch_end], data[epoch_end + 3 : seq_end]))
-                    position = seq_end + 2
-                    continue
-            elif end >= 0 and data.startswith(b":", position):
-                replies.append(None)
-                position = end + 2
-                continue
-            elif end >= 0:
-                raise RuntimeError(f"Redis refused a publish: {data[position:end].decode(errors='replace')}")
-            chunk = await reader.read(1 << 16)
-            if not chunk:
-                raise ConnectionError("Redis closed the publishing connection")
-            data = data[position:] + chunk
-            position = 0
-        self.buffers[address] = data[position:]
-        return replies
+        answered = 0
+        try:
+            while True:
+                chunk = await reader.read(1 << 16)
+                if not chunk:
+                    raise ConnectionError("Redis closed the publishing connection")
+                data = data[position:] + chunk
+                position = 0
+                while True:
+                    end = data.find(b"\r\n", position)
+                    if end < 0:
+                        break
+                    if data.startswith(b"*2\r\n", position):
+                        epoch_end = data.find(b"\r\n", end + 2)
+                        seq_end = data.find(b"\r\n", epoch_end + 2) if epoch_end >= 0 else -1
+                        if seq_end < 0:
+                            break
+                        reply = (data[end + 3 : epoch_end], data[epoch_end + 3 : seq_end])
+                        self.on_reply(pending[0][answered], reply)
+                        position = seq_end + 2
+                    elif data.startswith(b":", position):
+                        position = end + 2  # a duplicate: nothing published, the floor stays
+                    else:
+                        raise RuntimeError(f"Redis refused a publish: {data[position:end].decode(errors='replace')}")
+                    answered += 1
+                    if answered == len(pending[0]):
+                        pending.popleft()
+                        answered = 0
+                        self.progress.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as error:  # handed to the sender, which raises it in the run
+            self.failure = error
+            self.progress.set()
 
     async def close(self) -> None:
+        for task in self.readers:
+            task.cancel()
         for _reader, writer in self.connections.values():
             writer.close()
 
@@ -213,7 +247,12 @@ class Publisher:
         self.packed = packed
         self.sender = sender
         self.owners = [sender.owners[stream] for stream in self.streams] if sender is not None else []
+        if sender is not None:
+            sender.on_reply = self._answered
+        cluster = broker.cluster
+        self.owner_ports = [cluster.owner(key_slot(broker.namer.channel(stream))) for stream in self.streams]
         self.next_index = 0  # round-robin over the streams across runs
+        self.pipelines = 0  # node pipelines written (a batch is one per primary it touches)
         self.event_ids = [0] * len(self.streams)
         self.floors: list[tuple[bytes, bytes] | None] = [None] * len(self.streams)  # packed: last (epoch, seq) answered
 
@@ -225,6 +264,7 @@ class Publisher:
         sent = 0
         max_behind = 0.0
         cpu0 = resource.getrusage(resource.RUSAGE_SELF)
+        pipelines0 = self.pipelines
         start = time.monotonic()
         total = max(1, round(rate * duration))
         while sent < total:
@@ -255,7 +295,10 @@ class Publisher:
                 ]
                 # Every event id in a batch differs, so nothing is a duplicate; _run_rounds keeps order per stream.
                 await self.broker.publish(messages, fencing_token=FENCING_TOKEN)
+                self.pipelines += len({self.owner_ports[index] for index in indices})
             sent += batch
+        if self.sender is not None:
+            await self.sender.drain()  # the run ends when Redis has answered everything
         elapsed = time.monotonic() - start
         cpu1 = resource.getrusage(resource.RUSAGE_SELF)
         return {
@@ -267,11 +310,12 @@ class Publisher:
             "max_behind_ms": round(max_behind * 1000, 3),
             "per_stream": per_stream,
             "cpu_s": round(cpu1.ru_utime + cpu1.ru_stime - cpu0.ru_utime - cpu0.ru_stime, 4),
+            "pipelines": self.pipelines - pipelines0,
         }
 
     async def _send_packed(self, indices: list[int], events: list[int], publish_us: int) -> None:
-        """One batch: per stream the floor as it was before the batch (as ``ClusterBroker.publish`` computes every
-        call's arguments before sending any), then the floors the replies give."""
+        """One batch, one pipeline per primary: each stream's calls carry its floor as last answered (as
+        ``ClusterBroker.publish`` computes every call's arguments before sending any)."""
         packed, sender = self.packed, self.sender
         assert packed is not None and sender is not None
         # As ClusterBroker.publish: a random candidate epoch per batch (used by a stream that has none yet).
@@ -301,14 +345,14 @@ class Publisher:
                 order[address] = []
             commands.append(command)
             order[address].append(index)
-        replies = await sender.send(per_node)
-        for address, answered in replies.items():
-            for index, reply in zip(order[address], answered, strict=True):
-                if reply is not None:
-                    self.floors[index] = (
-                        b"$%d\r\n%b\r\n" % (len(reply[0]), reply[0]),
-                        b"$%d\r\n%b\r\n" % (len(reply[1]), reply[1]),
-                    )
+        self.pipelines += len(per_node)
+        await sender.send(per_node, order)
+
+    def _answered(self, index: int, reply: tuple[bytes, bytes]) -> None:
+        """A stream's floor is the last ``(epoch, seq)`` answered (with batches in flight, the floor a batch carries
+        may be a batch behind: it only matters after a failover, and is never above the stream's seq)."""
+        epoch, seq = reply
+        self.floors[index] = (b"$%d\r\n%b\r\n" % (len(epoch), epoch), b"$%d\r\n%b\r\n" % (len(seq), seq))
 
 
 def _emit(obj: dict[str, object]) -> None:
@@ -328,13 +372,14 @@ async def main_async(args: argparse.Namespace) -> None:
     if args.via == "packed":
         packed = await PackedCalls.from_broker(broker, streams)
         await broker.cluster.refresh()
-        sender = PackedSender({stream: broker.cluster.owner(packed.slots[stream]) for stream in streams})
+        owners = {stream: broker.cluster.owner(packed.slots[stream]) for stream in streams}
+        sender = PackedSender(owners, depth=args.pipelines)
         await sender.connect()
     publisher = Publisher(broker, streams, packed, sender)
     loop = asyncio.get_running_loop()
     try:
-        owners = {stream: broker.cluster.owner(key_slot(broker.namer.channel(stream)))[1] for stream in streams}
-        _emit({"event": "ready", "streams": streams, "via": args.via, "owners": owners})
+        ports = {stream: broker.cluster.owner(key_slot(broker.namer.channel(stream)))[1] for stream in streams}
+        _emit({"event": "ready", "streams": streams, "via": args.via, "owners": ports})
         while True:
             line = await loop.run_in_executor(None, sys.stdin.readline)
             if not line:
@@ -356,6 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix", required=True, help="PRICEGATE_CHANNEL_PREFIX of the gateways under test")
     parser.add_argument("--streams", required=True, help="comma-separated ticker streams (<symbol>@ticker)")
     parser.add_argument("--via", choices=("packed", "broker"), default="packed", help="see the module docstring")
+    parser.add_argument(
+        "--pipelines", type=int, default=2, help="packed: batches in flight per node (default 2; 1 = as the broker)"
+    )
     args = parser.parse_args(argv)
     try:
         import uvloop
