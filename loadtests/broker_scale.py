@@ -2,7 +2,7 @@
 Cluster of 1, 2 and 3 shards with a real gateway subscribed to every stream, and the per-shard ceiling.
 
     python -m loadtests.broker_scale                    # 1, 2, 3 shards x (packed, broker), full ramp: ~7 minutes
-    python -m loadtests.broker_scale --quick            # same configurations, coarser ramp: ~3 minutes
+    python -m loadtests.broker_scale --quick            # same configurations, coarser ramp: ~2 minutes
     python -m loadtests.broker_scale --shards 1 --via packed --layout none   # one configuration, nothing pinned
 
 Per configuration (shards x publish path), everything fresh: a local Redis Cluster of that many primaries
