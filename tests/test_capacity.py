@@ -78,10 +78,10 @@ def test_capacity_check_drives_both_harnesses_at_tiny_scale(tmp_path: Path) -> N
     assert [(entry["shards"], entry["via"]) for entry in broker["results"]] == [(1, "packed"), (1, "broker")]
     packed = broker["results"][0]
     assert packed["error"] is None and packed["classic_channels"] == 0
-    assert all(step["delivered_ratio"] >= 0.99 for step in packed["steps"])
+    assert all(step["delivered_ratio"] > 0.9 for step in packed["steps"])
     ceiling = packed["ceiling"]  # the shard alone, then 1 and 2 raw subscribers per channel
     assert ceiling["steps"] and [row["subscribers"] for row in ceiling["fanout"]] == [1, 2]
-    assert all(row["delivered_ratio"] >= 0.99 for row in ceiling["fanout"])
+    assert all(row["delivered_ratio"] > 0.9 for row in ceiling["fanout"])
     final = broker["final"]
     assert final["per_shard_ceiling"]["redis_us_per_msg"] > 0 and final["shards_alone_max_msgs_per_s"][0] > 0
     for name in ("fanout", "fanout-idle"):
