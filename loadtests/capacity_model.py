@@ -17,8 +17,9 @@ The model, per gateway process (one core, one event loop):
   + the slow clients' buffers (``slow_client_fraction`` of them holding their whole allowance).
 
 Per Redis Cluster shard (one primary, one core): CPU per message = ``redis_us_per_msg`` (the publish script with
-fence, duplicate check, history, last value and one ``SPUBLISH`` subscriber) + ``redis_us_per_subscriber`` for each
-further gateway process subscribed to that stream, planned at ``target_utilization``.
+fence, duplicate check, history, last value and one ``SPUBLISH`` subscriber) + (``redis_us_per_pipeline`` +
+``redis_us_per_subscriber_pipeline`` for each further gateway process subscribed) / messages per pipeline, with one
+pipeline per ``pipeline_interval_ms`` when busy; planned at ``target_utilization``.
 """
 
 from __future__ import annotations
