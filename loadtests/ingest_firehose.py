@@ -558,6 +558,16 @@ def _sigterm_as_exit() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous_int)
 
 
+def cpu_probe_s() -> float:
+    """Seconds a fixed pure-Python loop takes here (the load CPU): how fast this machine runs right now. A VM's
+    vCPU can be slower at one time than another (a busy host), which moves every figure: compare runs by it."""
+    started = time.perf_counter()
+    total = 0
+    for value in range(5_000_000):
+        total += value
+    return round(time.perf_counter() - started, 3)
+
+
 def final_line(options: Options, benchmark: Benchmark, best: Step | None, connections: int) -> dict[str, Any]:
     return {
         "max_msgs_per_s": best.rate if best is not None else 0,
@@ -595,6 +605,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _sigterm_as_exit():
             log(f"pinning: {benchmark.pinning}")
             report["background_cpu_pct_before"] = quiet = benchmark.background_load()
+            report["cpu_probe_s_before"] = probe = cpu_probe_s()
+            log(f"CPU probe: {probe} s (a fixed Python loop; lower is faster)")
             if quiet >= 5:
                 log(f"WARNING: other processes use {quiet:.0f}% CPU right now: figures will be disturbed")
             benchmark.start()
@@ -620,6 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 time.sleep(settle)
             steps, best = ladder(benchmark, options)
             report["steps"] = [asdict(step) for step in steps]
+            report["cpu_probe_s_after"] = cpu_probe_s()
             report["exchange_status"] = benchmark.exchange_status()
             report["ingest_counters"] = benchmark.ingest_counters()
             final = final_line(options, benchmark, best, int(status["connections"]))
