@@ -100,7 +100,11 @@ def test_two_shards_both_publish_paths_at_tiny_scale(tmp_path: Path) -> None:
     assert (packed["via"], broker["via"]) == ("packed", "broker")
     for line in (packed, broker):
         assert line["shards"] == 2 and line["error"] is None, line
-        assert line["max_msgs_per_s"] > 0 and line["redis_us_per_msg"] > 0 and line["gateway_us_per_msg"] > 0
+        assert line["max_msgs_per_s"] > 0, line
+        # CPU comes from /proc/<pid>/stat in 10 ms ticks: a 0.4 s step of ~120 messages may cost Redis less than
+        # one tick, so at this scale the figures are present and non-negative, not necessarily above zero.
+        assert line["redis_us_per_msg"] >= 0 and line["gateway_us_per_msg"] is not None, line
+        assert line["gateway_us_per_msg"] >= 0, line
         # The gateway holds one shard subscription per stream on each of the two primaries (3 streams each; the
         # heartbeat channel on one of them), and messages reached the clients through them.
         assert sorted(line["shard_channels"].values()) in ([3, 4], [3, 3]), line
