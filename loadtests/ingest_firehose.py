@@ -202,6 +202,7 @@ class Benchmark:
             [
                 *self.pin_load, server, "--bind", "127.0.0.1", "--port", str(port), "--save", "",
                 "--appendonly", "no", "--dir", str(self.tempdir), "--client-output-buffer-limit", "pubsub 0 0 0",
+                "--latency-monitor-threshold", "2",
             ],
             stdout=subprocess.DEVNULL,
         )  # fmt: skip
@@ -419,6 +420,23 @@ class Benchmark:
             process.wait(timeout=30)
         self.processes.stop(process)
 
+    def redis_latency(self) -> dict[str, Any]:
+        """Redis' own view of its stalls (``LATENCY LATEST``, events over 2 ms; ``SLOWLOG`` length): whether a lag
+        spike was Redis standing still."""
+        import redis
+
+        client = redis.Redis.from_url(self.redis_url)
+        try:
+            latest = client.execute_command("LATENCY", "LATEST")  # type: ignore[no-untyped-call]  # untyped in redis-py
+            return {
+                "events": [[str(e[0]), int(e[1]), int(e[2]), int(e[3])] for e in latest],  # name, at, last ms, max ms
+                "slowlog_len": int(client.slowlog_len()),
+            }
+        except Exception as error:  # diagnostics only
+            return {"error": repr(error)}
+        finally:
+            client.close()
+
     def ingest_counters(self) -> dict[str, float]:
         """Ingest's own view from its /metrics: published, duplicates, gaps, publish errors, leader."""
         wanted = {
@@ -633,6 +651,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             steps, best = ladder(benchmark, options)
             report["steps"] = [asdict(step) for step in steps]
             report["cpu_probe_s_after"] = cpu_probe_s()
+            report["redis_latency"] = benchmark.redis_latency()
             report["exchange_status"] = benchmark.exchange_status()
             report["ingest_counters"] = benchmark.ingest_counters()
             final = final_line(options, benchmark, best, int(status["connections"]))
