@@ -207,6 +207,49 @@ def gateway_counters(port: int) -> dict[str, float] | None:
     return counters
 
 
+def gateway_pauses(port: int) -> dict[str, float] | None:
+    """pricegate's own record of what stood its event loop still (``shared/runtime_metrics.py``), from its /metrics:
+    per histogram, the observations and how many exceeded 20 ms (the bucket bounds include 0.02), and the garbage
+    collections of the oldest generation. Scraped around a phase, the difference is that phase's. None if the
+    scrape fails."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    figures = {"loop_lag_count": 0.0, "loop_lag_le_20ms": 0.0, "gc_pause_count": 0.0, "gc_pause_le_20ms": 0.0}
+    figures["gc_full_count"] = 0.0
+    for line in text.splitlines():
+        for name, key in (("event_loop_lag_seconds", "loop_lag"), ("gc_pause_seconds", "gc_pause")):
+            if not line.startswith(f"pricegate_gateway_{name}_"):
+                continue
+            value = float(line.rsplit(" ", 1)[1])
+            if line.startswith(f"pricegate_gateway_{name}_count"):
+                figures[f"{key}_count"] += value
+                if 'generation="2"' in line:
+                    figures["gc_full_count"] += value
+            elif 'le="0.02"' in line:
+                figures[f"{key}_le_20ms"] += value
+    return figures
+
+
+def pauses_between(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, float | None]:
+    """What :func:`gateway_pauses` saw between two scrapes: loop-lag samples and GC pauses over 20 ms, and full
+    collections (all None when a scrape failed)."""
+    if before is None or after is None:
+        return {"loop_lag_samples": None, "loop_lag_over_20ms": None, "gc_pauses_over_20ms": None, "gc_full": None}
+
+    def delta(key: str) -> float:
+        return after[key] - before[key]
+
+    return {
+        "loop_lag_samples": delta("loop_lag_count"),
+        "loop_lag_over_20ms": delta("loop_lag_count") - delta("loop_lag_le_20ms"),
+        "gc_pauses_over_20ms": delta("gc_pause_count") - delta("gc_pause_le_20ms"),
+        "gc_full": delta("gc_full_count"),
+    }
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -1207,6 +1250,8 @@ class Benchmark:
             stormers, _ = self.start_loadgen([port], storm, src_offset_base=100)
             reading = hello["reading_per_stream"]
             self.warm_up(publisher, steady, server)
+            metrics_port = self.metrics_ports.get(server.pid)
+            pauses0 = gateway_pauses(metrics_port) if metrics_port else None  # from here on, clients + storm open
             rate = options.storm_rate * len(self.streams)  # every client gets storm_rate messages a second
             quiet = self.run_step(
                 rate, options.step_s, server=server, publisher=publisher, loadgen=steady, reading_per_stream=reading,
@@ -1225,6 +1270,7 @@ class Benchmark:
             published = publisher.expect("ran", options.storm_seconds * 3 + 30)
             time.sleep(0.5)
             after = steady.stats()
+            pauses = pauses_between(pauses0, gateway_pauses(metrics_port) if metrics_port else None)
             expected = sum(sent * readers for sent, readers in zip(published["per_stream"], reading, strict=False))
             report.update(
                 rate=rate,
@@ -1239,11 +1285,14 @@ class Benchmark:
                 reconnect_s=round(reconnected_s, 2),
                 target_p99_ms=100.0,
                 held=after["p99_us"] / 1000 < 100.0 and after["lost"] == 0 and storm_hello["open"] == storm,
+                **pauses,  # pricegate's own loop lag and GC pauses over both steps (quiet, then the storm)
             )
             log(
                 f"storm {target}: {storm} clients dropped and reconnected in {reconnected_s:.2f}s; steady clients' "
                 f"p50/p99/max {report['storm_p50_ms']:.1f}/{report['storm_p99_ms']:.1f}/{report['storm_max_ms']:.1f} ms"
-                f" (without storm {quiet.p50_ms:.1f}/{quiet.p99_ms:.1f})"
+                f" (without storm {quiet.p50_ms:.1f}/{quiet.p99_ms:.1f}); loop lag > 20 ms: "
+                f"{pauses['loop_lag_over_20ms']} of {pauses['loop_lag_samples']} samples, GC pauses > 20 ms: "
+                f"{pauses['gc_pauses_over_20ms']}, full collections: {pauses['gc_full']}"
             )
         except (BenchmarkError, LoadGenError) as error:
             report["error"] = str(error)

@@ -130,3 +130,27 @@ async def test_packed_publisher_sends_exactly_what_redis_broker_publish_sends(mo
     head = theirs[: theirs.index(b"$%d\r\n%b" % (len(payload), payload))]
     published_ms = head[head.rindex(b"$", 0, len(head) - 2) :]  # the bulk string just before the payload
     assert packed.command(5, published_ms, payload) == theirs
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(60)
+def test_storm_plumbing_reads_the_gateways_own_pause_record(tmp_path: Path) -> None:
+    """``--storm`` at tiny scale: the storm clients reconnected, the steady ones were measured through it, and the
+    gateway's loop-lag and GC-pause histograms were read around it (the 'no pause over 20 ms' figure)."""
+    command = [
+        sys.executable, "-m", "loadtests.fanout", "--targets", "pricegate",
+        "--clients", "40", "--storm", "40", "--storm-seconds", "1.5", "--step-seconds", "0.5",
+        "--out", str(tmp_path / "out"),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=55, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
+    storm = next(line["storm"] for line in lines if "storm" in line)
+    assert len(storm) == 1, storm
+    (entry,) = storm
+    assert entry["target"] == "pricegate" and entry.get("error") is None, entry
+    assert entry["reconnected"] == 40 and entry["steady_lost"] == 0, entry
+    assert entry["storm_delivered_ratio"] > 0.9 and entry["storm_p99_ms"] > 0, entry
+    # The loop-lag monitor samples every 100 ms: two steps of >= 0.5 s each gave it samples to count.
+    assert entry["loop_lag_samples"] >= 5 and entry["loop_lag_over_20ms"] >= 0, entry
+    assert entry["gc_pauses_over_20ms"] >= 0 and entry["gc_full"] >= 0, entry
