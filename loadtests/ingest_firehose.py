@@ -431,6 +431,8 @@ class Benchmark:
             return {
                 "events": [[str(e[0]), int(e[1]), int(e[2]), int(e[3])] for e in latest],  # name, at, last ms, max ms
                 "slowlog_len": int(client.slowlog_len()),
+                # Redis' own time per publish script call over the whole run (the Lua script and its commands).
+                "evalsha_usec_per_call": client.info("commandstats").get("cmdstat_evalsha", {}).get("usec_per_call"),
             }
         except Exception as error:  # diagnostics only
             return {"error": repr(error)}
@@ -438,7 +440,7 @@ class Benchmark:
             client.close()
 
     def ingest_counters(self) -> dict[str, float]:
-        """Ingest's own view from its /metrics: published, duplicates, gaps, publish errors, leader."""
+        """Ingest's own view from its /metrics: published, duplicates, gaps, publish errors, leader, publish calls."""
         wanted = {
             "pricegate_ingest_published_messages_total": "published",
             "pricegate_ingest_duplicates_dropped_total": "duplicates",
@@ -446,6 +448,7 @@ class Benchmark:
             "pricegate_ingest_publish_errors_total": "publish_errors",
             "pricegate_ingest_unrecoverable_trades_total": "unrecoverable_trades",
             "pricegate_ingest_is_leader": "is_leader",
+            "pricegate_ingest_publish_duration_seconds_count": "publish_calls",  # messages / calls = batch size
         }
         counters = dict.fromkeys(wanted.values(), 0.0)
         try:
