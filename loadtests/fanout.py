@@ -810,6 +810,8 @@ class Benchmark:
         pids = {os.getpid(), os.getppid()}  # the parent: a test runner or shell waiting on us
         for child in self.processes.children:
             pids.add(child.pid)
+        for supervisor in self.worker_metrics_ports:  # a --workers gateway's workers are its children, not ours
+            pids.update(gateway_workers(supervisor))
         return pids
 
     # ---- one step ----
