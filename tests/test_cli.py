@@ -72,6 +72,10 @@ async def test_demo_serves_synthetic_market_and_drains_on_sigterm() -> None:
                         await ws.recv()
             assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
         assert await demo.stop() == 0
+        # The demo's one ingest was never a standby: stopping it says so, not "buffering as a standby" (issue 12).
+        output = "".join(demo.output)
+        assert "publishing stopped: shutting down" in output, output
+        assert "standby" not in output, output
     finally:
         if demo.process.returncode is None:
             demo.process.kill()

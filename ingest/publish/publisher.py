@@ -283,8 +283,10 @@ class Publisher:
         self._leading.clear()
         self.metrics.is_leader.set(0)
         self.metrics.leader_changes.labels(event=reason if reason in ("fenced", "stopped") else f"lost_{reason}").inc()
-        log = logger.info if reason == "stopped" else logger.warning
-        log("no longer leading (%s): publishing stopped, buffering as a standby", reason)
+        if reason == "stopped":
+            logger.info("publishing stopped: shutting down")  # not a standby: the process is ending
+        else:
+            logger.warning("no longer leading (%s): publishing stopped, buffering as a standby", reason)
         # The buffer keeps holding (everything, for this process to publish when it leads again) until another
         # process is seen leading: losing the lease to a Redis restart looks exactly like losing it to a standby.
         if self._history is not None:
