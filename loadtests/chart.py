@@ -1,5 +1,7 @@
-"""PNG chart of a fan-out benchmark run: max sustained deliveries/s and p99 latency (at half of each server's own
-max sustained rate) against N, one line per server, from the ``results.json`` that ``loadtests.fanout`` writes.
+"""PNG chart of a fan-out benchmark run, against N, one line per server, from the ``results.json`` that
+``loadtests.fanout`` writes: the two throughput definitions (max sustained deliveries/s at p99 < 250 ms, and at
+p99 <= 25 ms with an even publishing pace, when the run measured it) and p99 latency at half of each server's own
+max sustained rate.
 
     python -m loadtests.chart out/fanout-<time>/results.json -o docs/benchmarks/fanout.png
     python -m loadtests.chart out/fanout-<time>/results.json --markdown     # BENCHMARKS.md tables, no plot
@@ -15,8 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-COLOURS = {"pricegate": "#1f77b4", "naive": "#d62728", "picows": "#2ca02c"}
-LABELS = {"pricegate": "pricegate gateway", "naive": "naive Starlette loop", "picows": "picows broadcast"}
+COLOURS = {"pricegate": "#1f77b4", "naive": "#d62728", "picows": "#2ca02c", "uvloop": "#7f7f7f"}
+LABELS = {
+    "pricegate": "pricegate gateway",
+    "naive": "naive Starlette loop",
+    "picows": "picows broadcast",
+    "uvloop": "bare uvloop protocol",
+}
 
 
 def series(report: dict[str, Any]) -> dict[str, list[tuple[int, float | None, float | None, bool]]]:
@@ -28,6 +35,15 @@ def series(report: dict[str, Any]) -> dict[str, list[tuple[int, float | None, fl
     return {target: sorted(points) for target, points in out.items()}
 
 
+def latency_bound_series(report: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """target -> [(N, max sustained deliveries/s at p99 <= 25 ms)] sorted by N (empty if the run did not measure it)."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for entry in report["results"]:
+        if entry.get("latency_bound_per_s"):
+            out.setdefault(entry["target"], []).append((entry["clients"], float(entry["latency_bound_per_s"])))
+    return {target: sorted(points) for target, points in out.items()}
+
+
 def draw(report: dict[str, Any], output: Path, title: str | None = None) -> None:
     import matplotlib
 
@@ -35,7 +51,18 @@ def draw(report: dict[str, Any], output: Path, title: str | None = None) -> None
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    figure, (throughput, latency) = plt.subplots(1, 2, figsize=(12, 4.8))
+    bound = latency_bound_series(report)
+    if bound:
+        figure, (throughput, bounded, latency) = plt.subplots(1, 3, figsize=(17, 4.8))
+    else:
+        figure, (throughput, latency) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for target, bound_points in bound.items():
+        bounded.plot(
+            [n for n, _ in bound_points], [rate / 1000 for _, rate in bound_points], "o-",
+            color=COLOURS.get(target), label=LABELS.get(target, target),
+        )  # fmt: skip
+        for n, rate in bound_points:
+            bounded.annotate(f"{rate / 1000:.0f}k", (n, rate / 1000), textcoords="offset points", xytext=(4, 4))
     for target, points in series(report).items():
         colour = COLOURS.get(target)
         label = LABELS.get(target, target)
@@ -64,7 +91,14 @@ def draw(report: dict[str, Any], output: Path, title: str | None = None) -> None
     latency.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
     latency.axhline(25, color="grey", linestyle="--", linewidth=0.8)
     latency.annotate("25 ms target", (0.02, 25), xycoords=("axes fraction", "data"), color="grey", va="bottom")
-    for axis in (throughput, latency):
+    axes = [throughput, latency]
+    if bound:
+        bounded.set_xscale("log")
+        bounded.set_xlabel("connected clients N")
+        bounded.set_ylabel("max sustained deliveries/s (thousands)")
+        bounded.set_title("Latency-bound: p99 <= 25 ms, even pace")
+        axes.insert(1, bounded)
+    for axis in axes:
         axis.grid(True, which="both", alpha=0.3)
         axis.legend()
     machine = report.get("machine", {})

@@ -260,6 +260,30 @@ def pauses_between(before: dict[str, float] | None, after: dict[str, float] | No
     }
 
 
+def time_wait_sockets() -> int:
+    """TCP sockets in TIME_WAIT on this machine (``/proc/net/sockstat``; 0 if unreadable)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/net/sockstat").read_text().splitlines():
+            if line.startswith("TCP:"):
+                fields = line.split()
+                return int(fields[fields.index("tw") + 1])
+    return 0
+
+
+def drain_time_wait(below: int, timeout: float = 75.0) -> int:
+    """Wait (up to ``timeout``, TIME_WAIT lasts 60 s on Linux) until fewer than ``below`` sockets are in TIME_WAIT:
+    a run of 100 000 clients leaves as many behind, and connecting the next run's clients among them costs the
+    kernel a port search per connect (back-to-back scale runs slowed down run after run). Returns the count left."""
+    deadline = time.monotonic() + timeout
+    count = time_wait_sockets()
+    if count >= below:
+        log(f"waiting for {count} TIME_WAIT sockets of an earlier run to expire (below {below})")
+    while count >= below and time.monotonic() < deadline:
+        time.sleep(1.0)
+        count = time_wait_sockets()
+    return count
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -1356,6 +1380,7 @@ class Benchmark:
             with contextlib.suppress(OSError):
                 os.sched_setaffinity(pid, every_cpu)
         try:
+            report["time_wait_before"] = drain_time_wait(max(10_000, clients // 10))
             supervisor = self.start_server("pricegate", port, prefix, clients // count + 1, workers=count)
             workers = gateway_workers(supervisor.pid)
             if len(workers) != count:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.chart import markdown
+from loadtests.chart import latency_bound_series, markdown
 from loadtests.fanout import KEYS
 from loadtests.publisher import STREAMS, publish_time_us, ticker_payload
 
@@ -99,6 +99,10 @@ def test_quick_mode_plumbing_at_tiny_scale(tmp_path: Path) -> None:
     )
     # CPU time is read in 10 ms ticks: at this tiny scale a step may use less than one.
     assert per_n["us_per_delivery_light"] >= 0 and per_n["picows_us_per_delivery_light"] >= 0
+    # The chart's latency-bound panel has a point per server (BENCHMARKS.md shows both throughput definitions).
+    assert {target: [n for n, _ in points] for target, points in latency_bound_series(report).items()} == {
+        target: [40] for target in ("pricegate", "naive", "picows", "uvloop")
+    }
     for entry in report["results"]:
         assert [round(c["deliveries_per_s"]) for c in entry["common"]] == [400, 800], entry["common"]
         assert all(step["pace"] == "even" for step in entry["latency_steps"])
