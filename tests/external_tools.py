@@ -6,6 +6,7 @@ service does (tests/conftest.py)."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,3 +23,15 @@ def venv_tool(venv: str, executable: str) -> Path:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"CI=true and {message}", pytrace=False)
     pytest.skip(message)
+
+
+def require_programs(*needs: str) -> None:
+    """The system programs a harness test runs: ``redis-server`` and/or ``cc`` (any of cc, gcc, clang, for the
+    load generator and the tap). Missing: fails under CI=true, skips with the reason otherwise (tests/conftest.py)."""
+    from tests.conftest import service_missing
+
+    for need in needs:
+        found = any(shutil.which(cc) for cc in ("cc", "gcc", "clang")) if need == "cc" else shutil.which(need)
+        if not found:
+            what = "a C compiler (cc, gcc or clang)" if need == "cc" else need
+            service_missing(f"{what}, which the load tests build or start,", FileNotFoundError(need))

@@ -7,7 +7,6 @@ benchmark), only that they were measured and that the output has its documented 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from shared.broker.contract import EventId, OutgoingMessage
 from shared.broker.redis_cluster import ClusterBroker
 from shared.redis.scripts import PUBLISH_KEYS
 from shared.redis.slots import SLOTS, fence_tags, key_slot
-from tests.conftest import service_missing
+from tests.external_tools import require_programs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,10 +72,7 @@ async def test_packed_calls_are_exactly_what_cluster_broker_publish_sends(monkey
 
 
 def _needs_cluster_tools() -> None:
-    if shutil.which("redis-server") is None:
-        service_missing("redis-server (for a local cluster)", FileNotFoundError("redis-server"))
-    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
-        service_missing("a C compiler (for the load generator)", FileNotFoundError("cc"))
+    require_programs("redis-server", "cc")
 
 
 @pytest.mark.integration

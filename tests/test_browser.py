@@ -26,6 +26,7 @@ import httpx
 import jwt
 import pytest
 
+from tests.conftest import service_missing
 from tests.processes import PricegateProcess, free_port, start_pricegate
 
 if os.environ.get("CI") != "true":  # under CI a missing Playwright is an import error, not a skip
@@ -59,10 +60,10 @@ BROWSER_NETWORK_FAILURE = re.compile(
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
     if not HAVE_CHROMIUM:
-        message = f"{CHROMIUM} is missing: ./run-tests installs Debian's chromium package (apt-get install chromium)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        service_missing(
+            f"{CHROMIUM} (./run-tests installs Debian's chromium package: apt-get install chromium)",
+            FileNotFoundError(str(CHROMIUM)),
+        )
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:

@@ -7,7 +7,6 @@ checked."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 
 from loadtests.capacity_check import KINDS, judge
 from loadtests.capacity_model import MODEL, PROFILES, markdown, shards_for, size
-from tests.conftest import service_missing
+from tests.external_tools import require_programs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,10 +55,7 @@ def test_sizing_grows_with_clients_and_subscribers() -> None:
 @pytest.mark.integration
 @pytest.mark.timeout(60)
 def test_capacity_check_drives_both_harnesses_at_tiny_scale(tmp_path: Path) -> None:
-    if shutil.which("redis-server") is None:
-        service_missing("redis-server (for a local cluster)", FileNotFoundError("redis-server"))
-    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
-        service_missing("a C compiler (for the load generator)", FileNotFoundError("cc"))
+    require_programs("redis-server", "cc")
     command = [sys.executable, "-m", "loadtests.capacity_check", "--tiny", "--out", str(tmp_path)]
     started = time.monotonic()
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=55, check=False)

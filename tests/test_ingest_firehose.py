@@ -8,7 +8,6 @@ exchange keeps Binance's rules."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -20,10 +19,14 @@ import pytest
 from ingest.sources.binance.wire import read_event
 from loadtests.fake_exchange import KINDS, StreamState, stream_names, symbol_names, text_header
 from loadtests.ingest_firehose import ENV_LIMIT
+from tests.external_tools import require_programs
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server")
+
+@pytest.fixture(autouse=True)
+def _programs() -> None:
+    require_programs("redis-server")
 
 
 def test_the_fake_exchange_frames_are_binance_combined_frames_with_contiguous_ids() -> None:
@@ -58,8 +61,8 @@ def test_two_thousand_symbols_fit_in_one_environment_variable() -> None:
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("tap", ["c", "python"])
 def test_tiny_firehose_run(tmp_path: Path, tap: str) -> None:
-    if tap == "c" and not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
-        pytest.skip("the C tap needs a C compiler")
+    if tap == "c":
+        require_programs("cc")
     command = [
         sys.executable, "-m", "loadtests.ingest_firehose", "--tap", tap,
         "--symbols", "20", "--streams-per-connection", "25",

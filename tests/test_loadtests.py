@@ -7,7 +7,6 @@ that the output has its documented shape and that frames were really delivered, 
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -18,13 +17,14 @@ import pytest
 from loadtests.chart import latency_bound_series, markdown
 from loadtests.fanout import KEYS
 from loadtests.publisher import STREAMS, publish_time_us, ticker_payload
+from tests.external_tools import require_programs
 
 ROOT = Path(__file__).resolve().parent.parent
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("redis-server") is None or not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")),
-    reason="needs redis-server and a C compiler",
-)
+
+@pytest.fixture(autouse=True)
+def _programs() -> None:
+    require_programs("redis-server", "cc")
 
 
 def test_payload_is_a_binance_ticker_carrying_the_publish_time_in_microseconds() -> None:
