@@ -11,13 +11,32 @@ unavailable".
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TypeVar
 
 from prometheus_client import Gauge
 
+from shared.errors import BrokerError
+
 logger = logging.getLogger("pricegate.ingest.broker")
+
+T = TypeVar("T")
+FIRST_CALL_ATTEMPTS = 3  # right after a Redis restart the first command may meet a pooled connection to the old one
+
+
+async def first_calls(call: Callable[[], Awaitable[T]], delays: Iterator[float]) -> T:
+    """An idempotent broker call made right after Redis came back (a takeover's fence and reads), tried
+    FIRST_CALL_ATTEMPTS times with ``delays`` between: the first command may meet a pooled connection to the
+    restarted server's predecessor and fail although Redis answers. Still failing, the BrokerError propagates."""
+    for _ in range(FIRST_CALL_ATTEMPTS - 1):
+        try:
+            return await call()
+        except BrokerError:
+            await asyncio.sleep(next(delays))
+    return await call()
 
 
 class BrokerHealth:

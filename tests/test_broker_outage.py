@@ -496,7 +496,8 @@ async def test_two_ingests_on_one_host_start_with_the_defaults_and_ride_out_a_re
                 leader_before = await lease_holder_pid(server, prefix)
                 _, resumed_s = await ride_out_a_restart(server, env, trades, ingests)
                 # The previous leader holds what Redis missed: the standby leaves it the lease for one TTL.
-                assert await lease_holder_pid(server, prefix) == leader_before
+                holder = await lease_holder_pid(server, prefix)
+                assert holder == leader_before, "".join(line for p in ingests for line in p.output[-40:])
                 await asyncio.sleep(0.5)
                 reader.cancel()
             leaders = sorted([await scrape(port, "pricegate_ingest_is_leader") for port in metrics_ports])

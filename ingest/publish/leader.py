@@ -57,6 +57,8 @@ import redis.exceptions as redis_errors
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
+from ingest.broker_health import first_calls
+from shared.backoff import backoff_delays
 from shared.cancellation import raise_if_cancel_was_lost
 from shared.errors import BrokerError, ConfigError
 from shared.redaction import redact_url
@@ -293,7 +295,10 @@ class LeaderLease:
         )
         try:
             if self._fence is not None and self.fencing_epoch is not None:
-                await self._fence(self.fencing_epoch)
+                # Idempotent (ZADD GT), and the first command after a Redis restart may meet a stale connection:
+                # giving the lease up for that would hand it to a standby, not to us who hold what Redis missed.
+                fence, epoch = self._fence, self.fencing_epoch
+                await first_calls(lambda: fence(epoch), backoff_delays(0.05, 0.2))
             await on_acquired()
         except asyncio.CancelledError:
             raise

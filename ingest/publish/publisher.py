@@ -53,7 +53,7 @@ from typing import Protocol, runtime_checkable
 
 from prometheus_client import Counter, Histogram
 
-from ingest.broker_health import BrokerHealth
+from ingest.broker_health import BrokerHealth, first_calls
 from ingest.metrics import IngestMetrics
 from ingest.publish.backfill import Backfilled
 from ingest.publish.continuity import NEW, BackfillPlan, Continuity, IdRange, Verdict, plan_backfill
@@ -70,7 +70,6 @@ logger = logging.getLogger("pricegate.ingest.publisher")
 PUBLISHING = "publishing"  # the BrokerHealth operation name of publishing
 RETRY_CHUNK = 1000  # most messages per publish call (one pipeline); other work runs between two of them
 LIVE_PIPELINE = 4  # pricegate ingest: live publish calls in flight at once (on disjoint streams)
-TAKEOVER_READ_ATTEMPTS = 3  # right after a Redis restart the first command may meet a connection of the old one
 
 
 class Leadership(Protocol):
@@ -266,14 +265,7 @@ class Publisher:
         first command after a Redis restart may meet a pooled connection to the old one. Still failing, the error
         makes the lease loop give the lease up and try again (nothing buffered is lost)."""
         delays = backoff_delays(self.retry_initial_s, self.retry_max_s)
-        for attempt in range(TAKEOVER_READ_ATTEMPTS):
-            try:
-                return await self.broker.last_event_ids(streams)
-            except BrokerError:
-                if attempt == TAKEOVER_READ_ATTEMPTS - 1:
-                    raise
-                await asyncio.sleep(next(delays))
-        raise AssertionError("unreachable")
+        return await first_calls(lambda: self.broker.last_event_ids(streams), delays)
 
     def step_down(self, reason: str) -> None:
         """Stop publishing at once (synchronous: nothing can be published between the decision and the stop)."""
