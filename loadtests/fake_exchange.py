@@ -200,7 +200,7 @@ class FakeExchange:
         self.known = {name: StreamState(name) for name in stream_names(self.symbols)}
         self.connections: list[_Connection] = []
         self.stats = Stats()
-        self._exchange_info = orjson.dumps(_exchange_info(self.symbols))
+        self._exchange_info = orjson.dumps(exchange_info(self.symbols))
         self.server: asyncio.Server | None = None
 
     async def start(self, port: int = 0) -> int:
@@ -487,14 +487,18 @@ class _Connection(asyncio.Protocol):
         self._send_json({"result": None, "id": request_id})
 
 
-def _exchange_info(symbols: Sequence[str]) -> dict[str, Any]:
+def exchange_info(symbols: Sequence[str]) -> dict[str, Any]:
+    """Binance's exchangeInfo document for ``symbols`` (the quote asset read off the name); the test suite's fake
+    Binance (tests/fake_binance.py) serves the same one."""
+
     def describe(symbol: str) -> dict[str, Any]:
+        quote = next((q for q in ("USDT", "BTC", "ETH", "BNB") if symbol.endswith(q) and symbol != q), "USDT")
         return {
             "symbol": symbol,
             "status": "TRADING",
-            "baseAsset": symbol[:-4],
+            "baseAsset": symbol[: -len(quote)],
             "baseAssetPrecision": 8,
-            "quoteAsset": "USDT",
+            "quoteAsset": quote,
             "quotePrecision": 8,
             "quoteAssetPrecision": 8,
             "filters": [
@@ -504,7 +508,12 @@ def _exchange_info(symbols: Sequence[str]) -> dict[str, Any]:
                     "maxPrice": "1000000.00000000",
                     "tickSize": "0.01000000",
                 },
-                {"filterType": "LOT_SIZE", "minQty": "0.00001000", "maxQty": "9000.00000000", "stepSize": "0.00001000"},
+                {
+                    "filterType": "LOT_SIZE",
+                    "minQty": "0.00001000",
+                    "maxQty": "9000.00000000",
+                    "stepSize": "0.00001000",
+                },
             ],
             "permissions": [],
             "permissionSets": [["SPOT"]],

@@ -52,6 +52,7 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request, Response
 from websockets.protocol import Event
 
+from loadtests.fake_exchange import exchange_info
 from shared.errors import ProtocolError
 from shared.frames import combined_frame
 from shared.streams import Stream, StreamKind, parse_stream
@@ -455,7 +456,7 @@ class FakeBinance:
             unknown = [symbol for symbol in symbols if symbol not in self.symbols]
             if unknown:
                 return _json_response(http.HTTPStatus.BAD_REQUEST, {"code": -1121, "msg": "Invalid symbol."})
-            return _json_response(http.HTTPStatus.OK, _exchange_info(symbols))
+            return _json_response(http.HTTPStatus.OK, exchange_info(symbols))
         if path == "/api/v3/klines":
             return self._klines(query)
         if path == "/api/v3/depth":
@@ -716,47 +717,6 @@ def _json_response(status: http.HTTPStatus, document: object) -> Response:
         ]
     )
     return Response(status.value, status.phrase, headers, body)
-
-
-def _exchange_info(symbols: Sequence[str]) -> dict[str, Any]:
-    def describe(symbol: str) -> dict[str, Any]:
-        quote = next((q for q in ("USDT", "BTC", "ETH", "BNB") if symbol.endswith(q) and symbol != q), "USDT")
-        return {
-            "symbol": symbol,
-            "status": "TRADING",
-            "baseAsset": symbol[: -len(quote)],
-            "baseAssetPrecision": 8,
-            "quoteAsset": quote,
-            "quotePrecision": 8,
-            "quoteAssetPrecision": 8,
-            "filters": [
-                {
-                    "filterType": "PRICE_FILTER",
-                    "minPrice": "0.01000000",
-                    "maxPrice": "1000000.00000000",
-                    "tickSize": "0.01000000",
-                },
-                {
-                    "filterType": "LOT_SIZE",
-                    "minQty": "0.00001000",
-                    "maxQty": "9000.00000000",
-                    "stepSize": "0.00001000",
-                },
-            ],
-            "permissions": [],
-            "permissionSets": [["SPOT"]],
-        }
-
-    return {
-        "timezone": "UTC",
-        "serverTime": int(time.time() * 1000),
-        "rateLimits": [
-            {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": 6000},
-            {"rateLimitType": "RAW_REQUESTS", "interval": "MINUTE", "intervalNum": 5, "limit": 61000},
-        ],
-        "exchangeFilters": [],
-        "symbols": [describe(symbol) for symbol in symbols],
-    }
 
 
 class _PayloadGenerator:
