@@ -25,6 +25,7 @@ from gateway.edge.ip_limits import LimitHit
 from gateway.metrics import GatewayMetrics
 from gateway.relay import Relay
 from gateway.symbols import SymbolDirectory
+from gateway.turn_gate import TurnGate
 from gateway.ws.admission import Admission, Admitted, Authenticate, Decision, Handshake, Rejection
 from gateway.ws.close_codes import CloseCode, metric_label
 from gateway.ws.hub import Hub, Subscriber
@@ -85,6 +86,7 @@ class GatewayNode:
         self.max_fragments_per_message = settings.max_fragments_per_message
         self.max_connections = settings.max_connections
         self.flush_chunk_clients = settings.flush_chunk_clients
+        self.closer = TurnGate(settings.closes_per_turn, "closing a connection")
         self.shutdown_drain_s = settings.shutdown_drain_s
         self.sessions: set[Session] = set()
         self.draining = False
@@ -132,6 +134,9 @@ class GatewayNode:
     def connection_closed(self, connection: object) -> None:
         if self.edge is not None:
             self.edge.release(connection)
+
+    def close_soon(self, close: Callable[[], None]) -> None:
+        self.closer.run_soon(close)
 
     def _unavailable(self) -> str | None:
         if self.draining:

@@ -318,6 +318,14 @@ class Settings:
         "0: one pass over every pending stream).",
         min=0,
     )
+    closes_per_turn: int = _setting(
+        64,
+        "int",
+        "Connections whose client went away that are closed per event-loop turn; the rest wait their turn "
+        "(delivering nothing), so thousands of clients dropping at once cannot stall the fan-out (0: close each "
+        "at once).",
+        min=0,
+    )
     client_sndbuf_bytes: int = _setting(
         65536,
         "int",
@@ -639,6 +647,7 @@ SETTING_GROUPS: tuple[SettingGroup, ...] = (
             "max_frame_bytes",
             "client_buffer_bytes",
             "flush_chunk_clients",
+            "closes_per_turn",
             "client_sndbuf_bytes",
             "ping_interval_s",
             "ping_timeout_s",

@@ -6,24 +6,44 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
+import struct
 from collections import Counter
 
+import pytest
 import uvloop
 from websockets.asyncio.client import connect
 
 from shared.broker.memory import MemoryBroker
 from tests.harness import running_gateway
+from tests.polling import eventually
+from tests.raw_sockets import handshake, upgrade_request
 
 OUR_MODULES = ("gateway", "shared", "websockets", "uvicorn", "httptools", "starlette")
 
 
-async def test_closed_connections_leave_no_cycles_behind() -> None:
-    async with running_gateway(MemoryBroker()) as gw:
+@pytest.mark.parametrize("leave", ["close_handshake", "fin", "rst"])
+async def test_closed_connections_leave_no_cycles_behind(leave: str) -> None:
+    """Whichever way a client leaves: a closing handshake, or gone with a FIN or a reset (those closes go
+    through the node's closer on a later loop turn)."""
+    async with running_gateway(MemoryBroker(), closes_per_turn=1) as gw:
 
         async def visit() -> None:
-            async with connect(f"{gw.ws_base}/stream?streams=btcusdt@trade/ethusdt@trade") as ws:
-                await ws.send('{"method":"SUBSCRIBE","params":["bnbusdt@trade"],"id":1}')
-                await ws.recv()
+            if leave == "close_handshake":
+                async with connect(f"{gw.ws_base}/stream?streams=btcusdt@trade/ethusdt@trade") as ws:
+                    await ws.send('{"method":"SUBSCRIBE","params":["bnbusdt@trade"],"id":1}')
+                    await ws.recv()
+                return
+            status, _, _, writer = await handshake(gw, upgrade_request("/stream?streams=btcusdt@trade/ethusdt@trade"))
+            assert status == 101
+            await eventually(lambda: len(gw.node.sessions) == 1, what="the session")
+            if leave == "rst":
+                sock = writer.get_extra_info("socket")
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                writer.transport.abort()
+            else:
+                writer.close()
+            await eventually(lambda: not gw.node.sessions, what="the session closed")
 
         await visit()  # first use creates long-lived caches; not what this test is about
         await asyncio.sleep(0.2)

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.edge.client_ip import TrustedProxies, client_ip
-from gateway.edge.handshake_gate import HandshakeGate
 from gateway.edge.ip_limits import IpLedger, LimitHit
 from gateway.edge.origins import OriginPolicy
+from gateway.turn_gate import TurnGate
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +53,7 @@ class EdgeGuard:
             clock=clock,
         )
         self.on_refused = on_refused  # counts a refusal by a bounded reason
-        self.gate = HandshakeGate(limits.handshakes_per_turn)
+        self.gate = TurnGate(limits.handshakes_per_turn, "resuming a queued request")
         self._charged: dict[int, str | None] = {}  # id(transport) -> address counted in the ledger (None: none)
 
     @property

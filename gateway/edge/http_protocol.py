@@ -84,7 +84,7 @@ class PricegateHttpProtocol(HttpToolsProtocol):
             self._held.append(data)  # queued at the gate: keep the bytes in order until our turn
             return
         if not self._gated:
-            # The first request of a connection waits for a slot of this loop turn (gateway/edge/handshake_gate.py).
+            # The first request of a connection waits for a slot of this loop turn (gateway/turn_gate.py).
             self._gated = True
             if not self.edge.gate.enter(self._through_the_gate):
                 self._held = [data]

@@ -8,7 +8,7 @@ fallback (:mod:`gateway.ws.asgi_fallback`) — find a :class:`ConnectionHost` in
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 from gateway.ws.admission import Admitted, Decision, Handshake, Rejection
@@ -37,6 +37,11 @@ class ConnectionHost(Protocol):
 
     def connection_closed(self, connection: object) -> None:
         """The socket is gone: release what the edge counted for it (idempotent)."""
+        ...
+
+    def close_soon(self, close: Callable[[], None]) -> None:
+        """Run ``close`` (a connection whose client went away) now or on a later loop turn: closes come a few per
+        turn (gateway/turn_gate.py)."""
         ...
 
     def keep_alive(self, connection: KeptAlive) -> None: ...

@@ -211,6 +211,11 @@ class Session:
         self.host.control_message("error")
         self._apply(self.control.handle_binary(data))
 
+    def peer_gone(self) -> None:
+        """The client went away; its connection closes on a later loop turn (then :meth:`closed`). Until then it
+        gets nothing: there is no one to read it."""
+        self.closing = self.blocked = True
+
     def closed(self, code: int | None) -> None:
         """The connection is over (either side closed it, or it was lost). Idempotent."""
         if self.ended:

@@ -87,6 +87,7 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
     _max_fragments = 64
     _max_message_bytes = 1 << 20
     ping_deadline = 0.0  # the node's keepalive schedule: unanswered ping's deadline, 0.0 when none
+    peer_gone = False  # the client closed its side; the socket closes on a later loop turn (eof_received)
 
     # ---- Connection (what a Session needs) ----
     @property
@@ -95,7 +96,7 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
 
     @property
     def is_closed(self) -> bool:
-        return bool(self.close_sent or self.disconnected or self.transport.is_closing())
+        return bool(self.close_sent or self.disconnected or self.peer_gone or self.transport.is_closing())
 
     def write_frames(self, payloads: list[bytes]) -> int:
         """Write text frames in one transport write; returns bytes written (0 if the socket is closing). Frames
@@ -354,10 +355,34 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
         else:
             self.close_now(CloseCode.INTERNAL_ERROR, REASONS[CloseCode.INTERNAL_ERROR])
 
+    def eof_received(self) -> bool | None:  # type: ignore[override]  # asyncio.Protocol: bool | None; uvicorn says None
+        """The client closed its side. uvicorn closes the socket at once; a session's socket is closed a few per
+        loop turn instead (the host's closer), because when thousands of clients drop together uvloop reports all
+        their EOFs in one turn, and closing them there (the kernel's TCP teardown, the session's bookkeeping) held
+        the fan-out back for hundreds of milliseconds (docs/architecture.md, "The hot path and why")."""
+        session, host = self.session, self.host
+        if session is None or host is None or self.is_closed:
+            return super().eof_received()
+        self.peer_gone = True
+        session.peer_gone()
+        host.connection_closed(self.transport)  # the client's per-IP slot is free now, not a few turns later
+        host.close_soon(self.transport.close)  # connection_lost follows the close
+        return True  # keep the transport (reading has stopped) until the closer's turn
+
     def connection_lost(self, exc: Exception | None) -> None:
         host: ConnectionHost | None = self.app_state.get(HOST_STATE_KEY)
         if host is not None:
             host.connection_closed(self.transport)  # every upgraded socket was counted by the edge at accept
+        if self.session is None or self.host is None or self.peer_gone:
+            self._end(exc)  # no session, or the closer's turn already (eof_received)
+            return
+        # Lost without an EOF first (a reset: a crashed client with unread data, a dead route): uvloop reports a
+        # burst of those in one turn too, so the session's bookkeeping takes the closer's turns as well.
+        self.peer_gone = True
+        self.session.peer_gone()
+        self.host.close_soon(functools.partial(self._end, exc))
+
+    def _end(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         session = self.session
         if session is not None:
