@@ -437,6 +437,7 @@ class Options:
     storm_seconds: float = 6.0
     storm_concurrency: int = 2048
     storm_rate: float = 1.0  # messages per second per stream (so per client) during the storm
+    storm_abort: bool = False  # the storm's clients drop with RST (a crash with unread data), not FIN
     database_url: str = "postgresql://127.0.0.1:5432/test"  # for the pricegate-apikey target's keys
 
 
@@ -768,6 +769,7 @@ class Benchmark:
         src_offset_base: int = 0,
         header: str | None = None,
         background: bool = False,
+        abort_on_quit: bool = False,
     ) -> tuple[LoadGen | LoadGenGroup, dict[str, Any]]:
         """One load generator, or several when N exceeds what one process may open (its hard open-file limit,
         which root cannot raise without CAP_SYS_RESOURCE), each on its own source addresses. ``background``: at
@@ -793,6 +795,7 @@ class Benchmark:
                 stall_rcvbuf=4096 if stall_fraction else None,
                 concurrency=concurrency,
                 header=header,
+                abort_on_quit=1 if abort_on_quit else None,
             )
             self.processes.add(member)
             members.append(member)
@@ -1280,13 +1283,20 @@ class Benchmark:
         options = self.options
         prefix = f"pgbench:{self.run_id}:storm:{target}"
         port = free_port()
-        report: dict[str, Any] = {"target": target, "steady_clients": clients, "storm_clients": storm}
+        report: dict[str, Any] = {
+            "target": target,
+            "steady_clients": clients,
+            "storm_clients": storm,
+            "storm_drop": "rst" if options.storm_abort else "fin",
+        }
         server = self.start_server(target, port, prefix, clients + storm)
         publisher = steady = stormers = None
         try:
             publisher = self.start_publisher(prefix)
             steady, hello = self.start_loadgen([port], clients)
-            stormers, _ = self.start_loadgen([port], storm, src_offset_base=100, background=True)
+            stormers, _ = self.start_loadgen(
+                [port], storm, src_offset_base=100, background=True, abort_on_quit=options.storm_abort
+            )
             reading = hello["reading_per_stream"]
             self.warm_up(publisher, steady, server)
             metrics_port = self.metrics_ports.get(server.pid)
@@ -1634,6 +1644,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         "--storm-rate", type=float, default=1.0, help="messages/s each client receives during --storm (default 1)"
     )
     parser.add_argument(
+        "--storm-abort", action="store_true", help="the storm's clients drop with RST (as crashed ones), not FIN"
+    )
+    parser.add_argument(
         "--retry-disturbed",
         type=int,
         default=0,
@@ -1698,6 +1711,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         storm=args.storm,
         storm_seconds=args.storm_seconds,
         storm_rate=args.storm_rate,
+        storm_abort=args.storm_abort,
         database_url=args.database_url,
     )
 

@@ -87,6 +87,7 @@ static double connect_timeout_s = 120.0;
 static double stall_fraction = 0.0;
 static int rcvbuf = 0;
 static int stall_rcvbuf = 0;
+static int abort_on_quit = 0; /* quit with RST (SO_LINGER 0), as a crashed client with unread data does */
 static int epfd;
 static int in_flight; /* clients in ST_CONNECTING or ST_HANDSHAKE */
 static int next_to_open;
@@ -496,7 +497,7 @@ static void usage(void) {
     fprintf(stderr,
             "usage: loadgen --clients N --ports P[,P2...] --streams s1,s2,... [--host 127.0.0.1] [--path-prefix /ws/]\n"
             "               [--per-src 10000] [--src-offset 0] [--concurrency 256] [--connect-timeout 120] [--stall-fraction 0]\n"
-            "               [--rcvbuf BYTES] [--stall-rcvbuf BYTES] [--header 'Name: value']\n");
+            "               [--rcvbuf BYTES] [--stall-rcvbuf BYTES] [--header 'Name: value'] [--abort-on-quit 0|1]\n");
     exit(2);
 }
 
@@ -519,6 +520,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(k, "--rcvbuf")) rcvbuf = atoi(v);
         else if (!strcmp(k, "--stall-rcvbuf")) stall_rcvbuf = atoi(v);
         else if (!strcmp(k, "--header")) extra_header = v;
+        else if (!strcmp(k, "--abort-on-quit")) abort_on_quit = atoi(v);
         else usage();
     }
     if (n_clients <= 0 || !ports_arg || !streams_arg || per_src <= 0 || concurrency <= 0) usage();
@@ -584,8 +586,14 @@ int main(int argc, char **argv) {
         if (cmd_len >= sizeof cmd - 1) cmd_len = 0;
     }
 done:
-    for (int i = 0; i < n_clients; i++)
-        if (clients[i].fd >= 0) close(clients[i].fd);
+    for (int i = 0; i < n_clients; i++) {
+        if (clients[i].fd < 0) continue;
+        if (abort_on_quit) {
+            struct linger abort_now = {1, 0};
+            setsockopt(clients[i].fd, SOL_SOCKET, SO_LINGER, &abort_now, sizeof abort_now);
+        }
+        close(clients[i].fd);
+    }
     printf("{\"event\":\"bye\"}\n");
     fflush(stdout);
     return 0;

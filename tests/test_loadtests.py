@@ -140,10 +140,11 @@ async def test_packed_publisher_sends_exactly_what_redis_broker_publish_sends(mo
 @pytest.mark.timeout(60)
 def test_storm_plumbing_reads_the_gateways_own_pause_record(tmp_path: Path) -> None:
     """``--storm`` at tiny scale: the storm clients reconnected, the steady ones were measured through it, and the
-    gateway's loop-lag and GC-pause histograms were read around it (the 'no pause over 20 ms' figure)."""
+    gateway's loop-lag and GC-pause histograms were read around it (the 'no pause over 20 ms' figure). The storm's
+    clients leave with resets (``--storm-abort``; the default, FIN, is how every load generator quits)."""
     command = [
         sys.executable, "-m", "loadtests.fanout", "--targets", "pricegate",
-        "--clients", "40", "--storm", "40", "--storm-seconds", "1.5", "--step-seconds", "0.5",
+        "--clients", "40", "--storm", "40", "--storm-abort", "--storm-seconds", "1.5", "--step-seconds", "0.5",
         "--out", str(tmp_path / "out"),
     ]  # fmt: skip
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=55, check=False)
@@ -153,6 +154,7 @@ def test_storm_plumbing_reads_the_gateways_own_pause_record(tmp_path: Path) -> N
     assert len(storm) == 1, storm
     (entry,) = storm
     assert entry["target"] == "pricegate" and entry.get("error") is None, entry
+    assert entry["storm_drop"] == "rst", entry
     assert entry["reconnected"] == 40 and entry["steady_lost"] == 0, entry
     assert entry["storm_delivered_ratio"] > 0.9 and entry["storm_p99_ms"] > 0, entry
     # The loop-lag monitor samples every 100 ms: two steps of >= 0.5 s each gave it samples to count.
