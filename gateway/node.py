@@ -93,6 +93,7 @@ class GatewayNode:
         self.started_at = time.time()
         self._flush_scheduled = False
         self._closed_conflated = 0
+        self._left = 0  # sessions whose client went away, their close still waiting its turn (the closer)
         self._closed_dropped = 0
         self.sent_bytes = 0  # plain int: sessions add to it per write; exported at scrape time
         self._drain_task: asyncio.Task[None] | None = None
@@ -141,7 +142,9 @@ class GatewayNode:
     def _unavailable(self) -> str | None:
         if self.draining:
             return "draining"
-        if len(self.sessions) >= self.max_connections:
+        # Sessions whose client left and whose close waits its turn are not counted: they are gone for the client
+        # reconnecting now.
+        if len(self.sessions) - self._left >= self.max_connections:
             return "max_connections"
         return None
 
@@ -184,7 +187,12 @@ class GatewayNode:
         self.metrics.connections.inc()
         self.metrics.connections_accepted.inc()
 
+    def session_left(self, session: Session) -> None:
+        self._left += 1
+
     def session_closed(self, session: Session) -> None:
+        if session.left:
+            self._left -= 1
         self.sessions.discard(session)
         if self.authenticator is not None:
             self.authenticator.session_closed(session)

@@ -319,7 +319,7 @@ class Settings:
         min=0,
     )
     closes_per_turn: int = _setting(
-        64,
+        16,
         "int",
         "Connections whose client went away that are closed per event-loop turn; the rest wait their turn "
         "(delivering nothing), so thousands of clients dropping at once cannot stall the fan-out (0: close each "

@@ -82,3 +82,32 @@ async def test_a_client_that_half_closes_gets_nothing_more_and_is_closed() -> No
         await eventually(lambda: not node.sessions, what="the session closed after the client's FIN")
         await broker.publish([OutgoingMessage(STREAM, b'{"e":"trade","t":2}', False)])
         assert await asyncio.wait_for(reader.read(), 5) == b"", "the gateway closed its side, sending nothing"
+
+
+async def test_closes_waiting_their_turn_do_not_count_against_max_connections() -> None:
+    """A full replica whose clients all drop and reconnect at once takes them back, although their old sessions
+    are still waiting to be closed."""
+    full = 20
+    async with running_gateway(MemoryBroker(), max_connections=full, closes_per_turn=1) as gw:
+        node = gw.node
+        leaving = []
+        for _ in range(full):
+            status, _, _, writer = await handshake(gw, upgrade_request(f"/ws/{STREAM}"))
+            assert status == 101
+            leaving.append(writer)
+        await eventually(lambda: len(node.sessions) == full, what="a full replica")
+        for writer in leaving:
+            writer.close()
+        for _ in range(1000):  # loop turn by turn until the gateway has seen the EOFs and queued their closes
+            if node.closer.waiting >= full // 2:
+                break
+            await asyncio.sleep(0)
+        assert node.closer.waiting >= full // 2
+        statuses = [
+            status
+            for status, _, _, _ in await asyncio.gather(
+                *(handshake(gw, upgrade_request(f"/ws/{STREAM}")) for _ in range(full))
+            )
+        ]
+        assert statuses == [101] * full
+        await eventually(lambda: len(node.sessions) == full and node.closer.waiting == 0, what="the old ones closed")

@@ -104,6 +104,10 @@ class SessionHost(Protocol):
 
     def session_opened(self, session: Session) -> None: ...
 
+    def session_left(self, session: Session) -> None:
+        """The client went away; :meth:`session_closed` follows when its close has had its turn."""
+        ...
+
     def session_closed(self, session: Session) -> None: ...
 
     def control_message(self, result: str) -> None:
@@ -155,6 +159,7 @@ class Session:
         )
         self.bucket = TokenBucket(limits.control_rate_per_s, limits.control_burst, time.monotonic())
         self.closing = False
+        self.left = False  # the client went away (peer_gone); closed() follows on a later loop turn
         self.ended = False
         self.close_code: int | None = None
         self.stale: set[str] = set()  # state streams skipped while the socket was full
@@ -214,7 +219,11 @@ class Session:
     def peer_gone(self) -> None:
         """The client went away; its connection closes on a later loop turn (then :meth:`closed`). Until then it
         gets nothing: there is no one to read it."""
+        if self.ended or self.left:
+            return
+        self.left = True
         self.closing = self.blocked = True
+        self.host.session_left(self)
 
     def closed(self, code: int | None) -> None:
         """The connection is over (either side closed it, or it was lost). Idempotent."""
