@@ -80,6 +80,24 @@ class HubCollector(Collector):
         yield batches
 
 
+class GateCollector(Collector):
+    """How much bursty work waits for a loop turn (gateway/turn_gate.py), read at scrape time: a reconnect storm
+    shows as handshakes waiting, a mass disconnect as closes waiting."""
+
+    def __init__(self, waiting: Callable[[], dict[str, int]]) -> None:
+        self.waiting = waiting
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        gauge = GaugeMetricFamily(
+            "pricegate_gateway_gate_waiting",
+            "Connections waiting for an event-loop turn: handshakes to be parsed, closes of clients that left",
+            labels=["gate"],
+        )
+        for gate, count in self.waiting().items():
+            gauge.add_metric([gate], count)
+        yield gauge
+
+
 class BrokerCollector(Collector):
     """Reads the broker's own counters (malformed envelopes, listener errors) at scrape time."""
 
@@ -193,3 +211,6 @@ class GatewayMetrics:
     ) -> None:
         self.registry.register(HubCollector(hub, buffer_drops, sent_bytes))
         self.registry.register(BrokerCollector(broker))
+
+    def attach_gates(self, waiting: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(GateCollector(waiting))

@@ -107,6 +107,7 @@ class GatewayNode:
         self._carry_wait_s = min(CARRY_WAIT_MAX_S, settings.ping_timeout_s / 4, settings.ping_interval_s / 2)
         self._snapshot_lookups: set[asyncio.Task[None]] = set()
         self.metrics.attach(self.hub, self.buffer_drops, broker, lambda: self.sent_bytes)
+        self.metrics.attach_gates(self._gates_waiting)
 
     # ---- ConnectionHost: what a connection needs ----
     def admit(self, handshake: Handshake) -> Decision | Awaitable[Decision]:
@@ -138,6 +139,9 @@ class GatewayNode:
 
     def close_soon(self, close: Callable[[], None]) -> None:
         self.closer.run_soon(close)
+
+    def _gates_waiting(self) -> dict[str, int]:
+        return {"handshakes": self.edge.gate.waiting if self.edge is not None else 0, "closes": self.closer.waiting}
 
     def _unavailable(self) -> str | None:
         if self.draining:

@@ -12,6 +12,7 @@ import struct
 import pytest
 from websockets.asyncio.client import connect
 
+from gateway.node import GatewayNode
 from shared.broker.contract import OutgoingMessage
 from shared.broker.memory import MemoryBroker
 from tests.harness import running_gateway
@@ -23,6 +24,11 @@ pytestmark = pytest.mark.timeout(60)
 STREAM = "btcusdt@trade"
 LEAVING = 60
 PER_TURN = 2
+
+
+def gate_waiting(node: GatewayNode, gate: str) -> int:
+    """The gauge as a scrape reads it."""
+    return int(node.metrics.registry.get_sample_value("pricegate_gateway_gate_waiting", {"gate": gate}) or 0)
 
 
 @pytest.mark.parametrize("drop", ["fin", "rst"])
@@ -39,12 +45,18 @@ async def test_a_burst_of_clients_leaving_is_closed_in_slices_and_leaves_nothing
             await eventually(lambda: len(node.sessions) == LEAVING + 1, what="every client's session")
             assert node.hub.subscriber_count(STREAM) == LEAVING + 1
 
-            queued = 0
+            queued = exported = 0
 
             async def watch_the_closer() -> None:
-                nonlocal queued
+                nonlocal queued, exported
                 while True:
-                    queued = max(queued, node.closer.waiting)
+                    if node.closer.waiting > queued:
+                        queued = node.closer.waiting
+                        # What an SRE sees: the gauge reads the same queue at scrape time.
+                        sample = node.metrics.registry.get_sample_value(
+                            "pricegate_gateway_gate_waiting", {"gate": "closes"}
+                        )
+                        exported = max(exported, int(sample or 0))
                     await asyncio.sleep(0)
 
             watcher = asyncio.create_task(watch_the_closer())
@@ -60,7 +72,9 @@ async def test_a_burst_of_clients_leaving_is_closed_in_slices_and_leaves_nothing
             # The closes did not all run in the turn their EOFs (or resets) arrived in.
             assert queued > 0, "no close ever waited for a later turn"
             assert queued <= LEAVING
+            assert exported == queued
             await eventually(lambda: node.closer.waiting == 0, what="the closer's queue empty")
+            assert gate_waiting(node, "closes") == 0 and gate_waiting(node, "handshakes") == 0
             assert node.hub.subscriber_count(STREAM) == 1
             assert node.edge is not None and node.edge.open_connections == 1
             assert node.metrics.connections._value.get() == 1
