@@ -193,13 +193,15 @@ class GatewayNode:
 
     def session_left(self, session: Session) -> None:
         self._left += 1
+        if self.authenticator is not None:
+            self.authenticator.session_closed(session)  # its API key's connection count is free for a reconnect
 
     def session_closed(self, session: Session) -> None:
         if session.left:
             self._left -= 1
-        self.sessions.discard(session)
-        if self.authenticator is not None:
+        elif self.authenticator is not None:
             self.authenticator.session_closed(session)
+        self.sessions.discard(session)
         session_conflated, session_dropped = session.dropped
         self._closed_conflated += session_conflated
         self._closed_dropped += session_dropped

@@ -22,8 +22,10 @@ def uvicorn_config(app: Starlette, settings: Settings) -> uvicorn.Config:
         http=PricegateHttpProtocol,
         ws=PricegateWebSocketProtocol,
         # uvicorn's own cap counts connections and running requests; the edge refuses beyond max_connections
-        # already at accept (gateway.edge.http_protocol), this is the backstop for requests in flight.
-        limit_concurrency=settings.max_connections + 1,
+        # already at accept (gateway.edge.http_protocol), this is the backstop for requests in flight. Twice: a
+        # session whose client left stays in uvicorn's count until its close has had its turn (gateway/turn_gate.py)
+        # while the edge has let a new client in already, so up to max_connections more are legitimately there.
+        limit_concurrency=2 * settings.max_connections + 1,
         # uvicorn would otherwise rewrite every request's client address from X-Forwarded-For whenever the peer
         # is 127.0.0.1 (its default trust): a local spoofer could pick the address it is charged to. Whose
         # X-Forwarded-For counts is PRICEGATE_FORWARDED_ALLOW_IPS's decision alone (gateway.edge.client_ip).

@@ -63,3 +63,26 @@ async def test_wss_and_https(certificate: tuple[str, str]) -> None:
             )
             await broker.publish([message("btcusdt@trade", {"e": "trade", "t": 1})])
             assert json.loads(await asyncio.wait_for(ws.recv(), 3)) == {"e": "trade", "t": 1}
+
+
+async def test_wss_clients_leaving_are_closed_without_a_warning_each(
+    certificate: tuple[str, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over TLS the SSL protocol closes on the client's close_notify itself: the gateway does not try to keep the
+    transport for the closer (asyncio would log a warning per client) and every session ends."""
+    cert, key = certificate
+    context = ssl.create_default_context(cafile=cert)
+    async with running_gateway(MemoryBroker(), ssl_certfile=cert, ssl_keyfile=key, closes_per_turn=1) as gw:
+        writers = []
+        for _ in range(10):
+            _, writer = await asyncio.open_connection("127.0.0.1", gw.port, ssl=context, server_hostname="127.0.0.1")
+            writer.write(
+                b"GET /ws/btcusdt@trade HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            writers.append(writer)
+        await eventually(lambda: len(gw.node.sessions) == 10, what="ten wss sessions")
+        for writer in writers:
+            writer.close()
+        await eventually(lambda: not gw.node.sessions, what="every wss session closed")
+    assert not [record for record in caplog.records if "eof_received" in record.getMessage()]

@@ -223,6 +223,10 @@ class Session:
             return
         self.left = True
         self.closing = self.blocked = True
+        # What the client's address was charged for its streams is free now, for the client reconnecting; the hub
+        # subscriptions go with closed().
+        if self.client_ip and self.control.subscriptions:
+            self.host.release_subscriptions(self.client_ip, len(self.control.subscriptions))
         self.host.session_left(self)
 
     def closed(self, code: int | None) -> None:
@@ -424,7 +428,7 @@ class Session:
         if not names:
             return
         self.host.unsubscribe(names, self)
-        if self.client_ip:
+        if self.client_ip and not self.left:  # (released at peer_gone already)
             self.host.release_subscriptions(self.client_ip, len(names))
         self.stale.difference_update(names)
         self.multi = len(self.control.subscriptions) > 1

@@ -361,20 +361,30 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
         their EOFs in one turn, and closing them there (the kernel's TCP teardown, the session's bookkeeping) held
         the fan-out back for hundreds of milliseconds (docs/architecture.md, "The hot path and why")."""
         session, host = self.session, self.host
-        if session is None or host is None or self.is_closed:
+        if session is None or host is None or self.is_closed or self.scheme == "wss":
+            # (Over TLS the SSL protocol closes on close_notify itself, whatever we return: uvicorn's way.)
             return super().eof_received()
         self.peer_gone = True
         session.peer_gone()
         host.connection_closed(self.transport)  # the client's per-IP slot is free now, not a few turns later
-        host.close_soon(self.transport.close)  # connection_lost follows the close
+        host.close_soon(self._close_left)  # connection_lost follows the close
         return True  # keep the transport (reading has stopped) until the closer's turn
+
+    def _close_left(self) -> None:
+        # The client sends nothing more and its session delivers nothing: bytes still buffered for it would hold
+        # the socket (no longer counted by the edge) until a client that may never read drained them.
+        if self.transport.get_write_buffer_size():
+            self.transport.abort()
+        else:
+            self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         host: ConnectionHost | None = self.app_state.get(HOST_STATE_KEY)
         if host is not None:
             host.connection_closed(self.transport)  # every upgraded socket was counted by the edge at accept
-        if self.session is None or self.host is None or self.peer_gone:
-            self._end(exc)  # no session, or the closer's turn already (eof_received)
+        if self.session is None or self.host is None or self.peer_gone or self.session.ended:
+            # No session; the closer's turn already (eof_received); or our own close, its bookkeeping done.
+            self._end(exc)
             return
         # Lost without an EOF first (a reset: a crashed client with unread data, a dead route): uvloop reports a
         # burst of those in one turn too, so the session's bookkeeping takes the closer's turns as well.
