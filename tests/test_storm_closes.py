@@ -15,7 +15,7 @@ from websockets.asyncio.client import connect
 from gateway.node import GatewayNode
 from shared.broker.contract import OutgoingMessage
 from shared.broker.memory import MemoryBroker
-from tests.harness import native, running_gateway
+from tests.harness import RunningGateway, native, running_gateway
 from tests.polling import eventually
 from tests.raw_sockets import handshake, open_raw, read_response_head, upgrade_request
 
@@ -98,25 +98,32 @@ async def test_a_client_that_half_closes_gets_nothing_more_and_is_closed() -> No
         assert await asyncio.wait_for(reader.read(), 5) == b"", "the gateway closed its side, sending nothing"
 
 
+async def drop_while_full(gw: RunningGateway, clients: int) -> None:
+    """``clients`` clients on the stream, then all of them gone with a FIN; returns once the gateway has seen the
+    EOFs and at least half of their closes wait in the closer's queue (run with closes_per_turn=1)."""
+    node = gw.node
+    leaving = []
+    for _ in range(clients):
+        status, _, _, writer = await handshake(gw, upgrade_request(f"/ws/{STREAM}"))
+        assert status == 101
+        leaving.append(writer)
+    await eventually(lambda: len(node.sessions) == clients, what="every client's session")
+    for writer in leaving:
+        writer.close()
+    for _ in range(1000):  # loop turn by turn until the gateway has seen the EOFs and queued their closes
+        if node.closer.waiting >= clients // 2:
+            break
+        await asyncio.sleep(0)
+    assert node.closer.waiting >= clients // 2
+
+
 async def test_closes_waiting_their_turn_do_not_count_against_max_connections() -> None:
     """A full replica whose clients all drop and reconnect at once takes them back, although their old sessions
     are still waiting to be closed."""
     full = 20
     async with running_gateway(MemoryBroker(), max_connections=full, closes_per_turn=1) as gw:
         node = gw.node
-        leaving = []
-        for _ in range(full):
-            status, _, _, writer = await handshake(gw, upgrade_request(f"/ws/{STREAM}"))
-            assert status == 101
-            leaving.append(writer)
-        await eventually(lambda: len(node.sessions) == full, what="a full replica")
-        for writer in leaving:
-            writer.close()
-        for _ in range(1000):  # loop turn by turn until the gateway has seen the EOFs and queued their closes
-            if node.closer.waiting >= full // 2:
-                break
-            await asyncio.sleep(0)
-        assert node.closer.waiting >= full // 2
+        await drop_while_full(gw, full)
         statuses = [
             status
             for status, _, _, _ in await asyncio.gather(
@@ -171,19 +178,7 @@ async def test_a_client_reconnecting_at_once_gets_its_streams_although_its_old_s
     clients = 20
     async with running_gateway(MemoryBroker(), max_subscriptions_per_ip=clients, closes_per_turn=1) as gw:
         node = gw.node
-        leaving = []
-        for _ in range(clients):
-            status, _, _, writer = await handshake(gw, upgrade_request(f"/ws/{STREAM}"))
-            assert status == 101
-            leaving.append(writer)
-        await eventually(lambda: len(node.sessions) == clients, what="every session")
-        for writer in leaving:
-            writer.close()
-        for _ in range(1000):  # turn by turn until the gateway has seen the EOFs and queued their closes
-            if node.closer.waiting >= clients // 2:
-                break
-            await asyncio.sleep(0)
-        assert node.closer.waiting >= clients // 2
+        await drop_while_full(gw, clients)
         back = await asyncio.gather(*(handshake(gw, upgrade_request(f"/ws/{STREAM}")) for _ in range(clients)))
         assert [status for status, _, _, _ in back] == [101] * clients
         await eventually(lambda: node.closer.waiting == 0 and len(node.sessions) == clients, what="old ones closed")
@@ -198,19 +193,7 @@ async def test_http_is_served_while_left_sessions_wait_for_their_close() -> None
     room for both, or /livez, /readyz and REST would answer 503."""
     full = 100
     async with running_gateway(MemoryBroker(), max_connections=full, closes_per_turn=1) as gw:
-        node = gw.node
-        leaving = []
-        for _ in range(full):
-            status, _, _, writer = await handshake(gw, upgrade_request(f"/ws/{STREAM}"))
-            assert status == 101
-            leaving.append(writer)
-        await eventually(lambda: len(node.sessions) == full, what="a full replica")
-        for writer in leaving:
-            writer.close()
-        for _ in range(1000):
-            if node.closer.waiting >= full // 2:
-                break
-            await asyncio.sleep(0)
+        await drop_while_full(gw, full)
         back = await asyncio.gather(*(handshake(gw, upgrade_request(f"/ws/{STREAM}")) for _ in range(full * 4 // 5)))
         assert [status for status, _, _, _ in back] == [101] * (full * 4 // 5)
         counted_by_uvicorn = len(gw.server.server_state.connections)
