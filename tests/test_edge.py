@@ -4,6 +4,7 @@ trusted proxies. Every refusal happens before the upgrade, with the status READM
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 import httpx
@@ -176,3 +177,31 @@ async def test_rest_weights_are_charged_to_the_forwarded_client_only_behind_a_tr
         assert await used_weights(gw, ["10.0.0.1", "10.0.0.2", "10.0.0.3"]) == [1, 2, 3]
     async with running_gateway(MemoryBroker(), forwarded_allow_ips="127.0.0.1") as gw:
         assert await used_weights(gw, ["10.0.0.1", "10.0.0.2", "10.0.0.1"]) == [1, 1, 2]
+
+
+def with_repeated_header(name: str, first: str, second: str) -> bytes:
+    """An upgrade request carrying ``name`` twice (a dict of headers cannot)."""
+    return upgrade_request(headers={name: first}).replace(b"\r\n\r\n", f"\r\n{name}: {second}\r\n\r\n".encode())
+
+
+async def test_a_single_valued_header_sent_twice_is_refused_clearly(caplog: pytest.LogCaptureFixture) -> None:
+    """Which API key would count is a guess: 400 with the reason, the replica unbothered (before: the protocol
+    raised, an ERROR was logged per attempt and the client got no answer)."""
+    async with running_gateway(MemoryBroker()) as gw:
+        status, _, reader, _ = await handshake(gw, with_repeated_header("X-MBX-APIKEY", "a" * 64, "b" * 64))
+        assert status == 400
+        body = await asyncio.wait_for(reader.read(), 5)
+        assert b"the x-mbx-apikey header is sent more than once" in body.lower()
+        status, *_ = await handshake(gw)  # and the next client is served
+        assert status == 101
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
+async def test_x_forwarded_for_sent_twice_is_one_list() -> None:
+    """RFC 9110: a list-valued header sent twice is the two lists joined; from a trusted proxy the nearest
+    untrusted hop of the joined list is the client."""
+    async with running_gateway(MemoryBroker(), max_connections_per_ip=1, forwarded_allow_ips="127.0.0.1") as gw:
+        first, *_ = await handshake(gw, with_repeated_header("X-Forwarded-For", "1.2.3.4", "10.0.0.1"))
+        again, *_ = await handshake(gw, upgrade_request(headers={"X-Forwarded-For": "10.0.0.1"}))
+        other, *_ = await handshake(gw, upgrade_request(headers={"X-Forwarded-For": "1.2.3.4"}))
+        assert (first, again, other) == (101, 429, 101), "charged to 10.0.0.1, the last hop of the joined list"

@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.datastructures import Headers
 from websockets.frames import Frame
 from websockets.http11 import Request, Response
 
@@ -145,11 +146,18 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
             return
         headers = event.headers
         peer = self.client[0] if self.client else None
-        identity = host.identify(self.transport, peer, headers.get("X-Forwarded-For"))
+        # A list-valued header sent twice is one list (RFC 9110, 5.3); websockets' Headers.get would raise.
+        forwarded_for = ", ".join(headers.get_all("X-Forwarded-For")) or None
+        identity = host.identify(self.transport, peer, forwarded_for)
         if isinstance(identity, Rejection):
             self._refuse(identity)
             return
-        decision = host.admit(handshake_from(path, query, headers.get, identity))
+        try:
+            handshake = handshake_from(path, query, functools.partial(_single_header, headers), identity)
+        except _DuplicateHeader as duplicate:
+            self._refuse(Rejection(400, f"Invalid request: the {duplicate} header is sent more than once", {}))
+            return
+        decision = host.admit(handshake)
         if isinstance(decision, Admitted | Rejection):
             self._complete_handshake(event, response, decision)
             return
@@ -431,6 +439,17 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
                 drain()
                 return
         super().shutdown()
+
+
+class _DuplicateHeader(Exception):
+    """A single-valued request header sent more than once: which value counts would be a guess."""
+
+
+def _single_header(headers: Headers, name: str) -> str | None:
+    values = headers.get_all(name)
+    if len(values) > 1:
+        raise _DuplicateHeader(name)
+    return values[0] if values else None
 
 
 async def _awaited(decision: Awaitable[Decision]) -> Decision:
