@@ -127,6 +127,9 @@ async def test_rest_needs_a_key_except_ping_time_and_health(
                 assert response.json() == body
                 assert reason in response.headers["www-authenticate"]
                 assert "x-mbx-used-weight-1m" in response.headers
+            response = await http.get(klines, headers=[("X-MBX-APIKEY", key), ("X-MBX-APIKEY", revoked)])
+            assert response.status_code == 401 and response.json() == FORMAT_INVALID
+            assert "sent more than once" in response.headers["www-authenticate"]
             response = await http.get(klines, headers={"X-MBX-APIKEY": key})
             assert response.status_code == 200 and response.json() == []
             for path in ("/api/v3/exchangeInfo", "/api/v3/depth?symbol=BTCUSDT", "/api/v1/technical/BTCUSDT"):

@@ -205,3 +205,24 @@ async def test_x_forwarded_for_sent_twice_is_one_list() -> None:
         again, *_ = await handshake(gw, upgrade_request(headers={"X-Forwarded-For": "10.0.0.1"}))
         other, *_ = await handshake(gw, upgrade_request(headers={"X-Forwarded-For": "1.2.3.4"}))
         assert (first, again, other) == (101, 429, 101), "charged to 10.0.0.1, the last hop of the joined list"
+
+
+async def test_the_asgi_fallback_refuses_a_repeated_api_key_the_same_way() -> None:
+    async with running_gateway(MemoryBroker(), ws_protocol="websockets-sansio") as gw:
+        status, _, reader, _ = await handshake(gw, with_repeated_header("X-MBX-APIKEY", "a" * 64, "b" * 64))
+        assert status == 400
+        assert b"the x-mbx-apikey header is sent more than once" in (await asyncio.wait_for(reader.read(), 5)).lower()
+
+
+async def test_rest_weights_follow_x_forwarded_for_sent_twice_as_one_list() -> None:
+    """Behind a trusted proxy a client's own X-Forwarded-For ahead of the proxy's must not choose whom its weight
+    is charged to: the joined list's nearest untrusted hop pays."""
+    async with running_gateway(MemoryBroker(), forwarded_allow_ips="127.0.0.1") as gw:
+        async with httpx.AsyncClient(base_url=gw.http_base) as http:
+            spoofing = await http.get(
+                "/api/v3/ping", headers=[("X-Forwarded-For", "9.9.9.9"), ("X-Forwarded-For", "10.0.0.1")]
+            )
+            real = await http.get("/api/v3/ping", headers={"X-Forwarded-For": "10.0.0.1"})
+            named = await http.get("/api/v3/ping", headers={"X-Forwarded-For": "9.9.9.9"})
+        used = [int(answer.headers["X-MBX-USED-WEIGHT-1M"]) for answer in (spoofing, real, named)]
+        assert used == [1, 2, 1], "charged to 10.0.0.1, the last hop of the joined list"

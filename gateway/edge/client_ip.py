@@ -12,7 +12,7 @@ charged to.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 _Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -42,6 +42,13 @@ class TrustedProxies:
         except ValueError:
             return False
         return any(ip in network for network in self.networks)
+
+
+def forwarded_for(values: Sequence[str]) -> str | None:
+    """X-Forwarded-For however many times it was sent: one list (RFC 9110, 5.3: a list-valued field sent twice is
+    its lists joined). Taking only the first would let a client that sends its own header ahead of the proxy's
+    pick the address it is charged to."""
+    return ", ".join(values) or None
 
 
 def client_ip(peer: str, forwarded_for: str | None, proxies: TrustedProxies) -> str:

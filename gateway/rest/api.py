@@ -26,8 +26,8 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from gateway.auth.http import bearer_token, rest_refusal
-from gateway.auth.principal import AuthRefusal, Principal
-from gateway.edge.client_ip import TrustedProxies, client_ip
+from gateway.auth.principal import AuthRefusal, Principal, refused
+from gateway.edge.client_ip import TrustedProxies, client_ip, forwarded_for
 from gateway.rest import params
 from gateway.rest.cache import ResponseCache, Served, SingleFlight, response_cache
 from gateway.rest.klines import KlineSource
@@ -190,7 +190,7 @@ class RestApi:
             query = params.query_from_pairs(request.query_params.multi_items())
             # Weights are charged to the client, which a trusted proxy names in X-Forwarded-For (gateway.edge).
             peer = request.client.host if request.client is not None else "unknown"
-            ip = client_ip(peer, request.headers.get("x-forwarded-for"), self.proxies)
+            ip = client_ip(peer, forwarded_for(request.headers.getlist("x-forwarded-for")), self.proxies)
             charge = self.limiter.charge(ip, weigh(query), self._clock())
             headers = {"X-MBX-USED-WEIGHT-1M": str(charge.used)}
             if not charge.allowed:
@@ -225,7 +225,10 @@ class RestApi:
         if token is None:
             tokens = query.get("token")
             token = tokens[0] if tokens else None
-        outcome = self.authenticate(request.headers.get("x-mbx-apikey"), token)
+        keys = request.headers.getlist("x-mbx-apikey")
+        if len(keys) > 1:  # which one counts would be a guess (the handshake answers 400 for the same)
+            return refused("malformed", "the X-MBX-APIKEY header is sent more than once")
+        outcome = self.authenticate(keys[0] if keys else None, token)
         if not isinstance(outcome, Principal | AuthRefusal):
             outcome = await outcome
         return outcome if isinstance(outcome, AuthRefusal) else None

@@ -10,7 +10,7 @@ paused. Refusals are counted by a bounded reason.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from gateway.auth.principal import ANONYMOUS, AuthRefusal, Principal
@@ -63,6 +63,27 @@ def query_token(query: str) -> str | None:
         if part.startswith("token="):
             return part[len("token=") :] or None
     return None
+
+
+class DuplicateHeader(Exception):
+    """A single-valued request header sent more than once: which value counts would be a guess (400)."""
+
+
+def single_valued(get_all: Callable[[str], Sequence[str]]) -> Callable[[str], str | None]:
+    """A header lookup for :func:`handshake_from` from a lookup of every value of a header: the one value, None,
+    or :class:`DuplicateHeader`."""
+
+    def header(name: str) -> str | None:
+        values = get_all(name)
+        if len(values) > 1:
+            raise DuplicateHeader(name)
+        return values[0] if values else None
+
+    return header
+
+
+def duplicate_refused(duplicate: DuplicateHeader) -> Rejection:
+    return Rejection(400, f"Invalid request: the {duplicate} header is sent more than once", {})
 
 
 def handshake_from(path: str, query: str, header: Callable[[str], str | None], client_ip: str) -> Handshake:

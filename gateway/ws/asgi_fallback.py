@@ -15,7 +15,16 @@ from collections.abc import Callable
 from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from gateway.ws.admission import Admitted, Decision, Rejection, handshake_from
+from gateway.edge.client_ip import forwarded_for
+from gateway.ws.admission import (
+    Admitted,
+    Decision,
+    DuplicateHeader,
+    Rejection,
+    duplicate_refused,
+    handshake_from,
+    single_valued,
+)
 from gateway.ws.asgi_outbox import Outbox
 from gateway.ws.close_codes import CloseCode
 from gateway.ws.host import HOST_STATE_KEY, ConnectionHost
@@ -80,12 +89,19 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     headers = websocket.headers
     query = websocket.scope.get("query_string", b"").decode("latin-1")
     client = websocket.client
-    identity = host.identify(websocket, client.host if client else None, headers.get("x-forwarded-for"))
+    identity = host.identify(
+        websocket, client.host if client else None, forwarded_for(headers.getlist("x-forwarded-for"))
+    )
     decision: Decision
     if isinstance(identity, Rejection):
         decision = identity
     else:
-        pending = host.admit(handshake_from(websocket.scope["path"], query, headers.get, identity))
+        try:
+            pending = host.admit(
+                handshake_from(websocket.scope["path"], query, single_valued(headers.getlist), identity)
+            )
+        except DuplicateHeader as duplicate:
+            pending = duplicate_refused(duplicate)
         decision = pending if isinstance(pending, Admitted | Rejection) else await pending
     if isinstance(decision, Rejection):
         response = PlainTextResponse(decision.reason, status_code=decision.status, headers=decision.headers)

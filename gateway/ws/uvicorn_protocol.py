@@ -33,11 +33,19 @@ from typing import Any
 from urllib.parse import unquote
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.datastructures import Headers
 from websockets.frames import Frame
 from websockets.http11 import Request, Response
 
-from gateway.ws.admission import Admitted, Decision, Rejection, handshake_from
+from gateway.edge.client_ip import forwarded_for
+from gateway.ws.admission import (
+    Admitted,
+    Decision,
+    DuplicateHeader,
+    Rejection,
+    duplicate_refused,
+    handshake_from,
+    single_valued,
+)
 from gateway.ws.close_codes import REASONS, CloseCode
 from gateway.ws.frames import encode_text_frames
 from gateway.ws.host import HOST_STATE_KEY, ConnectionHost
@@ -146,16 +154,15 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
             return
         headers = event.headers
         peer = self.client[0] if self.client else None
-        # A list-valued header sent twice is one list (RFC 9110, 5.3); websockets' Headers.get would raise.
-        forwarded_for = ", ".join(headers.get_all("X-Forwarded-For")) or None
-        identity = host.identify(self.transport, peer, forwarded_for)
+        # (websockets' Headers.get raises for a header sent twice: every lookup here goes through get_all.)
+        identity = host.identify(self.transport, peer, forwarded_for(headers.get_all("X-Forwarded-For")))
         if isinstance(identity, Rejection):
             self._refuse(identity)
             return
         try:
-            handshake = handshake_from(path, query, functools.partial(_single_header, headers), identity)
-        except _DuplicateHeader as duplicate:
-            self._refuse(Rejection(400, f"Invalid request: the {duplicate} header is sent more than once", {}))
+            handshake = handshake_from(path, query, single_valued(headers.get_all), identity)
+        except DuplicateHeader as duplicate:
+            self._refuse(duplicate_refused(duplicate))
             return
         decision = host.admit(handshake)
         if isinstance(decision, Admitted | Rejection):
@@ -439,17 +446,6 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
                 drain()
                 return
         super().shutdown()
-
-
-class _DuplicateHeader(Exception):
-    """A single-valued request header sent more than once: which value counts would be a guess."""
-
-
-def _single_header(headers: Headers, name: str) -> str | None:
-    values = headers.get_all(name)
-    if len(values) > 1:
-        raise _DuplicateHeader(name)
-    return values[0] if values else None
 
 
 async def _awaited(decision: Awaitable[Decision]) -> Decision:
