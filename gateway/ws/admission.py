@@ -65,34 +65,23 @@ def query_token(query: str) -> str | None:
     return None
 
 
-class DuplicateHeader(Exception):
-    """A single-valued request header sent more than once: which value counts would be a guess (400)."""
-
-
-def single_valued(get_all: Callable[[str], Sequence[str]]) -> Callable[[str], str | None]:
-    """A header lookup for :func:`handshake_from` from a lookup of every value of a header: the one value, None,
-    or :class:`DuplicateHeader`."""
-
-    def header(name: str) -> str | None:
-        values = get_all(name)
+def handshake_from(
+    path: str, query: str, header_values: Callable[[str], Sequence[str]], client_ip: str
+) -> Handshake | Rejection:
+    """A :class:`Handshake` from an upgrade request's parts (``header_values`` gives every value of a header,
+    case-insensitively), or 400 when a single-valued header is sent more than once: which value counts would be a
+    guess."""
+    single: dict[str, str | None] = {}
+    for name in ("origin", "x-mbx-apikey"):
+        values = header_values(name)
         if len(values) > 1:
-            raise DuplicateHeader(name)
-        return values[0] if values else None
-
-    return header
-
-
-def duplicate_refused(duplicate: DuplicateHeader) -> Rejection:
-    return Rejection(400, f"Invalid request: the {duplicate} header is sent more than once", {})
-
-
-def handshake_from(path: str, query: str, header: Callable[[str], str | None], client_ip: str) -> Handshake:
-    """A :class:`Handshake` from an upgrade request's parts (``header`` looks a header up, case-insensitively)."""
+            return Rejection(400, f"Invalid request: the {name} header is sent more than once", {})
+        single[name] = values[0] if values else None
     return Handshake(
         path=path,
         query=query,
-        origin=header("origin"),
-        api_key=header("x-mbx-apikey"),
+        origin=single["origin"],
+        api_key=single["x-mbx-apikey"],
         token=query_token(query),
         client_ip=client_ip,
     )

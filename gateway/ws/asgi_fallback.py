@@ -16,15 +16,7 @@ from starlette.responses import PlainTextResponse
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from gateway.edge.client_ip import forwarded_for
-from gateway.ws.admission import (
-    Admitted,
-    Decision,
-    DuplicateHeader,
-    Rejection,
-    duplicate_refused,
-    handshake_from,
-    single_valued,
-)
+from gateway.ws.admission import Admitted, Decision, Rejection, handshake_from
 from gateway.ws.asgi_outbox import Outbox
 from gateway.ws.close_codes import CloseCode
 from gateway.ws.host import HOST_STATE_KEY, ConnectionHost
@@ -96,12 +88,8 @@ async def websocket_endpoint(websocket: WebSocket) -> None:
     if isinstance(identity, Rejection):
         decision = identity
     else:
-        try:
-            pending = host.admit(
-                handshake_from(websocket.scope["path"], query, single_valued(headers.getlist), identity)
-            )
-        except DuplicateHeader as duplicate:
-            pending = duplicate_refused(duplicate)
+        handshake = handshake_from(websocket.scope["path"], query, headers.getlist, identity)
+        pending = handshake if isinstance(handshake, Rejection) else host.admit(handshake)
         decision = pending if isinstance(pending, Admitted | Rejection) else await pending
     if isinstance(decision, Rejection):
         response = PlainTextResponse(decision.reason, status_code=decision.status, headers=decision.headers)

@@ -37,15 +37,7 @@ from websockets.frames import Frame
 from websockets.http11 import Request, Response
 
 from gateway.edge.client_ip import forwarded_for
-from gateway.ws.admission import (
-    Admitted,
-    Decision,
-    DuplicateHeader,
-    Rejection,
-    duplicate_refused,
-    handshake_from,
-    single_valued,
-)
+from gateway.ws.admission import Admitted, Decision, Rejection, handshake_from
 from gateway.ws.close_codes import REASONS, CloseCode
 from gateway.ws.frames import encode_text_frames
 from gateway.ws.host import HOST_STATE_KEY, ConnectionHost
@@ -96,7 +88,7 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
     _max_fragments = 64
     _max_message_bytes = 1 << 20
     ping_deadline = 0.0  # the node's keepalive schedule: unanswered ping's deadline, 0.0 when none
-    peer_gone = False  # the client closed its side; the socket closes on a later loop turn (eof_received)
+    peer_gone = False  # the client went away (EOF or reset); the rest of the close waits its turn (_leave)
 
     # ---- Connection (what a Session needs) ----
     @property
@@ -159,10 +151,9 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
         if isinstance(identity, Rejection):
             self._refuse(identity)
             return
-        try:
-            handshake = handshake_from(path, query, single_valued(headers.get_all), identity)
-        except DuplicateHeader as duplicate:
-            self._refuse(duplicate_refused(duplicate))
+        handshake = handshake_from(path, query, headers.get_all, identity)
+        if isinstance(handshake, Rejection):
+            self._refuse(handshake)
             return
         decision = host.admit(handshake)
         if isinstance(decision, Admitted | Rejection):
@@ -379,11 +370,16 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
         if session is None or host is None or self.is_closed or self.scheme == "wss":
             # (Over TLS the SSL protocol closes on close_notify itself, whatever we return: uvicorn's way.)
             return super().eof_received()
+        host.connection_closed(self.transport)  # the client's per-IP slot is free now, not a few turns later
+        self._leave(session, host, self._close_left)  # connection_lost follows the close
+        return True  # keep the transport (reading has stopped) until the closer's turn
+
+    def _leave(self, session: Session, host: ConnectionHost, rest: Callable[[], None]) -> None:
+        """The client is gone: its session delivers nothing from now on, ``rest`` of the close runs on the
+        closer's turn."""
         self.peer_gone = True
         session.peer_gone()
-        host.connection_closed(self.transport)  # the client's per-IP slot is free now, not a few turns later
-        host.close_soon(self._close_left)  # connection_lost follows the close
-        return True  # keep the transport (reading has stopped) until the closer's turn
+        host.close_soon(rest)
 
     def _close_left(self) -> None:
         # The client sends nothing more and its session delivers nothing: bytes still buffered for it would hold
@@ -403,9 +399,7 @@ class PricegateWebSocketProtocol(WebSocketsSansIOProtocol):
             return
         # Lost without an EOF first (a reset: a crashed client with unread data, a dead route): uvloop reports a
         # burst of those in one turn too, so the session's bookkeeping takes the closer's turns as well.
-        self.peer_gone = True
-        self.session.peer_gone()
-        self.host.close_soon(functools.partial(self._end, exc))
+        self._leave(self.session, self.host, functools.partial(self._end, exc))
 
     def _end(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
