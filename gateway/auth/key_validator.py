@@ -264,6 +264,7 @@ class KeyValidator:
         except (RedisError, OSError, TimeoutError) as error:
             self._redis_failed(error)
             return False, None
+        self._redis_answered()
         return (False, token) if taken else (True, None)
 
     async def _unlock(self, digest: str, token: str) -> None:
@@ -273,6 +274,8 @@ class KeyValidator:
                 await redis.eval(_UNLOCK, 1, lock_key(self.prefix, digest), token)
         except (RedisError, OSError, TimeoutError) as error:
             self._redis_failed(error)  # it expires by itself
+            return
+        self._redis_answered()
 
     async def _wait_for_other(self, digest: str) -> Outcome | None:
         """The answer another replica's lookup writes to Redis; None when it gave up (its lock is gone without
@@ -291,6 +294,7 @@ class KeyValidator:
             except (RedisError, OSError, TimeoutError) as error:
                 self._redis_failed(error)
                 return None
+            self._redis_answered()
             shared = self._shared(digest, raw)
             if shared is not None or not locked:
                 return shared
@@ -324,6 +328,8 @@ class KeyValidator:
                 await redis.set(redis_key(self.prefix, digest), value, px=max(1, math.floor(ttl_s * 1000)))
         except (RedisError, OSError, TimeoutError) as error:
             self._redis_failed(error)
+            return
+        self._redis_answered()
 
     def _redis_failed(self, error: BaseException) -> None:
         if not self._redis_failing:
@@ -331,6 +337,8 @@ class KeyValidator:
             logger.warning("auth cache in Redis unavailable (%s): asking the database directly", type(error).__name__)
 
     def _redis_answered(self) -> None:
+        # Any round trip that worked: /readyz reports the shared cache as it is now, not the first command that met
+        # a pooled connection to a master that has since been replaced.
         if self._redis_failing:
             self._redis_failing = False
             logger.warning("auth cache in Redis answers again")
