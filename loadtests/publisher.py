@@ -87,11 +87,13 @@ def publish_time_us(frame: bytes | str) -> int | None:
 
 
 async def record_publish(broker: RedisBroker, messages: Sequence[OutgoingMessage]) -> list[bytes]:
-    """The ``EVALSHA`` commands ``broker.publish(messages)`` sends to Redis, one packed command per message: the
+    """The ``EVALSHA`` command ``broker.publish([message])`` sends to Redis for each message (the one-message
+    script; ingest's batches of several go out as batch script calls, which do the same per message in Redis): the
     broker's round trip is swapped for one that records the bytes and answers like the script would."""
     recorded: list[bytes] = []
 
-    async def record(client: Any, packed: bytes, count: int) -> list[Any]:
+    async def record(client: Any, packed: bytes, count: int | list[int]) -> list[Any]:
+        assert isinstance(count, int), "a batch of one is one call of the one-message script"
         position = 0
         for _ in range(count):  # split the batch's bytes at command boundaries
             parsed = parse_reply(packed, position)
@@ -105,7 +107,8 @@ async def record_publish(broker: RedisBroker, messages: Sequence[OutgoingMessage
     if client is None:  # a broker that was never started: publish() only checks that it has a client
         broker._client = object()  # type: ignore[assignment]
     try:
-        await broker.publish(messages)
+        for message in messages:  # one at a time: a batch of several goes out as one batch script call
+            await broker.publish([message])
     finally:
         del broker._run_script  # the class's method again
         broker._client = client

@@ -20,9 +20,9 @@ import redis.exceptions as redis_errors
 
 from shared.broker.contract import Broker, OutgoingMessage
 from shared.broker.memory import MemoryBroker
-from shared.broker.redis import RedisBroker
+from shared.broker.redis import BATCH_CALL_MESSAGES, RedisBroker
 from shared.broker.redis_subscription import RedisSubscription
-from shared.errors import BrokerError
+from shared.errors import BrokerError, PublishIncomplete
 from shared.frames import Publication, encode_publication
 from shared.streams import ChannelNamer
 from tests.polling import eventually
@@ -432,15 +432,55 @@ async def test_history_ignores_entries_older_than_the_age_bound(
         assert await broker.history(TRADE, 0) == [fresh]
 
 
-async def test_publish_recovers_when_redis_forgot_the_script(redis_url: str, key_prefix: str) -> None:
+@pytest.mark.parametrize(
+    "script, payloads", [("_script_sha", (b"2",)), ("_batch_script_sha", (b"2", b"3"))], ids=["one", "batch"]
+)
+async def test_publish_recovers_when_redis_forgot_the_script(
+    redis_url: str, key_prefix: str, script: str, payloads: tuple[bytes, ...]
+) -> None:
     async with redis_broker(redis_url, key_prefix) as broker:
         await broker.publish(messages(TRADE, b"1"))
-        # As after a Redis restart or SCRIPT FLUSH (not run here: the server is shared): NOSCRIPT for our SHA.
-        real_sha = broker._script_sha
-        broker._script_sha = "0" * 40
-        published = await broker.publish(messages(TRADE, b"2", b"3"))
-        assert [p.seq for p in published] == [2, 3]
-        assert broker._script_sha == real_sha
+        # As after a Redis restart or SCRIPT FLUSH (not run here: the server is shared): NOSCRIPT for our SHA (the
+        # one-message script's for a batch of one, the batch script's for more).
+        real_sha = getattr(broker, script)
+        setattr(broker, script, "0" * 40)
+        published = await broker.publish(messages(TRADE, *payloads))
+        assert [p.seq for p in published] == list(range(2, 2 + len(payloads)))
+        assert [p.payload for p in published] == list(payloads)
+        assert getattr(broker, script) == real_sha
+
+
+async def test_a_large_batch_goes_out_in_several_batch_calls_in_order(tmp_path: pathlib.Path) -> None:
+    """More messages than one batch call carries: split into calls of nearly equal size, one round trip, every
+    message published once and in order; a message whose write fails ends its call, and the broker reports where.
+    (A private server: the count of script calls is its own.)"""
+    count = 2 * BATCH_CALL_MESSAGES + 3
+    server = PrivateRedis(str(tmp_path / "redis.sock"))
+    await server.start()
+    plain = aioredis.from_url(server.url)
+    try:
+        async with redis_broker(server.url, "pgtest", history_maxlen=1000) as broker:
+            published = await broker.publish(
+                [OutgoingMessage(TRADE if n % 2 else OTHER, b"%d" % n, False) for n in range(count)]
+            )
+            assert await evalsha_calls(plain) == 3
+            assert [p.payload for p in published] == [b"%d" % n for n in range(count)]
+            assert [p.seq for p in published if int(p.payload) % 2] == list(range(1, count // 2 + 1))
+            assert [p.payload for p in await broker.history(TRADE, 0)] == [b"%d" % n for n in range(1, count, 2)]
+            # OTHER's history holds a string now: the batch's first two messages go out, the third fails.
+            await plain.set(ChannelNamer("pgtest", "binance").keys(OTHER).history, "not a stream")
+            with pytest.raises(PublishIncomplete, match="2/4") as failure:
+                await broker.publish([*messages(TRADE, b"a", b"b"), *messages(OTHER, b"c"), *messages(TRADE, b"d")])
+            assert failure.value.confirmed == 2
+            assert [p.payload for p in await broker.history(TRADE, count // 2)] == [b"a", b"b"]
+    finally:
+        await plain.aclose()
+        await server.kill()
+
+
+async def evalsha_calls(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
 
 
 async def test_malformed_envelopes_are_skipped_and_counted(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
@@ -16,13 +17,19 @@ from redis.asyncio.connection import Connection
 
 from shared.broker.contract import EventId, OutgoingMessage
 from shared.broker.redis import PublishCalls
-from shared.redis.packed_pipeline import run_packed
+from shared.redis.packed_pipeline import run_packed, run_packed_batches, split_batch_reply
 from shared.redis.packed_publish import PublishPacker, bulk, parse_publish_replies
 from shared.redis.resp import ErrorReply, parse_reply
-from shared.redis.scripts import PUBLISH_KEYS, PUBLISH_SCRIPT
+from shared.redis.scripts import PUBLISH_BATCH_SCRIPT, PUBLISH_KEYS, PUBLISH_SCRIPT
 from shared.streams import ChannelNamer
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
+CONSTANTS = {
+    "candidate_epoch": 987654321,
+    "published_at_ms": 1_796_141_568_401,
+    "history_maxlen": 1000,
+    "ttl_ms": 300_000,
+}
 
 MESSAGES = [
     OutgoingMessage("btcusdt@trade", b'{"e":"trade","t":7}', False, EventId(7, 7, 1700)),
@@ -37,23 +44,27 @@ def redis_py_bytes(
 ) -> bytes:
     """What the broker handed redis-py for the same batch (``PublishCalls.args``), packed by redis-py."""
     packer = Connection()
-    namer = calls.namer
     commands = []
     for message in messages:
-        args = calls.args(
-            message,
-            namer.keys(message.stream),
-            lease_key=namer.leader_key,
-            fence_key=namer.fence_key,
-            candidate_epoch=987654321,
-            published_at_ms=1_796_141_568_401,
-            history_maxlen=1000,
-            ttl_ms=300_000,
-            token=token,
-            fencing_epoch=fencing_epoch,
-        )
+        args = broker_args(calls, message, token=token, fencing_epoch=fencing_epoch)
         commands.append(b"".join(packer.pack_command("EVALSHA", SHA, PUBLISH_KEYS, *args)))
     return b"".join(commands)
+
+
+def broker_args(
+    calls: PublishCalls, message: OutgoingMessage, *, token: str, fencing_epoch: int | None
+) -> tuple[Any, ...]:
+    """The one-message script's KEYS and ARGV for ``message``, as the broker lays them out."""
+    namer = calls.namer
+    return calls.args(
+        message,
+        namer.keys(message.stream),
+        lease_key=namer.leader_key,
+        fence_key=namer.fence_key,
+        token=token,
+        fencing_epoch=fencing_epoch,
+        **CONSTANTS,
+    )
 
 
 @pytest.mark.parametrize("sharded", [False, True])
@@ -69,16 +80,7 @@ def test_packed_calls_are_byte_for_byte_what_redis_py_packs(
     packer.set_script(SHA)
     expected = redis_py_bytes(calls, MESSAGES, token=token, fencing_epoch=fencing_epoch)
     for _ in range(2):  # the second time from the cached per-stream heads
-        packed = packer.pack(
-            MESSAGES,
-            candidate_epoch=987654321,
-            published_at_ms=1_796_141_568_401,
-            history_maxlen=1000,
-            ttl_ms=300_000,
-            token=token,
-            fencing_epoch=fencing_epoch,
-            floors=calls.floors,
-        )
+        packed = packer.pack(MESSAGES, token=token, fencing_epoch=fencing_epoch, floors=calls.floors, **CONSTANTS)
         assert packed == expected
 
 
@@ -191,9 +193,11 @@ async def test_a_packed_batch_runs_the_script_as_the_broker_would(client: aiored
     assert await client.get(keys.seq) == b"2"
 
 
-async def test_a_connection_lost_mid_batch_leaves_the_answered_calls_in_the_list(redis_url: str) -> None:
-    """A server that answers two of three calls and hangs up: two results, then ConnectionError."""
-    answered = b"*2\r\n:1\r\n:1\r\n*2\r\n:1\r\n:2\r\n"
+@pytest.mark.parametrize("batch_calls", [False, True], ids=["calls", "batch-calls"])
+async def test_a_connection_lost_mid_batch_leaves_the_answered_calls_in_the_list(batch_calls: bool) -> None:
+    """A server that answers some calls and hangs up: their results, then ConnectionError. Three one-message calls
+    of which two are answered; or two batch calls of 2 and 3 messages of which the first is answered."""
+    answered = b"*4\r\n:1\r\n:1\r\n:1\r\n:2\r\n" if batch_calls else b"*2\r\n:1\r\n:1\r\n*2\r\n:1\r\n:2\r\n"
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(1 << 16)
@@ -208,7 +212,10 @@ async def test_a_connection_lost_mid_batch_leaves_the_answered_calls_in_the_list
     results: list[object] = []
     try:
         with pytest.raises(redis_errors.ConnectionError):
-            await run_packed(connection, b"*1\r\n$4\r\nPING\r\n" * 3, 3, results, timeout_s=5)
+            if batch_calls:
+                await run_packed_batches(connection, b"*1\r\n$4\r\nPING\r\n" * 2, [2, 3], results, timeout_s=5)
+            else:
+                await run_packed(connection, b"*1\r\n$4\r\nPING\r\n" * 3, 3, results, timeout_s=5)
         assert results == [(1, 1), (1, 2)]
     finally:
         await connection.disconnect()
@@ -235,3 +242,191 @@ async def test_a_silent_server_times_out() -> None:
         await connection.disconnect()
         server.close()
         await server.wait_closed()
+
+
+# ---- the batch script: many messages in one call, on one Redis server ----
+
+BATCH_SHA = "fedcba9876543210fedcba9876543210fedcba98"
+SINGLE_KEYS = slice(0, 5)  # PublishCalls.args: epoch, seq, history, last, event id (then lease, fence)
+BATCH_SHARED = (8, 9, 12, 13, 14, 16, 19)  # candidate, published_at, maxlen, ttl, token, fencing epoch, command
+BATCH_PER_MESSAGE = (7, 10, 11, 15, 17, 18)  # channel, payload, keep_last, event id, floor epoch, floor seq
+
+
+def redis_py_batch_bytes(
+    calls: PublishCalls, messages: list[OutgoingMessage], *, token: str, fencing_epoch: int | None
+) -> bytes:
+    """The batch call redis-py would pack for the same batch, its values taken from ``PublishCalls.args`` (the
+    one-message layout) as the batch script's contract in shared/redis/scripts.py rearranges them."""
+    namer = calls.namer
+    per_message = [broker_args(calls, message, token=token, fencing_epoch=fencing_epoch) for message in messages]
+    keys: list[Any] = [namer.leader_key, namer.fence_key, *(key for args in per_message for key in args[SINGLE_KEYS])]
+    argv: list[Any] = [per_message[0][index] for index in BATCH_SHARED]
+    argv += [args[index] for args in per_message for index in BATCH_PER_MESSAGE]
+    return b"".join(Connection().pack_command("EVALSHA", BATCH_SHA, len(keys), *keys, *argv))
+
+
+@pytest.mark.parametrize("floors", [False, True])
+@pytest.mark.parametrize("token, fencing_epoch", [("", None), ("host:1:abc", 1_796_141_568_401)])
+def test_a_packed_batch_call_is_byte_for_byte_what_redis_py_packs(
+    floors: bool, token: str, fencing_epoch: int | None
+) -> None:
+    namer = ChannelNamer("pg:md", "binance")
+    calls = PublishCalls(namer, sharded=False, floors=floors)
+    calls.answered("btcusdt@trade", 123, 45)
+    packer = PublishPacker(namer, lease_key=namer.leader_key, fence_key=namer.fence_key)
+    packer.set_batch_script(BATCH_SHA)
+    for batch in (MESSAGES, MESSAGES[:1], MESSAGES * 3):
+        expected = redis_py_batch_bytes(calls, batch, token=token, fencing_epoch=fencing_epoch)
+        for _ in range(2):  # the second time from the cached per-stream parts
+            packed = packer.pack(
+                batch, batch_call=True, token=token, fencing_epoch=fencing_epoch, floors=calls.floors, **CONSTANTS
+            )
+            assert packed == expected
+
+
+def test_the_batch_form_needs_its_script_and_one_lease_key() -> None:
+    namer = ChannelNamer("pg:md", "binance")
+    options: dict[str, Any] = {"candidate_epoch": 1, "published_at_ms": 2, "history_maxlen": 3, "ttl_ms": 4,
+                               "token": "", "fencing_epoch": None, "floors": {}}  # fmt: skip
+    with pytest.raises(ValueError, match="set_batch_script"):
+        PublishPacker(namer, lease_key="l", fence_key="f").pack(MESSAGES, batch_call=True, **options)
+    per_slot = PublishPacker(namer, lease_key="l", fence_key=lambda stream: f"fence:{{{stream}}}", sharded=True)
+    per_slot.set_batch_script(BATCH_SHA)
+    with pytest.raises(ValueError, match="one Redis server"):
+        per_slot.pack(MESSAGES, batch_call=True, **options)
+
+
+def test_a_batch_answer_splits_into_one_result_per_message() -> None:
+    assert split_batch_reply([7, 1, 0, 0, 7, 2], 3) == [(7, 1), 0, (7, 2)]
+    assert split_batch_reply((7, 1), 1) == [(7, 1)]  # a batch of one reads like a one-message answer
+    assert split_batch_reply((0, 0), 1) == [0]
+    refusal = redis_errors.ResponseError("NOTLEADER this ingest does not hold the leader lease")
+    assert split_batch_reply(refusal, 3) == [refusal] * 3  # the whole call refused: nothing was written
+    # The second message failed: it and the third (not run) carry its error; the first was published.
+    first, *failed = split_batch_reply([7, 1, ErrorReply(b"WRONGTYPE Operation against a key")], 3)
+    assert first == (7, 1) and len(failed) == 2 and failed[0] is failed[1]
+    assert isinstance(failed[0], redis_errors.ResponseError) and str(failed[0]).startswith("WRONGTYPE")
+    # An answer of the wrong shape is an error for whatever it does not cover, never a silent success.
+    short = split_batch_reply([7, 1], 2)
+    assert short[0] == (7, 1) and isinstance(short[1], redis_errors.ResponseError)
+    assert all(isinstance(result, redis_errors.ResponseError) for result in split_batch_reply(b"OK", 2))
+
+
+async def run_on(client: aioredis.Redis, data: bytes, sizes: list[int] | int) -> list[object]:
+    results: list[object] = []
+    connection = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        if isinstance(sizes, int):
+            await run_packed(connection, data, sizes, results, timeout_s=5)
+        else:
+            await run_packed_batches(connection, data, sizes, results, timeout_s=5)
+    finally:
+        await client.connection_pool.release(connection)
+    return results
+
+
+async def stored_state(client: aioredis.Redis, namer: ChannelNamer, streams: set[str]) -> dict[str, object]:
+    """Everything the publish scripts write for ``streams``, with the prefix taken out of names and envelopes."""
+    state: dict[str, object] = {}
+    for stream in sorted(streams):
+        keys = namer.keys(stream)
+        history = await client.xrange(keys.history)
+        state[stream] = (
+            await client.get(keys.epoch),
+            await client.get(keys.seq),
+            await client.get(keys.last),
+            await client.get(keys.event_id),
+            [(entry_id, fields) for entry_id, fields in history or []],
+            await client.pttl(keys.history) > 0,
+            await client.pttl(keys.event_id) > 0 if await client.exists(keys.event_id) else None,
+        )
+    return state
+
+
+async def test_the_batch_script_writes_exactly_what_the_one_message_script_writes(
+    client: aioredis.Redis, key_prefix: str
+) -> None:
+    """The same messages, once call by call and once in batch calls, under two prefixes: the same answers, the same
+    keys, history, last values, identities and TTLs, the same publications on the channels, in the same order."""
+    single_namer = ChannelNamer(key_prefix + ":one", "binance")
+    batch_namer = ChannelNamer(key_prefix + ":batch", "binance")
+    sha = await client.script_load(PUBLISH_SCRIPT)
+    batch_sha = await client.script_load(PUBLISH_BATCH_SCRIPT)
+    single = PublishPacker(single_namer, lease_key=single_namer.leader_key, fence_key=single_namer.fence_key)
+    single.set_script(sha)
+    batch = PublishPacker(batch_namer, lease_key=batch_namer.leader_key, fence_key=batch_namer.fence_key)
+    batch.set_batch_script(batch_sha)
+    for namer in (single_namer, batch_namer):
+        await client.set(namer.leader_key, "me")
+        # A floor above the stored seq (as after a failover to a replica that missed writes) for one stream.
+        await client.set(namer.keys("ethusdt@kline_1m").epoch, "77")
+        await client.set(namer.keys("ethusdt@kline_1m").seq, "3")
+    floors = {"ethusdt@kline_1m": (77, 9)}
+    rounds = [
+        [*MESSAGES, MESSAGES[0], MESSAGES[2]],  # a repeated identity (a duplicate), identity-less twice
+        [OutgoingMessage("btcusdt@trade", b'{"t":6}', False, EventId(6, 6, 1)), MESSAGES[1], MESSAGES[1]],
+        [OutgoingMessage("xrpusdt@trade", b"%d" % n, n % 2 == 0, EventId(n, n, 1)) for n in range(1, 40)],
+    ]
+    pubsub = client.pubsub()
+    await pubsub.psubscribe(f"{key_prefix}:*")
+    options: dict[str, Any] = {"candidate_epoch": 77, "history_maxlen": 25, "ttl_ms": 60_000, "token": "me",
+                               "fencing_epoch": 5, "floors": floors}  # fmt: skip
+    answers: dict[str, list[object]] = {"one": [], "batch": []}
+    for number, messages in enumerate(rounds):
+        answers["one"] += await run_on(
+            client, single.pack(messages, published_at_ms=1000 + number, **options), len(messages)
+        )
+        answers["batch"] += await run_on(
+            client, batch.pack(messages, published_at_ms=1000 + number, batch_call=True, **options), [len(messages)]
+        )
+    assert answers["one"] == answers["batch"]
+    assert answers["one"][:7] == [(77, 1), (77, 1), (77, 10), (77, 2), 0, (77, 11), 0]
+    streams = {message.stream for messages in rounds for message in messages}
+    assert await stored_state(client, single_namer, streams) == await stored_state(client, batch_namer, streams)
+    received: dict[str, list[bytes]] = {"one": [], "batch": []}
+    while (message := await pubsub.get_message(timeout=0.2)) is not None:
+        if message["type"] == "pmessage":
+            received["one" if message["channel"].startswith(f"{key_prefix}:one:".encode()) else "batch"].append(
+                message["data"]
+            )
+    await pubsub.aclose()  # type: ignore[no-untyped-call]
+    duplicates = answers["one"].count(0)  # MESSAGES[0] again, trade 6 (below 8), the bookTicker twice more
+    assert duplicates == 4
+    assert received["one"] == received["batch"] and len(received["one"]) == sum(map(len, rounds)) - duplicates
+
+
+async def test_a_batch_call_is_checked_once_and_stops_at_a_failing_message(
+    client: aioredis.Redis, key_prefix: str
+) -> None:
+    namer = ChannelNamer(key_prefix, "binance")
+    batch_sha = await client.script_load(PUBLISH_BATCH_SCRIPT)
+    packer = PublishPacker(namer, lease_key=namer.leader_key, fence_key=namer.fence_key)
+    packer.set_batch_script(batch_sha)
+    options: dict[str, Any] = {"candidate_epoch": 77, "published_at_ms": 1000, "history_maxlen": 10,
+                               "ttl_ms": 60_000, "token": "me", "fencing_epoch": 5, "floors": {}}  # fmt: skip
+    # Another holder's lease, then a later leader's fence: the whole call refused, nothing written.
+    await client.set(namer.leader_key, "someone else")
+    refused = await run_on(client, packer.pack(MESSAGES, batch_call=True, **options), [len(MESSAGES)])
+    await client.set(namer.leader_key, "me")
+    await client.zadd(namer.fence_key, {"e": 6})
+    fenced = await run_on(client, packer.pack(MESSAGES, batch_call=True, **options), [len(MESSAGES)])
+    for results in (refused, fenced):
+        assert len(results) == len(MESSAGES)
+        assert all(isinstance(r, redis_errors.ResponseError) and str(r).startswith("NOTLEADER") for r in results)
+    for message in MESSAGES:
+        keys = namer.keys(message.stream)
+        assert await client.exists(keys.epoch, keys.seq, keys.history, keys.last, keys.event_id) == 0
+    # The third message's history key holds a string: the first two are published, the third fails (its seq is
+    # taken first, as in a one-message call), the fourth is not run (its stream has nothing; in one-message calls
+    # it would have been published after the failure).
+    await client.delete(namer.fence_key)
+    # (An epoch and a seq, else the script takes it for a first publication, or a lost seq, and clears the keys.)
+    await client.mset({namer.keys(MESSAGES[2].stream).epoch: "77", namer.keys(MESSAGES[2].stream).seq: "5"})
+    await client.set(namer.keys(MESSAGES[2].stream).history, "not a stream")
+    fourth = OutgoingMessage("solusdt@trade", b"{}", False)
+    results = await run_on(client, packer.pack([*MESSAGES[:3], fourth], batch_call=True, **options), [4])
+    assert results[:2] == [(77, 1), (77, 1)]
+    assert isinstance(results[2], redis_errors.ResponseError) and "WRONGTYPE" in str(results[2])
+    assert results[3] is results[2]
+    assert await client.get(namer.keys(fourth.stream).seq) is None
+    assert await client.xlen(namer.keys(MESSAGES[0].stream).history) == 1

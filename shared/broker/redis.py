@@ -22,6 +22,7 @@ no floor, so they are the same every time (the load generator replays them).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import time
 from collections.abc import Iterable, Sequence
@@ -40,11 +41,13 @@ from shared.broker.redis_subscription import RedisSubscription
 from shared.errors import BrokerError, NotLeaderError, PublishIncomplete
 from shared.frames import Publication, decode_publication
 from shared.redaction import redact_url
-from shared.redis.packed_pipeline import run_packed
+from shared.redis.packed_pipeline import run_packed, run_packed_batches
 from shared.redis.packed_publish import PublishPacker
-from shared.redis.scripts import FENCE_MEMBER, HISTORY_FIELD, NOT_LEADER, PUBLISH_SCRIPT
+from shared.redis.scripts import FENCE_MEMBER, HISTORY_FIELD, NOT_LEADER, PUBLISH_BATCH_SCRIPT, PUBLISH_SCRIPT
 from shared.redis.urls import parse_redis_url
 from shared.streams import ChannelKeys, ChannelNamer
+
+BATCH_CALL_MESSAGES = 64  # most messages per batch script call: Redis runs nothing else meanwhile (~0.5 ms)
 
 
 class PublishCalls:
@@ -137,6 +140,7 @@ class RedisBroker:
 
         self._client: aioredis.Redis | None = None
         self._script_sha = ""
+        self._batch_script_sha = ""
         self._malformed_reads = 0  # history entries and last values that did not decode (skipped)
         self._calls = PublishCalls(self.namer, sharded=False, floors=seq_floors)
         self._packer = PublishPacker(self.namer, lease_key=self.namer.leader_key, fence_key=self.namer.fence_key)
@@ -219,7 +223,7 @@ class RedisBroker:
         try:
             self._client = self._make_client(options)
             await self._client.ping()
-            self._script_sha = str(await self._client.script_load(PUBLISH_SCRIPT))
+            await self._load_scripts(self._client)
             await self._subscription.open(self._subscription_pool(options))
         except (redis_errors.RedisError, OSError, ValueError) as error:  # OSError includes TimeoutError
             await self._release_client()
@@ -262,34 +266,46 @@ class RedisBroker:
         token = fencing_token or ""
         packer = self._packer
         packer.set_script(self._script_sha)
+        packer.set_batch_script(self._batch_script_sha)
 
-        def pack(batch: Sequence[OutgoingMessage]) -> bytes:
-            # The calls PublishCalls.args describes, packed by hand (tests/test_packed_publish.py holds them equal).
-            return packer.pack(
-                batch,
-                candidate_epoch=candidate_epoch,
-                published_at_ms=published_at_ms,
-                history_maxlen=self.history_maxlen,
-                ttl_ms=ttl_ms,
-                token=token,
-                fencing_epoch=self.fencing_epoch if token else None,
-                floors=self._calls.floors,
+        async def run(batch: Sequence[OutgoingMessage]) -> list[Any]:
+            options: dict[str, Any] = {
+                "candidate_epoch": candidate_epoch,
+                "published_at_ms": published_at_ms,
+                "history_maxlen": self.history_maxlen,
+                "ttl_ms": ttl_ms,
+                "token": token,
+                "fencing_epoch": self.fencing_epoch if token else None,
+                "floors": self._calls.floors,
+            }
+            if len(batch) == 1:
+                # The calls PublishCalls.args describes, packed by hand (tests/test_packed_publish.py holds them
+                # equal); a batch of one is the load generator's template (loadtests/publisher.py).
+                return await self._run_script(client, packer.pack(batch, **options), 1)
+            # Many messages: batch script calls of at most BATCH_CALL_MESSAGES each, pipelined.
+            calls = -(-len(batch) // BATCH_CALL_MESSAGES)
+            bounds = [len(batch) * call // calls for call in range(calls + 1)]
+            packed = b"".join(
+                packer.pack(batch[a:b], batch_call=True, **options) for a, b in itertools.pairwise(bounds)
             )
+            sizes = [b - a for a, b in itertools.pairwise(bounds)]
+            return await self._run_script(client, packed, sizes)
 
-        results = await self._run_script(client, pack(messages), len(messages))
+        results = await run(messages)
         missing = [index for index, result in enumerate(results) if isinstance(result, redis_errors.NoScriptError)]
         if missing:
             # Redis restarted or SCRIPT FLUSH ran: nothing of those calls executed, so running them again is
             # safe. (Every call of a batch fails alike unless the flush lands mid-batch.)
             try:
-                self._script_sha = str(await client.script_load(PUBLISH_SCRIPT))
+                await self._load_scripts(client)
             except (redis_errors.RedisError, OSError) as error:
                 raise PublishIncomplete(
                     f"publish to {self.safe_url}: cannot load the publish script: {error}", missing[0]
                 ) from error
             packer.set_script(self._script_sha)
+            packer.set_batch_script(self._batch_script_sha)
             try:
-                retried = await self._run_script(client, pack([messages[index] for index in missing]), len(missing))
+                retried = await run([messages[index] for index in missing])
             except PublishIncomplete as error:
                 # Counted in the whole batch: everything before the first rerun call, plus what the rerun confirmed.
                 raise PublishIncomplete(str(error), missing[0] + error.confirmed) from error
@@ -330,8 +346,13 @@ class RedisBroker:
             raise BrokerError(f"fencing epoch {epoch} is below {highest:.0f}, a later leader's, at {self.safe_url}")
         self.fencing_epoch = epoch
 
-    async def _run_script(self, client: aioredis.Redis, packed: bytes, count: int) -> list[Any]:
-        """``count`` packed calls in one round trip, like a pipeline; per-call errors come back as exception values.
+    async def _load_scripts(self, client: aioredis.Redis) -> None:
+        self._script_sha = str(await client.script_load(PUBLISH_SCRIPT))
+        self._batch_script_sha = str(await client.script_load(PUBLISH_BATCH_SCRIPT))
+
+    async def _run_script(self, client: aioredis.Redis, packed: bytes, count: int | list[int]) -> list[Any]:
+        """``count`` packed calls in one round trip, like a pipeline, or batch script calls of ``count[i]``
+        messages each; one result per message, per-message errors as exception values.
         The replies are read as they arrive (:func:`shared.redis.packed_pipeline.run_packed`), so when Redis goes away
         mid-batch the caller learns how many calls are known done (:class:`PublishIncomplete`) and resends only the
         rest, which a killed Redis never ran: no message is published twice."""
@@ -342,7 +363,10 @@ class RedisBroker:
         except (redis_errors.RedisError, OSError) as error:
             raise PublishIncomplete(f"publish to {self.safe_url} failed: {error}", 0) from error
         try:
-            await run_packed(connection, packed, count, results, timeout_s=self.socket_timeout_s)
+            if isinstance(count, int):
+                await run_packed(connection, packed, count, results, timeout_s=self.socket_timeout_s)
+            else:
+                await run_packed_batches(connection, packed, count, results, timeout_s=self.socket_timeout_s)
         except (redis_errors.RedisError, OSError) as error:  # OSError includes TimeoutError
             await connection.disconnect()
             raise PublishIncomplete(f"publish to {self.safe_url} failed: {error}", len(results)) from error

@@ -83,4 +83,43 @@ async def run_packed(
         raise redis_errors.ConnectionError(f"{len(buf) - pos} unexpected bytes after the replies")
 
 
-__all__ = ["run_packed"]
+def split_batch_reply(reply: Any, count: int) -> list[Any]:
+    """One batch script call's answer (:data:`shared.redis.scripts.PUBLISH_BATCH_SCRIPT`) as ``count`` per-message
+    results, like :func:`run_packed` gives one-message calls': ``(epoch, seq)``, ``0`` for a duplicate, an exception
+    value for an error. An error of the whole call (``NOTLEADER``, ``NOSCRIPT``) is every message's; a message that
+    failed ends the array, and the messages after it were not run: they get the same error, so a caller counting
+    what was published counts exactly what was."""
+    if isinstance(reply, BaseException):
+        return [reply] * count
+    values: list[Any] = list(reply) if isinstance(reply, (list, tuple)) else [reply]
+    results: list[Any] = []
+    for index in range(0, len(values) - 1, 2):
+        epoch, seq = values[index], values[index + 1]
+        if not (isinstance(epoch, int) and isinstance(seq, int)):
+            break
+        results.append((epoch, seq) if epoch else 0)
+    if len(results) < count:
+        rest = values[2 * len(results)] if 2 * len(results) < len(values) else None
+        error = (
+            _error(rest)
+            if isinstance(rest, ErrorReply)
+            else redis_errors.ResponseError(f"unexpected answer of the batch publish script: {reply!r:.200}")
+        )
+        results.extend([error] * (count - len(results)))
+    return results[:count]
+
+
+async def run_packed_batches(
+    connection: AbstractConnection, data: bytes, sizes: list[int], into: list[Any], *, timeout_s: float | None
+) -> None:
+    """:func:`run_packed` for batch script calls of ``sizes`` messages each: appends one result per message, and
+    when the connection fails, those of the calls answered before it (the caller's count of what is confirmed)."""
+    replies: list[Any] = []
+    try:
+        await run_packed(connection, data, len(sizes), replies, timeout_s=timeout_s)
+    finally:
+        for reply, size in zip(replies, sizes, strict=False):
+            into.extend(split_batch_reply(reply, size))
+
+
+__all__ = ["run_packed", "run_packed_batches", "split_batch_reply"]

@@ -28,81 +28,154 @@ from __future__ import annotations
 # never saw the old one's.
 # Called with only the first 4 keys and 7 arguments (the load generator, tests), it publishes unfenced and
 # without a duplicate filter, as before those were added; with 6 keys and 9 arguments, as before the fence.
-PUBLISH_SCRIPT = """
-local token = ARGV[8] or ''
-if token ~= '' and redis.call('GET', KEYS[6]) ~= token then
-  return redis.error_reply('NOTLEADER this ingest does not hold the leader lease')
-end
-local fence = ARGV[10] or ''
-if fence ~= '' then
-  local highest = redis.call('ZSCORE', KEYS[7], 'e')
-  if highest and tonumber(fence) < tonumber(highest) then
-    return redis.error_reply('NOTLEADER fencing epoch ' .. fence .. ' is below ' .. highest .. ' (a later leader)')
-  end
-  if not highest or tonumber(fence) > tonumber(highest) then
-    redis.call('ZADD', KEYS[7], fence, 'e')
-  end
-end
-local eid = ARGV[9] or ''
-if eid ~= '' then
-  local previous = redis.call('GET', KEYS[5])
-  if previous and tonumber(eid) <= tonumber(previous) then
-    return 0
-  end
-end
-local epoch = redis.call('GET', KEYS[1])
-local seq
-if not epoch then
-  -- First publication, or Redis lost the epoch: whatever seq, history or last value survived belongs to an
-  -- epoch no gateway can tell apart any more, so start clean.
-  epoch = ARGV[2]
-  redis.call('SET', KEYS[1], epoch)
-  redis.call('DEL', KEYS[2], KEYS[3], KEYS[4])
-  seq = redis.call('INCR', KEYS[2])
-else
-  seq = redis.call('INCR', KEYS[2])
-  local floor = tonumber(ARGV[12] or '')
-  if floor and ARGV[11] == epoch and seq > 1 and seq <= floor then
-    -- This Redis lost writes this publisher was answered for (a promoted replica): never the same seq twice.
-    -- (A seq key lost altogether, 1 here, starts a new epoch below, as it always did.)
-    seq = floor + 1
-    redis.call('SET', KEYS[2], string.format('%d', seq))
-  elseif seq == 1 then
-    -- The seq key was lost but the epoch survived: restarting at 1 in the same epoch would look like old
-    -- messages to gateways, so move to a new (different) epoch and drop the old epoch's history.
-    if epoch == ARGV[2] then
-      epoch = string.format('%d', tonumber(epoch) % 2147483647 + 1)
-    else
-      epoch = ARGV[2]
+# The part every publication runs, after the lease and fence checks, as one Lua function shared by the
+# one-message script and the batch script below (so the two cannot drift apart): returns epoch, seq, or nothing for
+# a duplicate event.
+_PUBLISH_ONE = """
+local function publish_one(k_epoch, k_seq, k_history, k_last, k_eid, channel, candidate, published_at, payload,
+                           keep_last, maxlen, ttl, eid, floor_epoch, floor_seq, command)
+  if eid ~= '' then
+    local previous = redis.call('GET', k_eid)
+    if previous and tonumber(eid) <= tonumber(previous) then
+      return nil
     end
-    redis.call('SET', KEYS[1], epoch)
-    redis.call('DEL', KEYS[3], KEYS[4])
   end
-end
-local seqs = string.format('%d', seq)
-local envelope = epoch .. ':' .. seqs .. ':' .. ARGV[3] .. ':' .. ARGV[4]
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[6], seqs .. '-0', 'e', envelope)
-local ttl = tonumber(ARGV[7])
-if ttl > 0 then
-  redis.call('PEXPIRE', KEYS[3], ttl)
-end
-if ARGV[5] == '1' then
-  redis.call('SET', KEYS[4], envelope)
-end
-if ARGV[13] == 'SPUBLISH' then
-  redis.call('SPUBLISH', ARGV[1], envelope)
-else
-  redis.call('PUBLISH', ARGV[1], envelope)
-end
-if eid ~= '' then
-  if ttl > 0 then
-    redis.call('SET', KEYS[5], eid, 'PX', ttl)
+  local epoch = redis.call('GET', k_epoch)
+  local seq
+  if not epoch then
+    -- First publication, or Redis lost the epoch: whatever seq, history or last value survived belongs to an
+    -- epoch no gateway can tell apart any more, so start clean.
+    epoch = candidate
+    redis.call('SET', k_epoch, epoch)
+    redis.call('DEL', k_seq, k_history, k_last)
+    seq = redis.call('INCR', k_seq)
   else
-    redis.call('SET', KEYS[5], eid)
+    seq = redis.call('INCR', k_seq)
+    local floor = tonumber(floor_seq or '')
+    if floor and floor_epoch == epoch and seq > 1 and seq <= floor then
+      -- This Redis lost writes this publisher was answered for (a promoted replica): never the same seq twice.
+      -- (A seq key lost altogether, 1 here, starts a new epoch below, as it always did.)
+      seq = floor + 1
+      redis.call('SET', k_seq, string.format('%d', seq))
+    elseif seq == 1 then
+      -- The seq key was lost but the epoch survived: restarting at 1 in the same epoch would look like old
+      -- messages to gateways, so move to a new (different) epoch and drop the old epoch's history.
+      if epoch == candidate then
+        epoch = string.format('%d', tonumber(epoch) % 2147483647 + 1)
+      else
+        epoch = candidate
+      end
+      redis.call('SET', k_epoch, epoch)
+      redis.call('DEL', k_history, k_last)
+    end
   end
+  local seqs = string.format('%d', seq)
+  local envelope = epoch .. ':' .. seqs .. ':' .. published_at .. ':' .. payload
+  redis.call('XADD', k_history, 'MAXLEN', '~', maxlen, seqs .. '-0', 'e', envelope)
+  if ttl > 0 then
+    redis.call('PEXPIRE', k_history, ttl)
+  end
+  if keep_last == '1' then
+    redis.call('SET', k_last, envelope)
+  end
+  if command == 'SPUBLISH' then
+    redis.call('SPUBLISH', channel, envelope)
+  else
+    redis.call('PUBLISH', channel, envelope)
+  end
+  if eid ~= '' then
+    if ttl > 0 then
+      redis.call('SET', k_eid, eid, 'PX', ttl)
+    else
+      redis.call('SET', k_eid, eid)
+    end
+  end
+  return tonumber(epoch), seq
 end
-return {tonumber(epoch), seq}
 """
+
+# The lease and fence checks, once per script call: token and fencing epoch ('' = not checked), lease and fence keys.
+_FENCING = """
+local function refused(token, fence, k_lease, k_fence)
+  if token ~= '' and redis.call('GET', k_lease) ~= token then
+    return redis.error_reply('NOTLEADER this ingest does not hold the leader lease')
+  end
+  if fence ~= '' then
+    local highest = redis.call('ZSCORE', k_fence, 'e')
+    if highest and tonumber(fence) < tonumber(highest) then
+      return redis.error_reply('NOTLEADER fencing epoch ' .. fence .. ' is below ' .. highest .. ' (a later leader)')
+    end
+    if not highest or tonumber(fence) > tonumber(highest) then
+      redis.call('ZADD', k_fence, fence, 'e')
+    end
+  end
+  return nil
+end
+"""
+
+PUBLISH_SCRIPT = (
+    _FENCING
+    + _PUBLISH_ONE
+    + """
+local refusal = refused(ARGV[8] or '', ARGV[10] or '', KEYS[6], KEYS[7])
+if refusal then
+  return refusal
+end
+local epoch, seq = publish_one(KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], ARGV[1], ARGV[2], ARGV[3], ARGV[4],
+                               ARGV[5], ARGV[6], tonumber(ARGV[7]), ARGV[9] or '', ARGV[11], ARGV[12], ARGV[13])
+if not epoch then
+  return 0
+end
+return {epoch, seq}
+"""
+)
+
+# The batch form, for one Redis server (a cluster script may touch one slot only, so a cluster publishes message by
+# message): many publications in one call, each exactly as PUBLISH_SCRIPT would make it, with the lease and the
+# fence checked once for all of them. Redis' own cost per call (finding the script, building KEYS and ARGV,
+# entering Lua, the checks) is then paid once per batch instead of once per message (BENCHMARKS.md, "Ingest
+# firehose").
+# KEYS: lease, fence, then 5 per message (epoch, seq, history, last, event id). ARGV: 7 for the batch (candidate
+# epoch, published_at_ms, history maxlen, history TTL in ms, fencing token, fencing epoch, publish command), then 6
+# per message (channel, payload, keep_last, event identity, floor epoch, floor seq), each meaning what it means for
+# PUBLISH_SCRIPT. Returns a NOTLEADER error and writes nothing when the checks refuse; else an array of two integers
+# per message, epoch and seq, or 0 and 0 for a duplicate. A message whose commands fail (a key of the wrong type)
+# ends the batch: the array then ends with that message's error, and the messages after it were not run, so the
+# caller knows exactly which were published.
+PUBLISH_BATCH_SCRIPT = (
+    _FENCING
+    + _PUBLISH_ONE
+    + """
+local refusal = refused(ARGV[5], ARGV[6], KEYS[1], KEYS[2])
+if refusal then
+  return refusal
+end
+local out = {}
+local ttl = tonumber(ARGV[4])
+for i = 0, (#KEYS - 2) / 5 - 1 do
+  local k = 2 + 5 * i
+  local a = 7 + 6 * i
+  local ok, epoch, seq = pcall(publish_one, KEYS[k + 1], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4], KEYS[k + 5],
+                               ARGV[a + 1], ARGV[1], ARGV[2], ARGV[a + 2], ARGV[a + 3], ARGV[3], ttl, ARGV[a + 4],
+                               ARGV[a + 5], ARGV[a + 6], ARGV[7])
+  if not ok then
+    if type(epoch) == 'table' and epoch.err then
+      out[#out + 1] = epoch
+    else
+      out[#out + 1] = redis.error_reply('ERR ' .. tostring(epoch))
+    end
+    return out
+  end
+  out[#out + 1] = epoch or 0
+  out[#out + 1] = seq or 0
+end
+return out
+"""
+)
+BATCH_KEYS = 2  # the batch script's KEYS before the per-message ones (lease, fence)
+BATCH_ARGS = 7  # the batch script's ARGV before the per-message ones
+BATCH_KEYS_PER_MESSAGE = 5
+BATCH_ARGS_PER_MESSAGE = 6
 PUBLISH_KEYS = 7  # how many of the publish script's arguments are KEYS when called with every check
 NOT_LEADER = "NOTLEADER"  # the start of the publish script's refusal when the fencing token lost the lease
 HISTORY_FIELD = b"e"  # the field of each history stream entry that holds the envelope
