@@ -24,7 +24,7 @@ from shared.redis.scripts import PUBLISH_BATCH_SCRIPT, PUBLISH_KEYS, PUBLISH_SCR
 from shared.streams import ChannelNamer
 
 SHA = "0123456789abcdef0123456789abcdef01234567"
-CONSTANTS = {
+CONSTANTS: dict[str, Any] = {
     "candidate_epoch": 987654321,
     "published_at_ms": 1_796_141_568_401,
     "history_maxlen": 1000,
