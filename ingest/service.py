@@ -40,6 +40,7 @@ from shared.backoff import backoff_delays
 from shared.broker.contract import Broker, OutgoingMessage
 from shared.cancellation import raise_if_cancel_was_lost
 from shared.errors import BrokerError, ConfigError, ProtocolError
+from shared.runtime_metrics import GcPauseMonitor, LoopLagMonitor
 from shared.settings import Settings, env_name
 from shared.streams import parse_stream
 
@@ -88,6 +89,9 @@ class IngestService:
         self.candles = candles
         self.lease = lease
         self.gc_freeze = gc_freeze
+        # What stands the loop still delays every message behind it: exported like the gateway's.
+        self.loop_lag = LoopLagMonitor(self.metrics.registry, "ingest")
+        self.gc_pauses = GcPauseMonitor(self.metrics.registry, "ingest")
         self.always_on = always_on_streams(settings.always_on_streams)
         if candles is not None:
             self.always_on |= candles.streams
@@ -114,6 +118,8 @@ class IngestService:
 
     async def run(self) -> None:
         self.source.set_wanted(self.wanted)
+        self.loop_lag.start()
+        self.gc_pauses.start()
         try:
             async with asyncio.TaskGroup() as group:
                 if self.lease is not None:
@@ -127,6 +133,8 @@ class IngestService:
                     group.create_task(self._freeze_long_lived())
                 group.create_task(self.source.run(self.publish))
         finally:
+            self.loop_lag.stop()
+            self.gc_pauses.stop()
             self.publisher.step_down("stopped")
             await self.publisher.aclose()
             if self.lease is not None:

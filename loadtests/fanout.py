@@ -207,8 +207,9 @@ def gateway_counters(port: int) -> dict[str, float] | None:
     return counters
 
 
-def gateway_pauses(port: int) -> dict[str, float] | None:
-    """pricegate's own record of what stood its event loop still (``shared/runtime_metrics.py``), from its /metrics:
+def gateway_pauses(port: int, subsystem: str = "gateway") -> dict[str, float] | None:
+    """pricegate's own record of what stood its event loop still (``shared/runtime_metrics.py``), from the /metrics
+    of a gateway (or, with ``subsystem="ingest"``, of an ingest process):
     per histogram, the observations and how many exceeded 20 ms (the bucket bounds include 0.02), and the garbage
     collections of the oldest generation. Scraped around a phase, the difference is that phase's. None if the
     scrape fails."""
@@ -221,10 +222,10 @@ def gateway_pauses(port: int) -> dict[str, float] | None:
     figures["gc_full_count"] = 0.0
     for line in text.splitlines():
         for name, key in (("event_loop_lag_seconds", "loop_lag"), ("gc_pause_seconds", "gc_pause")):
-            if not line.startswith(f"pricegate_gateway_{name}_"):
+            if not line.startswith(f"pricegate_{subsystem}_{name}_"):
                 continue
             value = float(line.rsplit(" ", 1)[1])
-            if line.startswith(f"pricegate_gateway_{name}_count"):
+            if line.startswith(f"pricegate_{subsystem}_{name}_count"):
                 figures[f"{key}_count"] += value
                 if 'generation="2"' in line:
                     figures["gc_full_count"] += value

@@ -58,7 +58,9 @@ from loadtests.fanout import (
     cpu_times,
     foreign_cpu_seconds,
     free_port,
+    gateway_pauses,
     machine,
+    pauses_between,
     source_version,
     wait_for_port,
 )
@@ -130,6 +132,12 @@ class Step:
     ingest_cpu_busy_pct: float | None = None
     background_cpu_pct: float | None = None
     exchange_max_behind_ms: float = 0.0
+    # Ingest's own record of its loop's stalls during the step (its pricegate_ingest_event_loop_lag_seconds and
+    # gc_pause_seconds; None for a tree that does not export them): the worst lag to its histogram bucket.
+    ingest_loop_lag_samples: float | None = None
+    ingest_loop_lag_over_20ms: float | None = None
+    ingest_loop_lag_worst_le_ms: float | None = None
+    ingest_gc_pauses_over_20ms: float | None = None
     exchange_limited: bool = False
     sustained: bool = False
     disturbed_retry: bool = False  # not sustained while other processes used the machine: run again
@@ -143,6 +151,7 @@ class Step:
             f"{self.rate:>8} {self.published_per_s:>10.0f} {self.published_ratio * 100:>7.2f}% "
             f"{ms(self.lag_p50_ms):>7} {ms(self.lag_p99_ms):>8} {ms(self.lag_max_ms):>8} "
             f"{self.ingest_cpu_pct or 0:>6.0f} {self.load_cpu_busy_pct or 0:>6.0f} "
+            f"{ms(self.ingest_loop_lag_worst_le_ms).removesuffix('.00'):>6} "
             f"{'yes' if self.sustained else 'no':>4}{' (exchange-limited)' if self.exchange_limited else ''}"
         )
 
@@ -339,6 +348,7 @@ class Benchmark:
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         machine0 = cpu_times()
         foreign0 = foreign_cpu_seconds(self.our_pids())
+        pauses0 = gateway_pauses(self.metrics_port, "ingest")
         started = time.monotonic()
         profiler = self._start_profiler(rate, duration) if not warmup and rate == self.options.profile_rate else None
         self.exchange.send(json.dumps({"cmd": "run", "rate": rate, "duration": duration}))
@@ -365,6 +375,12 @@ class Benchmark:
         cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         machine1 = cpu_times()
         foreign1 = foreign_cpu_seconds(self.our_pids())
+        pauses = pauses_between(pauses0, gateway_pauses(self.metrics_port, "ingest"))
+        if pauses["loop_lag_samples"]:  # an ingest from a tree without the metrics exports no samples
+            step.ingest_loop_lag_samples = pauses["loop_lag_samples"]
+            step.ingest_loop_lag_over_20ms = pauses["loop_lag_over_20ms"]
+            step.ingest_loop_lag_worst_le_ms = pauses["loop_lag_worst_le_ms"]
+            step.ingest_gc_pauses_over_20ms = pauses["gc_pauses_over_20ms"]
         if profiler is not None:
             self._stop_profiler(profiler)
         report = self.tap_command("report", "report")
@@ -645,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if warm.published_ratio < SUSTAINED_RATIO:
                 raise BenchmarkError(f"the warm-up was not published ({warm.published}/{warm.offered}): see the log")
             log(f"{'rate':>8} {'pub/s':>10} {'pub %':>8} {'p50 ms':>7} {'p99 ms':>8} {'max ms':>8} "
-                f"{'ingCPU':>6} {'ldCPU':>6} {'ok':>4}")  # fmt: skip
+                f"{'ingCPU':>6} {'ldCPU':>6} {'loop<=':>6} {'ok':>4}")  # fmt: skip
             # pricegate ingest freezes its long-lived state a few seconds after start (one full collection first):
             # not inside the first step.
             settle = INGEST_SETTLE_S - (time.monotonic() - benchmark.ingest_started)

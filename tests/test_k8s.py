@@ -840,6 +840,12 @@ async def test_alerts_and_dashboard_use_only_metrics_a_live_gateway_and_ingest_e
     labels = exported_label_names(gateway_text, ingest_text)
     assert {"pricegate_ingest_is_leader", "pricegate_ingest_rest_weight_used"} <= exported
     assert {"pricegate_ingest_candle_write_errors_total", "pricegate_gateway_pubsub_lag_seconds_bucket"} <= exported
+    # Both processes record what stood their loop still.
+    for subsystem in ("gateway", "ingest"):
+        assert {
+            f"pricegate_{subsystem}_event_loop_lag_seconds_bucket",
+            f"pricegate_{subsystem}_gc_pause_seconds_count",
+        } <= exported
     for name in KUSTOMIZATIONS:
         assert metric_problems(objects(name), exported, labels) == []
     # Operator target labels a pricegate series carries itself need honorLabels, or they are renamed exported_*.
