@@ -64,6 +64,7 @@ from loadtests.fanout import (
     source_version,
     wait_for_port,
 )
+from loadtests.host_stalls import StallMonitor, stalls_summary
 from loadtests.loadgen import LineProcess, LoadGenError
 from loadtests.publication_tap import build_c_tap
 
@@ -72,6 +73,7 @@ P99_LIMIT_MS = 5.0
 TARGET_PER_S = 50_000
 INGEST_SETTLE_S = GC_FREEZE_AFTER_S[0] + 2.0  # the ladder starts once ingest froze its start-up state
 DISTURBED_PCT = 10.0  # other processes' CPU (% of one CPU) during a step above which a failed step is run again
+HOST_STALL_DISTURBED_MS = 20.0  # a host stall (loadtests/host_stalls.py) this long in a failed step: run it again
 DEFAULT_RATES = (10_000, 20_000, 30_000, 40_000, 50_000, 60_000, 80_000, 100_000, 120_000)
 ENV_LIMIT = 131_072 - 64  # Linux caps one environment string (name=value) at 128 KiB
 PREFIX = "pg:md"
@@ -138,6 +140,15 @@ class Step:
     ingest_loop_lag_over_20ms: float | None = None
     ingest_loop_lag_worst_le_ms: float | None = None
     ingest_gc_pauses_over_20ms: float | None = None
+    # Moments a CPU ran no process at all for over 10 ms (loadtests/host_stalls.py: the VM's host took it), and
+    # the longest: a message in flight then waited that long whatever ingest did.
+    host_stalls: int | None = None
+    host_stall_worst_ms: float | None = None
+    # Ingest's publish calls (send -> Redis' last answer, pricegate_ingest_publish_duration_seconds): how many, the
+    # share over 10 ms, and the slowest to its histogram bucket. A slow call holds every message it carries.
+    publish_calls: int | None = None
+    publish_calls_over_10ms_pct: float | None = None
+    publish_call_worst_le_ms: float | None = None
     exchange_limited: bool = False
     sustained: bool = False
     disturbed_retry: bool = False  # not sustained while other processes used the machine: run again
@@ -151,7 +162,8 @@ class Step:
             f"{self.rate:>8} {self.published_per_s:>10.0f} {self.published_ratio * 100:>7.2f}% "
             f"{ms(self.lag_p50_ms):>7} {ms(self.lag_p99_ms):>8} {ms(self.lag_max_ms):>8} "
             f"{self.ingest_cpu_pct or 0:>6.0f} {self.load_cpu_busy_pct or 0:>6.0f} "
-            f"{ms(self.ingest_loop_lag_worst_le_ms).removesuffix('.00'):>6} "
+            f"{ms(self.ingest_loop_lag_worst_le_ms).removesuffix('.00'):>6} {ms(self.host_stall_worst_ms):>6} "
+            f"{ms(self.publish_calls_over_10ms_pct) + '%':>7} "
             f"{'yes' if self.sustained else 'no':>4}{' (exchange-limited)' if self.exchange_limited else ''}"
         )
 
@@ -189,6 +201,7 @@ class Benchmark:
         self.exchange: LineProcess | None = None
         self.exchange_port = 0
         self.tap: LineProcess | None = None
+        self.stalls: StallMonitor | None = None
         self.ingest: subprocess.Popen[Any] | None = None
         self.ingest_log = self.tempdir / "ingest.log"
         self.metrics_port = 0
@@ -253,6 +266,11 @@ class Benchmark:
         self.tap = LineProcess([*self.pin_load, *tap_command], name="tap", env=self._env(), cwd=self.root)
         self.processes.add(self.tap)
         self.tap.expect("ready", 30)
+        pinned = bool(self.pin_ingest)
+        self.stalls = StallMonitor(
+            [self.options.ingest_cpu, self.options.load_cpu] if pinned else sorted(os.sched_getaffinity(0))
+        )
+        self.processes.add(self.stalls.process)
 
         always_on = ",".join(self.streams)
         if len("PRICEGATE_ALWAYS_ON_STREAMS=") + len(always_on) >= ENV_LIMIT:
@@ -349,6 +367,9 @@ class Benchmark:
         machine0 = cpu_times()
         foreign0 = foreign_cpu_seconds(self.our_pids())
         pauses0 = gateway_pauses(self.metrics_port, "ingest")
+        calls0 = self.publish_call_buckets()
+        if self.stalls is not None:
+            self.stalls.report()  # counting starts again
         started = time.monotonic()
         profiler = self._start_profiler(rate, duration) if not warmup and rate == self.options.profile_rate else None
         self.exchange.send(json.dumps({"cmd": "run", "rate": rate, "duration": duration}))
@@ -376,6 +397,19 @@ class Benchmark:
         machine1 = cpu_times()
         foreign1 = foreign_cpu_seconds(self.our_pids())
         pauses = pauses_between(pauses0, gateway_pauses(self.metrics_port, "ingest"))
+        calls1 = self.publish_call_buckets()
+        if calls0 and calls1:
+            calls = {bound: calls1[bound] - calls0.get(bound, 0.0) for bound in calls1}
+            total = calls.get(float("inf"), 0.0)
+            if total:
+                step.publish_calls = int(total)
+                step.publish_calls_over_10ms_pct = round((total - calls.get(0.01, total)) / total * 100, 2)
+                worst = min(bound for bound, count in calls.items() if count >= total)
+                step.publish_call_worst_le_ms = None if worst == float("inf") else round(worst * 1000, 1)
+        if self.stalls is not None:
+            stalls = stalls_summary(self.stalls.report())
+            step.host_stalls = int(stalls["host_stalls"])
+            step.host_stall_worst_ms = stalls["host_stall_worst_ms"]
         if pauses["loop_lag_samples"]:  # an ingest from a tree without the metrics exports no samples
             step.ingest_loop_lag_samples = pauses["loop_lag_samples"]
             step.ingest_loop_lag_over_20ms = pauses["loop_lag_over_20ms"]
@@ -455,6 +489,20 @@ class Benchmark:
         finally:
             client.close()
 
+    def publish_call_buckets(self) -> dict[float, float]:
+        """Ingest's histogram of publish call durations, cumulative count per bucket bound (s); {} if unreadable."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return {}
+        buckets: dict[float, float] = {}
+        for line in text.splitlines():
+            if line.startswith("pricegate_ingest_publish_duration_seconds_bucket{"):
+                bound = line.split('le="', 1)[1].split('"', 1)[0]
+                buckets[float(bound)] = float(line.rsplit(" ", 1)[1])  # float("+Inf") is inf
+        return buckets
+
     def ingest_counters(self) -> dict[str, float]:
         """Ingest's own view from its /metrics: published, duplicates, gaps, publish errors, leader, publish calls."""
         wanted = {
@@ -481,7 +529,8 @@ class Benchmark:
 
 def ladder(benchmark: Benchmark, options: Options) -> tuple[list[Step], Step | None]:
     """The steps up to the first one not sustained (every rate with ``--all-rates``), then the bisections. A failed
-    step during which other processes used >= ``DISTURBED_PCT`` of a CPU is run again (``--retry-disturbed``)."""
+    step during which other processes used >= ``DISTURBED_PCT`` of a CPU, or the host stalled a CPU for
+    >= ``HOST_STALL_DISTURBED_MS``, is run again (``--retry-disturbed``; both runs are in the results)."""
     steps: list[Step] = []
     good: Step | None = None
     bad: Step | None = None
@@ -489,9 +538,14 @@ def ladder(benchmark: Benchmark, options: Options) -> tuple[list[Step], Step | N
     def run(rate: int, what: str) -> Step:
         step = benchmark.run_step(rate, options.step_seconds)
         for _ in range(options.retry_disturbed):
-            if step.sustained or (step.background_cpu_pct or 0) < DISTURBED_PCT:
+            if step.sustained:
                 break
-            log(f"{what} {step.row()} [disturbed: others used {step.background_cpu_pct:.0f}% CPU; again]")
+            if (step.background_cpu_pct or 0) >= DISTURBED_PCT:
+                log(f"{what} {step.row()} [disturbed: others used {step.background_cpu_pct:.0f}% CPU; again]")
+            elif (step.host_stall_worst_ms or 0) >= HOST_STALL_DISTURBED_MS:
+                log(f"{what} {step.row()} [disturbed: the host stalled a CPU for {step.host_stall_worst_ms} ms; again]")
+            else:
+                break
             step.disturbed_retry = True
             steps.append(step)
             step = benchmark.run_step(rate, options.step_seconds)
@@ -546,7 +600,9 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         default="auto",
         help="the Redis subscriber: loadtests/tap.c (auto: when a C compiler is there) or loadtests/publication_tap.py",
     )
-    parser.add_argument("--retry-disturbed", type=int, default=1, help="reruns of a failed step others disturbed")
+    parser.add_argument(
+        "--retry-disturbed", type=int, default=1, help="reruns of a failed step others or a host stall disturbed"
+    )
     parser.add_argument(
         "--streams-per-connection", type=int, default=None, help="PRICEGATE_UPSTREAM_MAX_STREAMS (default: 1024)"
     )
@@ -661,7 +717,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if warm.published_ratio < SUSTAINED_RATIO:
                 raise BenchmarkError(f"the warm-up was not published ({warm.published}/{warm.offered}): see the log")
             log(f"{'rate':>8} {'pub/s':>10} {'pub %':>8} {'p50 ms':>7} {'p99 ms':>8} {'max ms':>8} "
-                f"{'ingCPU':>6} {'ldCPU':>6} {'loop<=':>6} {'ok':>4}")  # fmt: skip
+                f"{'ingCPU':>6} {'ldCPU':>6} {'loop<=':>6} {'stall':>6} {'call>10':>7} {'ok':>4}")  # fmt: skip
             # pricegate ingest freezes its long-lived state a few seconds after start (one full collection first):
             # not inside the first step.
             settle = INGEST_SETTLE_S - (time.monotonic() - benchmark.ingest_started)

@@ -116,17 +116,21 @@ class LineProcess:
                 return dict(message)
 
     def stop(self, timeout: float = 5.0) -> None:
+        try:
+            if self.process.stdin is not None:
+                self.process.stdin.close()  # its end of input: the child exits
+        except OSError:
+            pass
         if self.process.poll() is None:
-            try:
-                if self.process.stdin is not None:
-                    self.process.stdin.close()
-            except OSError:
-                pass
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        # The reader sees EOF once the process is gone; then its pipe can be closed (no ResourceWarning).
+        self._reader.join(timeout)
+        if not self._reader.is_alive() and self.process.stdout is not None:
+            self.process.stdout.close()
 
 
 class LoadGen(LineProcess):

@@ -7,6 +7,8 @@ that the output has its documented shape and that frames were really delivered, 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ import pytest
 
 from loadtests.chart import latency_bound_series, markdown
 from loadtests.fanout import KEYS
+from loadtests.host_stalls import StallMonitor, stalls_summary
 from loadtests.publisher import STREAMS, publish_time_us, ticker_payload
 from tests.external_tools import require_programs
 
@@ -160,3 +163,26 @@ def test_storm_plumbing_reads_the_gateways_own_pause_record(tmp_path: Path) -> N
     # The loop-lag monitor samples every 100 ms: two steps of >= 0.5 s each gave it samples to count.
     assert entry["loop_lag_samples"] >= 5 and entry["loop_lag_over_20ms"] >= 0, entry
     assert entry["gc_pauses_over_20ms"] >= 0 and entry["gc_full"] >= 0, entry
+
+
+def test_the_host_stall_monitor_sees_a_cpu_taken_away() -> None:
+    """A stopped monitor process stands for a vCPU the host took: its threads wake up that late, and say so, per
+    CPU; the next report starts from nothing again."""
+    cpus = sorted(os.sched_getaffinity(0))[:2]
+    monitor = StallMonitor(cpus)
+    try:
+        monitor.report()  # counting starts here
+        os.kill(monitor.process.pid, signal.SIGSTOP)
+        time.sleep(0.15)
+        os.kill(monitor.process.pid, signal.SIGCONT)
+        time.sleep(0.05)
+        report = monitor.report()
+        assert set(report) == {str(cpu) for cpu in cpus}
+        for figures in report.values():
+            assert figures["stalls"] >= 1 and 100 <= figures["worst_ms"] <= figures["stalled_ms"]
+        summary = stalls_summary(report)
+        assert summary["host_stalls"] >= len(cpus) and summary["host_stall_worst_ms"] >= 100
+        time.sleep(0.05)
+        assert all(figures["worst_ms"] < 100 for figures in monitor.report().values())
+    finally:
+        monitor.close()
