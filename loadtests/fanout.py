@@ -54,6 +54,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from loadtests.host_stalls import StallMonitor, stalls_summary
 from loadtests.loadgen import LineProcess, LoadGen, LoadGenError, LoadGenGroup, build, fd_limit
 from loadtests.publisher import STREAMS, SYMBOLS
 
@@ -469,6 +470,9 @@ class Step:
     cpu_us_per_write: float | None = None
     pace: str = "due"
     cpu_us_per_delivery: float | None = None  # the server's CPU over the deliveries it made in the step
+    # The longest moment either CPU ran nothing of ours (loadtests/host_stalls.py: the VM's host had it), over 10 ms;
+    # 0 for none. Every frame in flight then waited that long, whatever the server did.
+    host_stall_worst_ms: float | None = None
 
     def brief(self) -> str:
         return (
@@ -488,6 +492,7 @@ class Step:
                 else ""
             )
             + (f"  OTHER PROCESSES {self.foreign_cpu_pct:.0f}% CPU" if self.foreign_cpu_pct >= 5 else "")
+            + (f"  HOST STALL {self.host_stall_worst_ms:.0f} ms" if self.host_stall_worst_ms else "")
             + ("" if self.sustained else f"  ({self.why})")
         )
 
@@ -593,6 +598,7 @@ class Benchmark:
         self.redis_process: subprocess.Popen[Any] | None = None
         self.metrics_ports: dict[int, int] = {}  # pricegate server pid -> its port (for /metrics)
         self.worker_metrics_ports: dict[int, list[int]] = {}  # supervisor pid -> its workers' /metrics ports
+        self.stalls: StallMonitor | None = None  # started with the first step
         if options.clients:
             self.pinning = Pinning.detect(options.server_cpu, options.load_cpu, options.pin)
         else:
@@ -868,6 +874,10 @@ class Benchmark:
         redis_cpu0 = cpu_seconds(self.redis_process.pid) if self.redis_process else None
         metrics_port = self.metrics_ports.get(server.pid)
         counters0 = gateway_counters(metrics_port) if metrics_port else None
+        if self.stalls is None:
+            self.stalls = StallMonitor(sorted(os.sched_getaffinity(0) | self._server_cpus()))
+            self.processes.add(self.stalls.process)
+        self.stalls.report()  # counting starts again
         wall0 = time.monotonic()
         publisher.send(json.dumps({"cmd": "run", "rate": rate, "duration": duration, "pace": pace}))
         published = publisher.expect("ran", duration * 3 + 30)
@@ -886,6 +896,7 @@ class Benchmark:
             elif time.monotonic() - last_change > 0.5:
                 break
         wall = time.monotonic() - wall0
+        host_stall = stalls_summary(self.stalls.report())["host_stall_worst_ms"]
         counters1 = gateway_counters(metrics_port) if metrics_port and server.poll() is None else None
         cores1 = cpu_times()
         foreign = (foreign_cpu_seconds(ours) - foreign0) / wall * 100
@@ -949,7 +960,12 @@ class Benchmark:
             cpu_us_per_write=cpu_per_write,
             pace=pace,
             cpu_us_per_delivery=cpu_per_delivery,
+            host_stall_worst_ms=host_stall,
         )
+
+    def _server_cpus(self) -> set[int]:
+        """The CPU the server is pinned to (the orchestrator runs on the load CPU), or none when not pinned."""
+        return {self.options.server_cpu} if self.pinning.server else set()
 
     def settle(self, loadgen: LoadGen | LoadGenGroup, server: subprocess.Popen[Any], cap_s: float = 20.0) -> None:
         """After an overload step: wait until the server has flushed its backlog (frames stop arriving)."""
