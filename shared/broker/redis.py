@@ -369,7 +369,12 @@ class RedisBroker:
                 await run_packed_batches(connection, packed, count, results, timeout_s=self.socket_timeout_s)
         except (redis_errors.RedisError, OSError) as error:  # OSError includes TimeoutError
             await connection.disconnect()
-            raise PublishIncomplete(f"publish to {self.safe_url} failed: {error}", len(results)) from error
+            # Known done: the messages before the first one that failed or did not run (an answered batch call
+            # with an error holds messages Redis never ran).
+            confirmed = next((i for i, result in enumerate(results) if isinstance(result, BaseException)), None)
+            raise PublishIncomplete(
+                f"publish to {self.safe_url} failed: {error}", len(results) if confirmed is None else confirmed
+            ) from error
         except BaseException:
             await connection.disconnect()  # cancelled mid-read: unread replies must not reach the next caller
             raise

@@ -100,11 +100,12 @@ def split_batch_reply(reply: Any, count: int) -> list[Any]:
         results.append((epoch, seq) if epoch else 0)
     if len(results) < count:
         rest = values[2 * len(results)] if 2 * len(results) < len(values) else None
-        error = (
-            _error(rest)
-            if isinstance(rest, ErrorReply)
-            else redis_errors.ResponseError(f"unexpected answer of the batch publish script: {reply!r:.200}")
-        )
+        if isinstance(rest, ErrorReply):
+            error: BaseException = _error(rest)
+        elif isinstance(rest, BaseException):  # read the slow way, by redis-py, which makes exceptions of errors
+            error = rest
+        else:
+            error = redis_errors.ResponseError(f"unexpected answer of the batch publish script: {reply!r:.200}")
         results.extend([error] * (count - len(results)))
     return results[:count]
 

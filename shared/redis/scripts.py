@@ -159,11 +159,13 @@ for i = 0, (#KEYS - 2) / 5 - 1 do
                                ARGV[a + 1], ARGV[1], ARGV[2], ARGV[a + 2], ARGV[a + 3], ARGV[3], ttl, ARGV[a + 4],
                                ARGV[a + 5], ARGV[a + 6], ARGV[7])
   if not ok then
-    if type(epoch) == 'table' and epoch.err then
-      out[#out + 1] = epoch
-    else
-      out[#out + 1] = redis.error_reply('ERR ' .. tostring(epoch))
+    -- The error as the one-message script would answer it: pcall hands over a string (a table on some
+    -- versions) that already starts with its code (WRONGTYPE, OOM, READONLY); only a bare message gets ERR.
+    local message = tostring(type(epoch) == 'table' and epoch.err or epoch)
+    if not string.find(message, '^%u[%u_]* ') then
+      message = 'ERR ' .. message
     end
+    out[#out + 1] = redis.error_reply(message)
     return out
   end
   out[#out + 1] = epoch or 0
