@@ -754,6 +754,9 @@ def test_dashboard_is_a_grafana_dashboard_with_the_promised_panels() -> None:
         "pricegate_ingest_leader_changes_total",
         "pricegate_ingest_candles_written_total",
         "pricegate_ingest_candle_write_errors_total",
+        # What stood either process's loop still.
+        "pricegate_gateway_event_loop_lag_seconds_bucket",
+        "pricegate_ingest_event_loop_lag_seconds_bucket",
     ):
         assert metric in queries, metric
 
