@@ -2,9 +2,9 @@
 ``rediss://`` or ``unix://`` URL (:class:`RedisBroker`) or as the master Sentinels name (:class:`SentinelBroker`,
 ``redis+sentinel://``; it follows a failover to the promoted replica). A Redis Cluster is
 :mod:`shared.broker.redis_cluster`, which shares the publish call's layout and the reading of its replies with this
-module; :func:`shared.broker.factory.redis_broker` picks the class from the URL. Ingest publishes through one Lua
-script per message (:mod:`shared.redis.scripts`), pipelined per batch, that atomically assigns the channel's epoch
-and sequence, appends the envelope to the channel's history stream (ID ``<seq>-0``, trimmed by length; age is
+module; :func:`shared.broker.factory.redis_broker` picks the class from the URL. Ingest publishes through a Lua
+script (:mod:`shared.redis.scripts`; here, a batch of several messages in calls of the batch script, up to
+``BATCH_CALL_MESSAGES`` each, pipelined) that atomically, per message, assigns the channel's epoch and sequence, appends the envelope to the channel's history stream (ID ``<seq>-0``, trimmed by length; age is
 bounded by a key TTL refreshed on every publish plus an age filter on read), stores the last value of state streams
 and PUBLISHes the envelope. A batch's calls are packed by hand and their replies read raw
 (:mod:`shared.redis.packed_publish`, :mod:`shared.redis.packed_pipeline`: a few microseconds a message where redis-py

@@ -9,6 +9,11 @@ fencing token and epoch) once per batch; per message only the payload, keep_last
 stream's floor are formatted, in one ``%`` operation. ``tests/test_packed_publish.py`` holds the bytes equal to what
 redis-py packs from ``PublishCalls.args`` for the same batch, so the two layouts cannot drift apart.
 
+A batch call (``pack(..., batch_call=True)``, one Redis server only) is one ``EVALSHA`` of the batch script carrying
+every message: the lease and fence keys, 5 keys per message, the batch's 7 shared arguments, 6 per message (the
+stream's keys and channel packed once per stream). The test holds it equal to the same values rearranged as the
+batch script's contract says.
+
 :func:`parse_publish_replies` reads the script's answers out of a byte buffer: ``*2 :epoch :seq`` and ``:0`` (a
 duplicate) on a fast path of a few byte searches, anything else (an error, an unexpected shape) through
 :func:`shared.redis.resp.parse_reply`. Like that parser it returns what is complete and the position to resume
