@@ -4,12 +4,13 @@
 :mod:`shared.broker.redis_cluster`, which shares the publish call's layout and the reading of its replies with this
 module; :func:`shared.broker.factory.redis_broker` picks the class from the URL. Ingest publishes through a Lua
 script (:mod:`shared.redis.scripts`; here, a batch of several messages in calls of the batch script, up to
-``BATCH_CALL_MESSAGES`` each, pipelined) that atomically, per message, assigns the channel's epoch and sequence, appends the envelope to the channel's history stream (ID ``<seq>-0``, trimmed by length; age is
-bounded by a key TTL refreshed on every publish plus an age filter on read), stores the last value of state streams
-and PUBLISHes the envelope. A batch's calls are packed by hand and their replies read raw
-(:mod:`shared.redis.packed_publish`, :mod:`shared.redis.packed_pipeline`: a few microseconds a message where redis-py
-spent tens). Gateways read history and last values here and receive publications through the broker's one
-subscription connection (:mod:`shared.broker.redis_subscription`).
+``BATCH_CALL_MESSAGES`` each, pipelined) that atomically, per message, assigns the channel's epoch and sequence,
+appends the envelope to the channel's history stream (ID ``<seq>-0``, trimmed by length; age is bounded by a key TTL
+refreshed on every publish plus an age filter on read), stores the last value of state streams and PUBLISHes the
+envelope. A batch's calls are packed by hand and their replies read raw (:mod:`shared.redis.packed_publish`,
+:mod:`shared.redis.packed_pipeline`: a few microseconds a message where redis-py spent tens). Gateways read history
+and last values here and receive publications through the broker's one subscription connection
+(:mod:`shared.broker.redis_subscription`).
 
 Fenced publishing checks two things in the script (:mod:`shared.redis.scripts`): the lease token against the lease
 key, and the fencing epoch the lease handed this process (:meth:`RedisBroker.take_fencing_epoch`) against the
