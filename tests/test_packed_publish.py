@@ -433,3 +433,25 @@ async def test_a_batch_call_is_checked_once_and_stops_at_a_failing_message(
     assert results[3] is results[2]
     assert await client.get(namer.keys(fourth.stream).seq) is None
     assert await client.xlen(namer.keys(MESSAGES[0].stream).history) == 1
+
+
+@given(
+    st.lists(st.one_of(st.tuples(st.integers(1, 2**31), st.integers(1, 2**40)), st.just((0, 0))), max_size=70),
+    st.integers(0, 3),
+    st.booleans(),
+)
+def test_a_batch_answer_always_gives_one_result_per_message_and_counts_only_what_ran(
+    answered: list[tuple[int, int]], unanswered: int, failed: bool
+) -> None:
+    """Whatever prefix of a call's messages Redis answered before an error (or an answer cut short), there is one
+    result per message, the answered ones in order, and every message after them is an error: never a success."""
+    values: list[Any] = [value for pair in answered for value in pair]
+    if failed:
+        values.append(ErrorReply(b"OOM command not allowed when used memory > 'maxmemory'"))
+    count = len(answered) + unanswered + (1 if failed else 0)
+    results = split_batch_reply(values, count)
+    assert len(results) == count
+    assert results[: len(answered)] == [pair if pair[0] else 0 for pair in answered]
+    assert all(isinstance(result, redis_errors.ResponseError) for result in results[len(answered) :])
+    if failed:
+        assert all(str(result).startswith("OOM") for result in results[len(answered) :])
