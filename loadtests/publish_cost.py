@@ -181,7 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         stack.callback(tap.terminate)
         log(f"redis-server on port {port}{' (CPU 0; this process on CPU 1)' if pin else ''}; tap subscribed")
         results = asyncio.run(run(options, redis_process.pid, f"redis://127.0.0.1:{port}/0"))
-    ratio = round(results["batch_redis_us_per_msg"] / results["one_redis_us_per_msg"], 3)
+    one = results["one_redis_us_per_msg"]
+    ratio = round(results["batch_redis_us_per_msg"] / one, 3) if one else None  # None: too short to see Redis' CPU
     log(
         f"median Redis CPU per message: one {results['one_redis_us_per_msg']} us, batch "
         f"{results['batch_redis_us_per_msg']} us (x{ratio}); script time: one {results['one_script_us_per_msg']} "

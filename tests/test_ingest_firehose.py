@@ -93,6 +93,10 @@ def test_tiny_firehose_run(tmp_path: Path, tap: str) -> None:
         # The fake kept its schedule overall; one hiccup of > 50 ms (which marks a step exchange-limited) is a
         # figure of a busy machine in a 1 s step, not a fault of the harness (CI saw it once per tap).
         assert step["exchange"]["achieved_per_s"] >= 0.9 * step["rate"], step
+        # Ingest's own record of the step (its loop, its publish calls) and the host's stalls are read every step.
+        assert step["ingest_loop_lag_samples"] and step["ingest_loop_lag_worst_le_ms"] is not None, step
+        assert step["publish_calls"] and step["publish_calls_over_10ms_pct"] is not None, step
+        assert step["host_stalls"] is not None and step["host_stall_worst_ms"] is not None, step
     counters = report["ingest_counters"]
     assert counters["is_leader"] == 1 and counters["duplicates"] == 0 and counters["sequence_gaps"] == 0
     assert counters["publish_errors"] == 0 and counters["published"] >= sum(s["published"] for s in report["steps"])

@@ -186,3 +186,31 @@ def test_the_host_stall_monitor_sees_a_cpu_taken_away() -> None:
         assert all(figures["worst_ms"] < 100 for figures in monitor.report().values())
     finally:
         monitor.close()
+
+
+@pytest.mark.integration
+@pytest.mark.timeout(90)
+def test_publish_cost_plumbing_at_tiny_scale(tmp_path: Path) -> None:
+    """Both forms publish every message of every round (a duplicate or a refusal ends the run with an error), each
+    round is measured for both, and the last line carries the medians and their ratio."""
+    out = tmp_path / "cost.json"
+    command = [
+        sys.executable, "-m", "loadtests.publish_cost", "--symbols", "10", "--messages", "600", "--rounds", "2",
+        "--batch", "8", "--out", str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=80, check=False)
+    assert result.returncode == 0, result.stderr[-4000:]
+    final = json.loads(result.stdout.strip().splitlines()[-1])
+    assert final["symbols"] == 10 and final["batch"] == 8
+    assert final["one_script_us_per_msg"] > 0 and final["batch_script_us_per_msg"] > 0
+    one, batch = final["one_redis_us_per_msg"], final["batch_redis_us_per_msg"]
+    assert one >= 0 and batch >= 0
+    assert final["ratio_batch_vs_one"] == (round(batch / one, 3) if one else None)
+    report = json.loads(out.read_text())
+    assert sorted((r["round"], r["mode"]) for r in report["rounds"]) == [
+        (1, "batch"),
+        (1, "one"),
+        (2, "batch"),
+        (2, "one"),
+    ]
+    assert all(r["messages"] == 600 and r["script_us_per_msg"] > 0 for r in report["rounds"])
