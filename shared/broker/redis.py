@@ -266,10 +266,10 @@ class RedisBroker:
         ttl_ms = max(0, int(self.history_max_age_s * 1000))
         token = fencing_token or ""
         packer = self._packer
-        packer.set_script(self._script_sha)
-        packer.set_batch_script(self._batch_script_sha)
 
         async def run(batch: Sequence[OutgoingMessage]) -> list[Any]:
+            packer.set_script(self._script_sha)  # the digests loaded last (a no-op unless NOSCRIPT reloaded them)
+            packer.set_batch_script(self._batch_script_sha)
             options: dict[str, Any] = {
                 "candidate_epoch": candidate_epoch,
                 "published_at_ms": published_at_ms,
@@ -303,8 +303,6 @@ class RedisBroker:
                 raise PublishIncomplete(
                     f"publish to {self.safe_url}: cannot load the publish script: {error}", missing[0]
                 ) from error
-            packer.set_script(self._script_sha)
-            packer.set_batch_script(self._batch_script_sha)
             try:
                 retried = await run([messages[index] for index in missing])
             except PublishIncomplete as error:
@@ -355,7 +353,7 @@ class RedisBroker:
         """``count`` packed calls in one round trip, like a pipeline, or batch script calls of ``count[i]``
         messages each; one result per message, per-message errors as exception values.
         The replies are read as they arrive (:func:`shared.redis.packed_pipeline.run_packed`), so when Redis goes away
-        mid-batch the caller learns how many calls are known done (:class:`PublishIncomplete`) and resends only the
+        mid-batch the caller learns how many messages are known done (:class:`PublishIncomplete`) and resends only the
         rest, which a killed Redis never ran: no message is published twice."""
         pool = client.connection_pool
         results: list[Any] = []
