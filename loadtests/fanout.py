@@ -178,12 +178,19 @@ def gateway_workers(supervisor: int) -> list[int]:
     return [pid for _, pid in sorted(workers)]
 
 
-def gateway_connections(port: int) -> int | None:
-    """Open WebSockets of one gateway process, from its /metrics (None if the scrape fails)."""
+def scrape_metrics(port: int) -> str | None:
+    """The /metrics exposition of a pricegate process on ``port`` (None if the scrape fails)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
+            return str(response.read().decode())
     except OSError:
+        return None
+
+
+def gateway_connections(port: int) -> int | None:
+    """Open WebSockets of one gateway process, from its /metrics (None if the scrape fails)."""
+    text = scrape_metrics(port)
+    if text is None:
         return None
     for line in text.splitlines():
         if line.startswith("pricegate_gateway_connections "):
@@ -194,10 +201,8 @@ def gateway_connections(port: int) -> int | None:
 def gateway_counters(port: int) -> dict[str, float] | None:
     """pricegate's fan-out counters from its /metrics: deliveries (messages sent, all stream kinds) and batches
     (socket writes). Two scrapes per step; None if the scrape fails (the step's other figures stand without)."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-    except OSError:
+    text = scrape_metrics(port)
+    if text is None:
         return None
     counters = {"deliveries": 0.0, "batches": 0.0}
     for line in text.splitlines():
@@ -208,17 +213,17 @@ def gateway_counters(port: int) -> dict[str, float] | None:
     return counters
 
 
-def gateway_pauses(port: int, subsystem: str = "gateway") -> dict[str, float] | None:
+def gateway_pauses(port: int) -> dict[str, float] | None:
+    """:func:`pauses_in` a fresh scrape of a gateway's /metrics on ``port`` (None if the scrape fails)."""
+    text = scrape_metrics(port)
+    return None if text is None else pauses_in(text)
+
+
+def pauses_in(text: str, subsystem: str = "gateway") -> dict[str, float]:
     """pricegate's own record of what stood its event loop still (``shared/runtime_metrics.py``), from the /metrics
-    of a gateway (or, with ``subsystem="ingest"``, of an ingest process):
+    exposition of a gateway (or, with ``subsystem="ingest"``, of an ingest process):
     per histogram, the observations and how many exceeded 20 ms (the bucket bounds include 0.02), and the garbage
-    collections of the oldest generation. Scraped around a phase, the difference is that phase's. None if the
-    scrape fails."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-    except OSError:
-        return None
+    collections of the oldest generation. Scraped around a phase, the difference is that phase's."""
     figures = {"loop_lag_count": 0.0, "loop_lag_le_20ms": 0.0, "gc_pause_count": 0.0, "gc_pause_le_20ms": 0.0}
     figures["gc_full_count"] = 0.0
     for line in text.splitlines():

@@ -43,7 +43,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,9 +57,10 @@ from loadtests.fanout import (
     cpu_times,
     foreign_cpu_seconds,
     free_port,
-    gateway_pauses,
     machine,
     pauses_between,
+    pauses_in,
+    scrape_metrics,
     source_version,
     wait_for_port,
 )
@@ -366,8 +366,9 @@ class Benchmark:
         cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         machine0 = cpu_times()
         foreign0 = foreign_cpu_seconds(self.our_pids())
-        pauses0 = gateway_pauses(self.metrics_port, "ingest")
-        calls0 = self.publish_call_buckets()
+        metrics0 = scrape_metrics(self.metrics_port)  # ingest's own record, diffed over the step
+        pauses0 = None if metrics0 is None else pauses_in(metrics0, "ingest")
+        calls0 = publish_call_buckets(metrics0 or "")
         if self.stalls is not None:
             self.stalls.report()  # counting starts again
         started = time.monotonic()
@@ -396,8 +397,9 @@ class Benchmark:
         cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
         machine1 = cpu_times()
         foreign1 = foreign_cpu_seconds(self.our_pids())
-        pauses = pauses_between(pauses0, gateway_pauses(self.metrics_port, "ingest"))
-        calls1 = self.publish_call_buckets()
+        metrics1 = scrape_metrics(self.metrics_port)
+        pauses = pauses_between(pauses0, None if metrics1 is None else pauses_in(metrics1, "ingest"))
+        calls1 = publish_call_buckets(metrics1 or "")
         if calls0 and calls1:
             calls = {bound: calls1[bound] - calls0.get(bound, 0.0) for bound in calls1}
             total = calls.get(float("inf"), 0.0)
@@ -489,20 +491,6 @@ class Benchmark:
         finally:
             client.close()
 
-    def publish_call_buckets(self) -> dict[float, float]:
-        """Ingest's histogram of publish call durations, cumulative count per bucket bound (s); {} if unreadable."""
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-                text = response.read().decode()
-        except OSError:
-            return {}
-        buckets: dict[float, float] = {}
-        for line in text.splitlines():
-            if line.startswith("pricegate_ingest_publish_duration_seconds_bucket{"):
-                bound = line.split('le="', 1)[1].split('"', 1)[0]
-                buckets[float(bound)] = float(line.rsplit(" ", 1)[1])  # float("+Inf") is inf
-        return buckets
-
     def ingest_counters(self) -> dict[str, float]:
         """Ingest's own view from its /metrics: published, duplicates, gaps, publish errors, leader, publish calls."""
         wanted = {
@@ -515,16 +503,25 @@ class Benchmark:
             "pricegate_ingest_publish_duration_seconds_count": "publish_calls",  # messages / calls = batch size
         }
         counters = dict.fromkeys(wanted.values(), 0.0)
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-                text = response.read().decode()
-        except OSError:
+        text = scrape_metrics(self.metrics_port)
+        if text is None:
             return {}
         for line in text.splitlines():
             name = line.split("{", 1)[0].split(" ", 1)[0]
             if name in wanted:
                 counters[wanted[name]] += float(line.rsplit(" ", 1)[1])
         return counters
+
+
+def publish_call_buckets(metrics: str) -> dict[float, float]:
+    """Ingest's histogram of publish call durations in a /metrics exposition: cumulative count per bucket bound (s);
+    {} when absent."""
+    buckets: dict[float, float] = {}
+    for line in metrics.splitlines():
+        if line.startswith("pricegate_ingest_publish_duration_seconds_bucket{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(bound)] = float(line.rsplit(" ", 1)[1])  # float("+Inf") is inf
+    return buckets
 
 
 def ladder(benchmark: Benchmark, options: Options) -> tuple[list[Step], Step | None]:
